@@ -1,0 +1,12 @@
+//! The Rust core of capture-mqtt. The modules below know nothing of Python; `python` is the `PyO3`
+//! layer, built only with the `python` feature (maturin turns it on).
+
+pub mod payload;
+pub mod timestamp;
+pub mod topic;
+
+#[cfg(test)]
+mod proptests;
+
+#[cfg(feature = "python")]
+mod python;
