@@ -1,1 +1,31 @@
+//! The `PyO3` layer: thin classes and functions over the core modules. Nothing outside `src/python/`
+//! knows of Python.
 
+mod codec;
+mod convert;
+mod errors;
+mod model;
+
+use pyo3::prelude::*;
+
+/// The native core of capture-mqtt. Use the `capture_mqtt` package, which re-exports what is public.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<model::PyDataPoint>()?;
+    m.add_class::<model::PyCommand>()?;
+    m.add_class::<model::PyTopicInfo>()?;
+    m.add_function(wrap_pyfunction!(model::parse_raw, m)?)?;
+    m.add_function(wrap_pyfunction!(model::parse_command, m)?)?;
+    m.add_function(wrap_pyfunction!(model::parse_topic, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::raw_filter, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::raw_topic, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::data_topic, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::command_topic, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::validate_filter, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::topic_matches, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::field_payload, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::measurement_payload, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::command_payload, m)?)?;
+    Ok(())
+}

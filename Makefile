@@ -1,0 +1,55 @@
+# The newcomer's door. `make test` and `make demo` are all the set-up a fresh Debian machine needs.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMPS := .stamps
+RUST_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
+PY_SRC := $(shell find python -name '*.py' -o -name '*.pyi')
+
+.PHONY: test lint rust-test py-test stubtest build deps mosquitto bench clean
+
+test: lint rust-test stubtest py-test
+
+# Python tools and libraries pinned in pyproject.toml's `dev` extra.
+$(STAMPS)/deps: pyproject.toml
+	@mkdir -p $(STAMPS)
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['dev']))" \
+		> $(STAMPS)/requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -r $(STAMPS)/requirements.txt
+	@touch $@
+
+deps: $(STAMPS)/deps
+
+mosquitto:
+	@scripts/install-mosquitto.sh
+
+# The extension, built with the release profile and installed into the venv in development mode.
+$(STAMPS)/build: $(STAMPS)/deps $(RUST_SRC) pyproject.toml
+	$(VENV)/bin/maturin develop --release --quiet
+	@touch $@
+
+build: $(STAMPS)/build
+
+lint: $(STAMPS)/deps
+	cargo fmt --check
+	cargo clippy --quiet --all-targets --all-features -- -D warnings
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+rust-test:
+	cargo test --quiet
+
+stubtest: $(STAMPS)/build
+	$(PY) -m mypy.stubtest capture_mqtt
+
+py-test: $(STAMPS)/build mosquitto
+	$(PY) -m pytest -q
+
+bench: $(STAMPS)/build mosquitto
+	$(PY) benchmarks/bench_parse.py
+
+clean:
+	rm -rf $(STAMPS) target $(VENV)

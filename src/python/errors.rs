@@ -1,0 +1,62 @@
+//! Raising the exception classes of `capture_mqtt.errors` from Rust errors.
+
+use crate::payload::PayloadError;
+use crate::timestamp::TimestampError;
+use crate::topic::TopicError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDict, PyType};
+
+static TOPIC_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+static PAYLOAD_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+fn raise(
+    py: Python<'_>,
+    cell: &PyOnceLock<Py<PyType>>,
+    name: &str,
+    message: &str,
+    attrs: &[(&str, Option<&str>)],
+) -> PyErr {
+    let build = || -> PyResult<PyErr> {
+        let class = cell.import(py, "capture_mqtt.errors", name)?;
+        let kwargs = PyDict::new(py);
+        for (key, value) in attrs {
+            kwargs.set_item(key, value)?;
+        }
+        let instance = class.call((message,), Some(&kwargs))?;
+        Ok(PyErr::from_value(instance))
+    };
+    build().unwrap_or_else(|err| err)
+}
+
+pub fn topic_error(py: Python<'_>, err: &TopicError) -> PyErr {
+    raise(
+        py,
+        &TOPIC_ERROR,
+        "TopicError",
+        &err.to_string(),
+        &[
+            ("segment", Some(err.segment.name())),
+            ("value", Some(&err.value)),
+        ],
+    )
+}
+
+pub fn payload_error(py: Python<'_>, err: &PayloadError) -> PyErr {
+    raise(
+        py,
+        &PAYLOAD_ERROR,
+        "PayloadError",
+        &err.message,
+        &[("field", err.field.as_deref())],
+    )
+}
+
+/// A `PayloadError` about `field` with `message`.
+pub fn payload_error_in(py: Python<'_>, field: &str, message: &str) -> PyErr {
+    payload_error(py, &PayloadError::in_field(field, message))
+}
+
+pub fn timestamp_error(py: Python<'_>, field: &str, err: &TimestampError) -> PyErr {
+    payload_error_in(py, field, &format!("{field}: {err}"))
+}
