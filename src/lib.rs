@@ -2,6 +2,7 @@
 //! layer, built only with the `python` feature (maturin turns it on).
 
 pub mod payload;
+pub mod session;
 pub mod timestamp;
 pub mod topic;
 

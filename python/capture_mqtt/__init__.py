@@ -7,9 +7,12 @@
 
 from __future__ import annotations
 
+from . import _logging
 from ._core import (
     Command,
     DataPoint,
+    MalformedMessage,
+    Message,
     TopicInfo,
     __version__,
     command_payload,
@@ -25,6 +28,15 @@ from ._core import (
     topic_matches,
     validate_filter,
 )
+from .auth import Auth, fetch_jwt
+from .client import (
+    AsyncClient,
+    AsyncSubscription,
+    Client,
+    ConnectionEvent,
+    Reconnect,
+    Subscription,
+)
 from .errors import (
     AuthenticationError,
     AuthorizationError,
@@ -36,15 +48,26 @@ from .errors import (
     TopicError,
 )
 
+_logging.start()
+
 __all__ = [
+    "AsyncClient",
+    "AsyncSubscription",
+    "Auth",
     "AuthenticationError",
     "AuthorizationError",
     "CaptureError",
+    "Client",
     "ClosedError",
     "Command",
     "ConnectError",
+    "ConnectionEvent",
     "DataPoint",
+    "MalformedMessage",
+    "Message",
     "PayloadError",
+    "Reconnect",
+    "Subscription",
     "TimeoutError",
     "TopicError",
     "TopicInfo",
@@ -52,6 +75,7 @@ __all__ = [
     "command_payload",
     "command_topic",
     "data_topic",
+    "fetch_jwt",
     "field_payload",
     "measurement_payload",
     "parse_command",

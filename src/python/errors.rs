@@ -1,6 +1,7 @@
 //! Raising the exception classes of `capture_mqtt.errors` from Rust errors.
 
 use crate::payload::PayloadError;
+use crate::session::{AccountKind, Action, SessionError};
 use crate::timestamp::TimestampError;
 use crate::topic::TopicError;
 use pyo3::prelude::*;
@@ -59,4 +60,56 @@ pub fn payload_error_in(py: Python<'_>, field: &str, message: &str) -> PyErr {
 
 pub fn timestamp_error(py: Python<'_>, field: &str, err: &TimestampError) -> PyErr {
     payload_error_in(py, field, &format!("{field}: {err}"))
+}
+
+static SESSION_ERRORS: [PyOnceLock<Py<PyType>>; 5] = [
+    PyOnceLock::new(),
+    PyOnceLock::new(),
+    PyOnceLock::new(),
+    PyOnceLock::new(),
+    PyOnceLock::new(),
+];
+
+/// The `capture_mqtt` exception for a session error, with its attributes.
+pub fn session_error(py: Python<'_>, err: &SessionError) -> PyErr {
+    let message = err.to_string();
+    match err {
+        SessionError::Connect(_) => raise(py, &SESSION_ERRORS[0], "ConnectError", &message, &[]),
+        SessionError::Authentication { username, .. } => raise(
+            py,
+            &SESSION_ERRORS[1],
+            "AuthenticationError",
+            &message,
+            &[("username", Some(username))],
+        ),
+        SessionError::Authorization {
+            action,
+            topic,
+            kind,
+            ..
+        } => {
+            let action = match action {
+                Action::Subscribe => "subscribe",
+                Action::Publish => "publish",
+            };
+            let kind = match kind {
+                AccountKind::User => "user",
+                AccountKind::Source => "source",
+                AccountKind::Unknown => "unknown",
+            };
+            raise(
+                py,
+                &SESSION_ERRORS[2],
+                "AuthorizationError",
+                &message,
+                &[
+                    ("topic", Some(topic)),
+                    ("action", Some(action)),
+                    ("account_kind", Some(kind)),
+                ],
+            )
+        }
+        SessionError::Timeout(_) => raise(py, &SESSION_ERRORS[3], "TimeoutError", &message, &[]),
+        SessionError::Closed => raise(py, &SESSION_ERRORS[4], "ClosedError", &message, &[]),
+    }
 }

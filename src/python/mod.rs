@@ -4,7 +4,9 @@
 mod codec;
 mod convert;
 mod errors;
+mod logbridge;
 mod model;
+mod session;
 
 use pyo3::prelude::*;
 
@@ -12,6 +14,18 @@ use pyo3::prelude::*;
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    logbridge::install();
+    session::init_runtime();
+    m.add_class::<session::PySession>()?;
+    m.add_class::<session::PySubscription>()?;
+    m.add_class::<session::PyPublishHandle>()?;
+    m.add_class::<session::PyTokenRequest>()?;
+    m.add_class::<session::PyMessage>()?;
+    m.add_class::<session::PyMalformed>()?;
+    m.add_function(wrap_pyfunction!(session::_jwt_expiry, m)?)?;
+    m.add_function(wrap_pyfunction!(session::_now_ns, m)?)?;
+    m.add_function(wrap_pyfunction!(logbridge::_next_logs, m)?)?;
+    m.add_function(wrap_pyfunction!(logbridge::_logs_dropped, m)?)?;
     m.add_class::<model::PyDataPoint>()?;
     m.add_class::<model::PyCommand>()?;
     m.add_class::<model::PyTopicInfo>()?;

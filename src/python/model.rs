@@ -206,6 +206,15 @@ pub struct PyCommand {
     raw: Py<PyBytes>,
 }
 
+impl PyCommand {
+    pub fn new(py: Python<'_>, command: payload::Command, raw: &[u8]) -> Self {
+        PyCommand {
+            command,
+            raw: PyBytes::new(py, raw).unbind(),
+        }
+    }
+}
+
 #[pymethods]
 impl PyCommand {
     /// The source the command is for.

@@ -1,0 +1,37 @@
+"""Hands the Rust core's log records to Python's ``logging`` under the ``capture_mqtt`` logger.
+
+The core queues its records (it never calls Python from the network threads); this daemon thread
+takes them in batches and logs them as ``capture_mqtt.<module>`` (e.g. ``capture_mqtt.session.driver``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from . import _core
+
+_started = threading.Lock()
+_thread: threading.Thread | None = None
+
+
+def _forward() -> None:
+    root = logging.getLogger("capture_mqtt")
+    while True:
+        try:
+            records = _core._next_logs(0.5)
+        except Exception:
+            return
+        for level, target, message in records:
+            logger = root.getChild(target) if target else root
+            if logger.isEnabledFor(level):
+                logger.log(level, "%s", message)
+
+
+def start() -> None:
+    """Starts the forwarding thread once per process."""
+    global _thread  # noqa: PLW0603 - one thread per process
+    with _started:
+        if _thread is None or not _thread.is_alive():
+            _thread = threading.Thread(target=_forward, name="capture-mqtt-log", daemon=True)
+            _thread.start()

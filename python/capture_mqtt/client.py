@@ -1,0 +1,833 @@
+"""``Client`` and ``AsyncClient``: connecting to Capture's broker, subscribing and publishing.
+
+Both wrap one native session (Rust: tokio + rumqttc). Network work never runs Python code: events,
+token requests and subscription callbacks are run by a dispatcher thread per client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import logging
+import os
+import threading
+import urllib.parse
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal, Self
+
+from . import _core
+from .auth import Auth
+from .errors import ClosedError, TopicError
+
+__all__ = [
+    "AsyncClient",
+    "AsyncSubscription",
+    "Client",
+    "ConnectionEvent",
+    "Reconnect",
+    "Subscription",
+]
+
+log = logging.getLogger("capture_mqtt")
+
+Transport = Literal["mqtts", "wss", "mqtt", "ws"]
+Overflow = Literal["block", "drop_oldest", "drop_newest"]
+DEFAULT_PORTS = {"mqtts": 8883, "wss": 443, "mqtt": 1883, "ws": 80}
+DEFAULT_QUEUE_SIZE = 10_000
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """How to wait between reconnect attempts: exponential backoff from ``min_delay`` to ``max_delay``
+    seconds, each delay varied by up to ``jitter`` (a fraction) either way.
+
+    >>> import capture_mqtt as cm
+    >>> cm.Reconnect(min_delay=0.1, max_delay=5.0).max_delay
+    5.0
+    """
+
+    min_delay: float = 0.5
+    max_delay: float = 30.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if not (0 < self.min_delay <= self.max_delay):
+            raise ValueError(f"need 0 < min_delay <= max_delay, got {self.min_delay} and {self.max_delay}")
+        if not (0 <= self.jitter <= 1):
+            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter}")
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    """Something that happened to a client's connection.
+
+    ``kind`` is ``"connected"`` (with ``session_present``), ``"disconnected"`` (with ``reason``),
+    ``"reconnecting"`` (with ``attempt`` and ``delay`` in seconds) or ``"closed"``.
+
+    >>> import capture_mqtt as cm
+    >>> cm.ConnectionEvent("reconnecting", attempt=1, delay=0.5).kind
+    'reconnecting'
+    """
+
+    kind: str
+    session_present: bool | None = None
+    reason: str | None = None
+    attempt: int | None = None
+    delay: float | None = None
+
+
+# Clients still open, closed at interpreter exit so that nothing hangs or crashes there.
+_LIVE: weakref.WeakSet[_BaseClient] = weakref.WeakSet()
+
+
+def _close_all_at_exit() -> None:
+    for client in list(_LIVE):
+        try:
+            client._close_now(grace=0.5)
+        except Exception:
+            log.debug("closing a client at exit failed", exc_info=True)
+
+
+atexit.register(_close_all_at_exit)
+
+
+def _read_ca(ca_file: str | os.PathLike[str] | None, ca_pem: str | bytes | None) -> list[bytes]:
+    pems: list[bytes] = []
+    if ca_file is not None:
+        path = Path(ca_file)
+        try:
+            pems.append(path.read_bytes())
+        except OSError as err:
+            raise ValueError(f"ca_file {str(path)!r} cannot be read: {err.strerror}") from None
+    if ca_pem is not None:
+        pems.append(ca_pem.encode() if isinstance(ca_pem, str) else bytes(ca_pem))
+    return pems
+
+
+class _BaseClient:
+    """What Client and AsyncClient share: options, the native session, the dispatcher thread."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        company: str | None = None,
+        username: str | None = None,
+        password: str | None = None,
+        auth: Auth | None = None,
+        transport: Transport = "mqtts",
+        port: int | None = None,
+        path: str = "/mqtt",
+        ca_file: str | os.PathLike[str] | None = None,
+        ca_pem: str | bytes | None = None,
+        tls_insecure: bool = False,
+        client_id: str | None = None,
+        clean_session: bool = True,
+        keepalive: float = 30.0,
+        reconnect: bool | Reconnect = True,
+        connect_timeout: float = 10.0,
+        protocol: int = 3,
+        on_event: Callable[[ConnectionEvent], object] | None = None,
+        max_packet_size: int = 64 * 1024 * 1024,
+        inflight: int = 512,
+        account_kind: Literal["user", "source", "unknown"] = "user",
+    ) -> None:
+        if not isinstance(host, str) or not host:
+            raise ValueError(f"host must be a non-empty str, got {host!r}")
+        if transport not in DEFAULT_PORTS:
+            raise ValueError(f"transport must be one of {sorted(DEFAULT_PORTS)}, got {transport!r}")
+        port = DEFAULT_PORTS[transport] if port is None else port
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError(f"port must be between 1 and 65535, got {port!r}")
+        if protocol not in (3, 5):
+            raise ValueError(f"protocol must be 3 (MQTT 3.1.1) or 5 (MQTT 5), got {protocol!r}")
+        if protocol == 5:
+            raise ValueError("protocol=5 (MQTT 5) is not available in this version; use protocol=3")
+        if keepalive < 1:
+            raise ValueError(f"keepalive must be at least 1 second, got {keepalive}")
+        if connect_timeout <= 0:
+            raise ValueError(f"connect_timeout must be positive, got {connect_timeout}")
+        if not clean_session and client_id is None:
+            raise ValueError(
+                "clean_session=False keeps a session on the broker under the client id; pass a fixed client_id"
+            )
+        if auth is not None and (username is not None or password is not None):
+            raise ValueError("pass either auth=... or username/password, not both")
+        if auth is None and username is not None:
+            if password is None:
+                raise ValueError(f"username {username!r} was given without a password")
+            auth = Auth.password(username, password)
+        if company is not None and (not company or any(c in company for c in "/+#\0")):
+            raise TopicError(
+                f"invalid company {company!r}: give the company's exact name (no '/', '+', '#')",
+                segment="company",
+                value=company,
+            )
+        policy = reconnect if isinstance(reconnect, Reconnect) else Reconnect()
+        self.company = company
+        self._auth = auth
+        self._on_event: list[Callable[[ConnectionEvent], object]] = [on_event] if on_event else []
+        self._native = _core._Session(
+            host,
+            transport=transport,
+            port=port,
+            path=path,
+            ca_pem=_read_ca(ca_file, ca_pem),
+            tls_insecure=tls_insecure,
+            client_id=client_id or _random_client_id(),
+            clean_session=clean_session,
+            keepalive=float(keepalive),
+            reconnect=bool(reconnect),
+            min_delay=policy.min_delay,
+            max_delay=policy.max_delay,
+            jitter=policy.jitter,
+            connect_timeout=float(connect_timeout),
+            protocol=protocol,
+            username=auth.username if auth else None,
+            password=None if auth is None or auth.is_callable else auth.secret(),
+            token_callable=bool(auth and auth.is_callable),
+            account_kind=account_kind,
+            max_packet_size=max_packet_size,
+            inflight=inflight,
+        )
+        self._closed = False
+        self._dispatcher = threading.Thread(
+            target=self._dispatch, name=f"capture-mqtt-dispatch-{self.client_id}", daemon=True
+        )
+        self._dispatcher.start()
+        _LIVE.add(self)
+
+    # Connection facts
+
+    @property
+    def address(self) -> str:
+        """Where the client connects, without credentials (``mqtts://host:8883``)."""
+        return str(self._native.address)
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id (random with a ``capture-mqtt-`` prefix unless one was given)."""
+        return str(self._native.client_id)
+
+    @property
+    def is_connected(self) -> bool:
+        """Whether the connection is up right now."""
+        return bool(self._native.is_connected)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters at this moment: published, acknowledged, received, unrouted, reconnects."""
+        return dict(self._native.stats())
+
+    def on_event(self, callback: Callable[[ConnectionEvent], object]) -> None:
+        """Calls ``callback(event)`` for every :class:`ConnectionEvent`, on the dispatcher thread."""
+        self._on_event.append(callback)
+
+    def __repr__(self) -> str:
+        who = f", username={self._auth.username!r}" if self._auth else ""
+        state = "closed" if self._closed else ("connected" if self.is_connected else "not connected")
+        return f"{type(self).__name__}(address={self.address!r}{who}, {state})"
+
+    # The dispatcher thread: events and token requests, never on the network threads.
+
+    def _dispatch(self) -> None:
+        native = self._native
+        while True:
+            try:
+                job = native.next_job(0.5)
+            except Exception:
+                return
+            if job is None:
+                continue
+            kind, payload = job
+            if kind == "closed":
+                return
+            if kind == "token":
+                self._answer_token(payload)
+            elif kind == "event":
+                name, session_present, reason, attempt, delay = payload
+                event = ConnectionEvent(name, session_present, reason, attempt, delay)
+                for callback in list(self._on_event):
+                    try:
+                        callback(event)
+                    except Exception:
+                        log.exception("an on_event callback raised; the client goes on")
+
+    def _answer_token(self, request: Any) -> None:
+        auth = self._auth
+        if auth is None:
+            request.fail("no credentials configured")
+            return
+        try:
+            token = auth.secret()
+        except Exception as err:
+            log.warning("the token callable for %r failed: %s", auth.username, type(err).__name__)
+            request.fail(f"the token callable raised {type(err).__name__}")
+            return
+        expiry = _core._jwt_expiry(token)
+        if expiry is not None:
+            log.debug("fresh token for %r expires at %s (epoch seconds)", auth.username, expiry)
+        request.reply(token)
+
+    # Closing
+
+    def _close_now(self, grace: float = 2.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._native.close(grace)
+        if self._dispatcher is not threading.current_thread():
+            self._dispatcher.join(timeout=grace + 1.0)
+        _LIVE.discard(self)
+
+    # Subscribing
+
+    def _raw_filter_for(self, source: str, connection: str, measurement: str, key: str) -> str:
+        if self.company is None:
+            raise ValueError("subscribe_raw needs the client's company: pass company=... to the client")
+        return str(_core.raw_filter(self.company, source, connection, measurement, key))
+
+    def _native_subscribe(
+        self,
+        filter: str,
+        qos: int,
+        decode: str,
+        queue_size: int,
+        overflow: str,
+        timeout: float,
+    ) -> Any:
+        _core.validate_filter(filter)
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+        if not isinstance(queue_size, int) or queue_size < 1:
+            raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
+        if overflow not in ("block", "drop_oldest", "drop_newest"):
+            raise ValueError(f"overflow must be 'block', 'drop_oldest' or 'drop_newest', got {overflow!r}")
+        if decode == "auto":
+            decode = "raw" if filter.split("/")[:2] == ["v1", "raw"] or "/v1/raw/" in filter else "bytes"
+        return self._native.subscribe(
+            filter,
+            qos=qos,
+            decode=decode,
+            queue_size=queue_size,
+            overflow=overflow,
+            wait=True,
+            timeout=timeout,
+        )
+
+
+def _random_client_id() -> str:
+    return f"capture-mqtt-{os.urandom(6).hex()}"
+
+
+def _url_options(url: str) -> dict[str, Any]:
+    parts = urllib.parse.urlsplit(url)
+    transport = parts.scheme.lower()
+    if transport not in DEFAULT_PORTS:
+        raise ValueError(f"the URL scheme must be one of {sorted(DEFAULT_PORTS)}, got {parts.scheme!r}")
+    if not parts.hostname:
+        raise ValueError("the URL has no host")
+    options: dict[str, Any] = {"host": parts.hostname, "transport": transport, "port": parts.port}
+    if parts.username is not None:
+        options["username"] = urllib.parse.unquote(parts.username)
+        options["password"] = urllib.parse.unquote(parts.password or "")
+    if transport in ("ws", "wss") and parts.path:
+        options["path"] = parts.path
+    query = urllib.parse.parse_qs(parts.query)
+    if "company" in query:
+        options["company"] = query["company"][0]
+    return options
+
+
+ENV_VARIABLES = {
+    "CAPTURE_MQTT_HOST": "host",
+    "CAPTURE_MQTT_PORT": "port",
+    "CAPTURE_MQTT_TRANSPORT": "transport",
+    "CAPTURE_MQTT_PATH": "path",
+    "CAPTURE_MQTT_USERNAME": "username",
+    "CAPTURE_MQTT_PASSWORD": "password",
+    "CAPTURE_MQTT_COMPANY": "company",
+    "CAPTURE_MQTT_CA_FILE": "ca_file",
+    "CAPTURE_MQTT_CLIENT_ID": "client_id",
+}
+
+
+def _env_options(environ: dict[str, str] | None = None) -> dict[str, Any]:
+    env = dict(os.environ if environ is None else environ)
+    options: dict[str, Any] = {}
+    if env.get("CAPTURE_MQTT_URL"):
+        options.update(_url_options(env["CAPTURE_MQTT_URL"]))
+    for variable, name in ENV_VARIABLES.items():
+        value = env.get(variable)
+        if value:
+            options[name] = int(value) if name == "port" else value
+    if "host" not in options:
+        raise ValueError("set CAPTURE_MQTT_URL, or CAPTURE_MQTT_HOST (with CAPTURE_MQTT_USERNAME/_PASSWORD/_COMPANY)")
+    if env.get("CAPTURE_MQTT_TLS_INSECURE", "").lower() in ("1", "true", "yes"):
+        options["tls_insecure"] = True
+    return options
+
+
+class Client(_BaseClient):
+    """A connection to Capture's broker (or any MQTT broker), for scripts and notebooks. Thread-safe.
+
+    The constructor connects before it returns and raises the connection's error
+    (:class:`ConnectError`, :class:`AuthenticationError`, :class:`TimeoutError`); with
+    ``connect=False`` it does not, so that subscriptions can be declared first (persistent sessions),
+    and :meth:`connect` connects. Afterwards the client reconnects on its own with backoff and
+    re-subscribes. Use it as a context manager, or call :meth:`close`.
+
+    >>> import capture_mqtt as cm
+    >>> client = cm.Client("broker.example", username="alice", password="secret", connect=False)
+    >>> client
+    Client(address='mqtts://broker.example:8883', username='alice', not connected)
+    >>> client.close()
+    """
+
+    def __init__(self, host: str, *, connect: bool = True, **options: Any) -> None:
+        super().__init__(host, **options)
+        if connect:
+            try:
+                self.connect()
+            except BaseException:
+                self._close_now(grace=0.2)
+                raise
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Self:
+        """A client from ``mqtts://user:secret@host:8883`` (or ``wss://.../mqtt``, ``mqtt://``,
+        ``ws://``); ``?company=AcmeCorp`` sets the company. Keyword options override the URL.
+
+        >>> import capture_mqtt as cm
+        >>> c = cm.Client.from_url("wss://alice:secret@broker.example:8084/mqtt?company=AcmeCorp", connect=False)
+        >>> c.address, c.company
+        ('wss://broker.example:8084/mqtt', 'AcmeCorp')
+        >>> c.close()
+        """
+        merged = _url_options(url) | options
+        return cls(merged.pop("host"), **merged)
+
+    @classmethod
+    def from_env(cls, **options: Any) -> Self:
+        """A client from environment variables: ``CAPTURE_MQTT_URL``, or ``CAPTURE_MQTT_HOST`` with
+        ``CAPTURE_MQTT_PORT``, ``_TRANSPORT``, ``_PATH``, ``_USERNAME``, ``_PASSWORD``, ``_COMPANY``,
+        ``_CA_FILE``, ``_CLIENT_ID`` and ``_TLS_INSECURE``. Keyword options override them.
+
+        >>> import capture_mqtt as cm
+        >>> import os
+        >>> os.environ["CAPTURE_MQTT_URL"] = "mqtt://alice:secret@127.0.0.1:1883?company=AcmeCorp"
+        >>> cm.Client.from_env(connect=False).company
+        'AcmeCorp'
+        >>> del os.environ["CAPTURE_MQTT_URL"]
+        """
+        merged = _env_options() | options
+        return cls(merged.pop("host"), **merged)
+
+    def connect(self) -> None:
+        """Connects (when constructed with ``connect=False``); raises the connection's error.
+
+        >>> import capture_mqtt as cm
+        >>> cm.Client("127.0.0.1", transport="mqtt", port=1, connect=False).connect()
+        Traceback (most recent call last):
+        ...
+        capture_mqtt.errors.ConnectError: connection refused by mqtt://127.0.0.1:1: ...
+        """
+        if self._closed:
+            raise ClosedError("the client is closed")
+        self._native.connect()
+
+    def close(self) -> None:
+        """Disconnects cleanly and stops the client's threads; subscriptions end. Idempotent.
+
+        >>> import capture_mqtt as cm
+        >>> cm.Client("broker.example", connect=False).close()
+        """
+        self._close_now()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def subscribe(
+        self,
+        filter: str,
+        *,
+        qos: int = 0,
+        callback: Callable[[Any], object] | None = None,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        overflow: Overflow = "block",
+        on_malformed: Callable[[Any], object] | None = None,
+        on_error: Callable[[BaseException], object] | None = None,
+        decode: Literal["auto", "raw", "bytes", "command"] = "auto",
+        timeout: float = 10.0,
+    ) -> Subscription:
+        """Subscribes to ``filter`` and returns a :class:`Subscription` to iterate, ``get`` from, or
+        read in batches; with ``callback``, each item is passed to it on a dispatcher thread instead.
+
+        Filters under ``v1/raw/`` yield :class:`DataPoint`; other filters yield :class:`Message`.
+        Raises :class:`TopicError` for a filter Capture would refuse (nothing is sent), and
+        :class:`AuthorizationError` when the broker refuses it.
+
+        >>> import capture_mqtt as cm
+        >>> cm.Client.subscribe.__name__
+        'subscribe'
+        """
+        native = self._native_subscribe(filter, qos, decode, queue_size, overflow, timeout)
+        return Subscription(native, callback=callback, on_malformed=on_malformed, on_error=on_error)
+
+    def subscribe_raw(
+        self,
+        source: str = "+",
+        connection: str = "+",
+        measurement: str = "+",
+        key: str = "#",
+        **options: Any,
+    ) -> Subscription:
+        """Subscribes to the client's company's raw tree; the levels are names, ``+`` or ``#``.
+
+        >>> import capture_mqtt as cm
+        >>> cm.Client.subscribe_raw.__name__
+        'subscribe_raw'
+        """
+        return self.subscribe(self._raw_filter_for(source, connection, measurement, key), **options)
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> Any:
+        """Publishes a message; with ``wait`` (the default) returns once the broker acknowledged it
+        (QoS 1/2) or it was written (QoS 0). With ``wait=False`` returns a handle with ``wait(timeout)``.
+
+        >>> import capture_mqtt as cm
+        >>> cm.Client.publish.__name__
+        'publish'
+        """
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+        if not topic or any(c in topic for c in "+#\0"):
+            raise TopicError(
+                f"invalid topic {topic!r}: a publish topic must be non-empty and hold no wildcard",
+                segment="topic",
+                value=topic,
+            )
+        return self._native.publish(topic, payload, qos=qos, retain=retain, wait=wait, timeout=timeout)
+
+
+class AsyncClient(_BaseClient):
+    """The asyncio client: ``async with cm.AsyncClient(...) as client`` connects, and
+    ``async for point in await client.subscribe(...)`` delivers data points in chunks.
+
+    >>> import capture_mqtt as cm
+    >>> cm.AsyncClient("broker.example", connect=False)
+    AsyncClient(address='mqtts://broker.example:8883', not connected)
+    """
+
+    def __init__(self, host: str, *, connect: bool = False, **options: Any) -> None:
+        # Connecting needs an event loop: it happens in `async with` or `await connect()`.
+        del connect
+        super().__init__(host, **options)
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Self:
+        """Like :meth:`Client.from_url`.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncClient.from_url("mqtt://127.0.0.1:1883").address
+        'mqtt://127.0.0.1:1883'
+        """
+        merged = _url_options(url) | options
+        return cls(merged.pop("host"), **merged)
+
+    @classmethod
+    def from_env(cls, **options: Any) -> Self:
+        """Like :meth:`Client.from_env`.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncClient.from_env.__name__
+        'from_env'
+        """
+        merged = _env_options() | options
+        return cls(merged.pop("host"), **merged)
+
+    async def connect(self) -> None:
+        """Connects; raises the connection's error.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncClient.connect.__name__
+        'connect'
+        """
+        if self._closed:
+            raise ClosedError("the client is closed")
+        await self._native.connect_async()
+
+    async def close(self) -> None:
+        """Disconnects cleanly; subscriptions end. Idempotent.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncClient.close.__name__
+        'close'
+        """
+        await asyncio.to_thread(self._close_now)
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self.connect()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def subscribe(
+        self,
+        filter: str,
+        *,
+        qos: int = 0,
+        queue_size: int = DEFAULT_QUEUE_SIZE,
+        overflow: Overflow = "block",
+        on_malformed: Callable[[Any], object] | None = None,
+        decode: Literal["auto", "raw", "bytes", "command"] = "auto",
+        timeout: float = 10.0,
+    ) -> AsyncSubscription:
+        """Subscribes; ``async for`` over the result. Same rules as :meth:`Client.subscribe`.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncClient.subscribe.__name__
+        'subscribe'
+        """
+        native = await asyncio.to_thread(self._native_subscribe, filter, qos, decode, queue_size, overflow, timeout)
+        return AsyncSubscription(native, on_malformed=on_malformed)
+
+    async def subscribe_raw(
+        self,
+        source: str = "+",
+        connection: str = "+",
+        measurement: str = "+",
+        key: str = "#",
+        **options: Any,
+    ) -> AsyncSubscription:
+        """Subscribes to the client's company's raw tree.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncClient.subscribe_raw.__name__
+        'subscribe_raw'
+        """
+        return await self.subscribe(self._raw_filter_for(source, connection, measurement, key), **options)
+
+    async def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, timeout: float = 30.0
+    ) -> None:
+        """Publishes and waits (without blocking the event loop) for the acknowledgement.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncClient.publish.__name__
+        'publish'
+        """
+        await asyncio.to_thread(
+            self._native.publish, topic, payload, qos=qos, retain=retain, wait=True, timeout=timeout
+        )
+
+
+class _SubscriptionBase:
+    def __init__(self, native: Any, on_malformed: Callable[[Any], object] | None) -> None:
+        self._native = native
+        self._on_malformed = on_malformed
+
+    @property
+    def filter(self) -> str:
+        """The subscription's filter."""
+        return str(self._native.filter)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters at this moment: received, delivered, malformed, dropped, queued."""
+        return dict(self._native.stats())
+
+    def _keep(self, item: Any) -> bool:
+        if isinstance(item, _core.MalformedMessage):
+            log.debug("malformed message on %r: %s", item.topic, item.reason)
+            if self._on_malformed is not None:
+                try:
+                    self._on_malformed(item)
+                except Exception:
+                    log.exception("an on_malformed hook raised; the stream goes on")
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(filter={self.filter!r}, stats={self.stats})"
+
+
+class Subscription(_SubscriptionBase):
+    """A live subscription: iterate it, ``get`` one item, or let a callback consume it.
+
+    Malformed messages are counted in ``stats["malformed"]`` and passed to ``on_malformed``
+    (a :class:`MalformedMessage` with topic, raw bytes and reason); the stream goes on.
+
+    >>> import capture_mqtt as cm
+    >>> cm.Subscription.__name__
+    'Subscription'
+    """
+
+    def __init__(
+        self,
+        native: Any,
+        *,
+        callback: Callable[[Any], object] | None = None,
+        on_malformed: Callable[[Any], object] | None = None,
+        on_error: Callable[[BaseException], object] | None = None,
+    ) -> None:
+        super().__init__(native, on_malformed)
+        self._on_error = on_error
+        self._thread: threading.Thread | None = None
+        if callback is not None:
+            self._thread = threading.Thread(
+                target=self._run_callback, args=(callback,), name=f"capture-mqtt-callback-{self.filter}", daemon=True
+            )
+            self._thread.start()
+
+    def _run_callback(self, callback: Callable[[Any], object]) -> None:
+        while True:
+            try:
+                item = self.get()
+            except ClosedError:
+                return
+            except Exception as err:
+                self._report(err)
+                return
+            if item is None:
+                continue
+            try:
+                callback(item)
+            except Exception as err:
+                log.exception("a subscription callback raised; the stream goes on")
+                self._report(err)
+
+    def _report(self, err: BaseException) -> None:
+        if self._on_error is not None:
+            try:
+                self._on_error(err)
+            except Exception:
+                log.exception("an on_error hook raised")
+        else:
+            log.error("subscription to %r: %s", self.filter, err)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The next item, waiting up to ``timeout`` seconds (forever with None); None on timeout.
+        Raises :class:`ClosedError` once the subscription has ended and everything was read.
+
+        >>> import capture_mqtt as cm
+        >>> cm.Subscription.get.__name__
+        'get'
+        """
+        while True:
+            item = self._native.get(timeout)
+            if item is None or self._keep(item):
+                return item
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            try:
+                item = self.get()
+            except ClosedError:
+                return
+            yield item
+
+    def close(self) -> None:
+        """Stops delivery and unsubscribes at the broker.
+
+        >>> import capture_mqtt as cm
+        >>> cm.Subscription.close.__name__
+        'close'
+        """
+        self._native.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class AsyncSubscription(_SubscriptionBase):
+    """A subscription for asyncio: ``async for item in sub``. Items reach the event loop in chunks
+    (one wake-up per chunk, not per message).
+
+    >>> import capture_mqtt as cm
+    >>> cm.AsyncSubscription.__name__
+    'AsyncSubscription'
+    """
+
+    def __init__(self, native: Any, *, on_malformed: Callable[[Any], object] | None = None) -> None:
+        super().__init__(native, on_malformed)
+        self._buffer: collections.deque[Any] = collections.deque()
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self
+
+    async def __anext__(self) -> Any:
+        while True:
+            if self._buffer:
+                return self._buffer.popleft()
+            try:
+                items = self._native.drain(4096)
+            except ClosedError:
+                raise StopAsyncIteration from None
+            if items:
+                self._buffer.extend(item for item in items if self._keep(item))
+                continue
+            await self._native.readable()
+
+    async def get(self, timeout: float | None = None) -> Any:
+        """The next item, or None after ``timeout`` seconds.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncSubscription.get.__name__
+        'get'
+        """
+        try:
+            return await asyncio.wait_for(self.__anext__(), timeout)
+        except TimeoutError:
+            return None
+        except StopAsyncIteration:
+            raise ClosedError("the subscription has ended") from None
+
+    async def close(self) -> None:
+        """Stops delivery and unsubscribes at the broker.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncSubscription.close.__name__
+        'close'
+        """
+        await asyncio.to_thread(self._native.close)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

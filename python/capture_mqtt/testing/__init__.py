@@ -1,0 +1,12 @@
+"""Testing kit: a real local broker with Capture-like accounts and scopes.
+
+>>> from capture_mqtt.testing import Mosquitto
+>>> Mosquitto.__name__
+'Mosquitto'
+"""
+
+from __future__ import annotations
+
+from .mosquitto import Account, Mosquitto, MosquittoNotFound, free_port
+
+__all__ = ["Account", "Mosquitto", "MosquittoNotFound", "free_port"]

@@ -1,0 +1,316 @@
+"""A real Mosquitto broker on free loopback ports, for tests and the local emulator.
+
+Listeners: plain MQTT, MQTT over TLS, WebSocket over TLS (any path, e.g. ``/mqtt``) and plain
+WebSocket, all on 127.0.0.1 only. Accounts are enforced either with a password file and an ACL file
+(a denied subscription is granted but receives nothing) or with Mosquitto's dynamic-security plugin
+(a denied subscription is answered with SUBACK 0x80).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+from .certs import TlsFiles, make_tls
+
+__all__ = ["Account", "Mosquitto", "MosquittoNotFound", "free_port"]
+
+DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+Access = Literal["read", "write", "readwrite"]
+
+
+class MosquittoNotFound(RuntimeError):
+    """Mosquitto is not installed (or not on the PATH)."""
+
+
+@dataclass
+class Account:
+    """A broker account and the topics it may use: ``acl`` holds (access, filter) pairs where access
+    is ``"read"`` (subscribe and receive), ``"write"`` (publish) or ``"readwrite"``."""
+
+    username: str
+    password: str
+    acl: list[tuple[Access, str]] = field(default_factory=list)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def find_mosquitto() -> str:
+    """The path of the ``mosquitto`` binary, or a clear error saying how to install it."""
+    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise MosquittoNotFound(
+        "Mosquitto is not installed: on Debian or Ubuntu run `sudo apt-get install mosquitto mosquitto-clients` "
+        "(or `make test`, which installs it), on macOS `brew install mosquitto`"
+    )
+
+
+def _dynsec_password(password: str) -> dict[str, object]:
+    # Mosquitto 2.0's dynamic-security hash: PBKDF2-HMAC-SHA512, 101 iterations, 64 bytes.
+    salt = os.urandom(12)
+    digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, 101, 64)
+    return {
+        "password": base64.b64encode(digest).decode(),
+        "salt": base64.b64encode(salt).decode(),
+        "iterations": 101,
+    }
+
+
+class Mosquitto:
+    """A Mosquitto process on free 127.0.0.1 ports; stop it with :meth:`stop` or a ``with`` block.
+
+    >>> from capture_mqtt.testing.mosquitto import Mosquitto
+    >>> Mosquitto.__name__
+    'Mosquitto'
+    """
+
+    def __init__(
+        self,
+        *,
+        accounts: list[Account] | None = None,
+        anonymous: bool = False,
+        dynsec: bool = False,
+        tls: bool = True,
+        websockets: bool = True,
+        persistence: bool = False,
+        extra_config: str = "",
+    ) -> None:
+        self.binary = find_mosquitto()
+        self.accounts = list(accounts or [])
+        self.anonymous = anonymous
+        self.dynsec = dynsec
+        self.persistence = persistence
+        self.extra_config = extra_config
+        self.workdir = Path(tempfile.mkdtemp(prefix="capture-mqtt-broker-"))
+        self.host = "127.0.0.1"
+        self.mqtt_port = free_port()
+        self.mqtts_port = free_port() if tls else None
+        self.wss_port = free_port() if tls and websockets else None
+        self.ws_port = free_port() if websockets else None
+        self.tls: TlsFiles | None = make_tls() if tls else None
+        self.ca_file = self.workdir / "ca.pem"
+        self.log_file = self.workdir / "mosquitto.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._write_files()
+
+    # Files
+
+    def _write_files(self) -> None:
+        if self.tls is not None:
+            self.ca_file.write_bytes(self.tls.ca_pem)
+            (self.workdir / "server.pem").write_bytes(self.tls.cert_pem)
+            key = self.workdir / "server.key"
+            key.write_bytes(self.tls.key_pem)
+            key.chmod(0o600)
+        self.write_accounts()
+        lines = [
+            # Run as whoever started it: as root, Mosquitto would otherwise switch to the user
+            # "mosquitto", who cannot read this private folder.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            "per_listener_settings false",
+            f"allow_anonymous {'true' if self.anonymous else 'false'}",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.workdir}/",
+            "queue_qos0_messages true",
+            "max_queued_messages 1000000",
+            "max_inflight_messages 100",
+            f"log_dest file {self.log_file}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp_format %H:%M:%S",
+        ]
+        if self.dynsec:
+            lines += [f"plugin {DYNSEC_PLUGIN}", f"plugin_opt_config_file {self.workdir / 'dynsec.json'}"]
+        elif not self.anonymous:
+            lines += [f"password_file {self.workdir / 'passwd'}", f"acl_file {self.workdir / 'acl'}"]
+        lines += ["", f"listener {self.mqtt_port} {self.host}"]
+        tls_lines = [
+            f"cafile {self.ca_file}",
+            f"certfile {self.workdir / 'server.pem'}",
+            f"keyfile {self.workdir / 'server.key'}",
+        ]
+        if self.mqtts_port:
+            lines += ["", f"listener {self.mqtts_port} {self.host}", *tls_lines]
+        if self.wss_port:
+            # Without socket_domain, Debian's Mosquitto binds a WebSocket listener on every interface.
+            lines += ["", f"listener {self.wss_port} {self.host}", "protocol websockets", "socket_domain ipv4", *tls_lines]
+        if self.ws_port:
+            lines += ["", f"listener {self.ws_port} {self.host}", "protocol websockets", "socket_domain ipv4"]
+        lines += ["", self.extra_config]
+        (self.workdir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+
+    def write_accounts(self) -> None:
+        """Writes the password and ACL files (or the dynamic-security file) from ``accounts``.
+        A running broker reads them again on :meth:`reload`."""
+        if self.dynsec:
+            clients, roles = [], []
+            for account in self.accounts:
+                acls = []
+                for access, pattern in account.acl:
+                    if access in ("read", "readwrite"):
+                        acls += [
+                            {"acltype": "subscribePattern", "topic": pattern, "priority": 0, "allow": True},
+                            {"acltype": "publishClientReceive", "topic": pattern, "priority": 0, "allow": True},
+                        ]
+                    if access in ("write", "readwrite"):
+                        acls.append({"acltype": "publishClientSend", "topic": pattern, "priority": 0, "allow": True})
+                roles.append({"rolename": f"role-{account.username}", "acls": acls})
+                clients.append(
+                    {
+                        "username": account.username,
+                        **_dynsec_password(account.password),
+                        "roles": [{"rolename": f"role-{account.username}"}],
+                    }
+                )
+            config = {
+                "defaultACLAccess": {
+                    "publishClientSend": False,
+                    "publishClientReceive": False,
+                    "subscribe": False,
+                    "unsubscribe": True,
+                },
+                "clients": clients,
+                "groups": [],
+                "roles": roles,
+            }
+            (self.workdir / "dynsec.json").write_text(json.dumps(config, indent=1))
+            return
+        passwd = self.workdir / "passwd"
+        passwd.write_text("")
+        for account in self.accounts:
+            subprocess.run(
+                ["mosquitto_passwd", "-b", str(passwd), account.username, account.password],
+                check=True,
+                capture_output=True,
+            )
+        passwd.chmod(0o600)
+        acl = []
+        for account in self.accounts:
+            acl.append(f"user {account.username}")
+            acl += [f"topic {access} {pattern}" for access, pattern in account.acl]
+            acl.append("")
+        (self.workdir / "acl").write_text("\n".join(acl) + "\n")
+
+    # Process
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs."""
+        return self._process.pid if self._process else None
+
+    def start(self) -> Self:
+        """Starts the broker and waits until every listener accepts connections."""
+        if self._process is not None and self._process.poll() is None:
+            return self
+        self._process = subprocess.Popen(
+            [self.binary, "-c", str(self.workdir / "mosquitto.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        ports = [p for p in (self.mqtt_port, self.mqtts_port, self.wss_port, self.ws_port) if p]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                err = self._process.stderr.read().decode() if self._process.stderr else ""
+                raise RuntimeError(f"Mosquitto exited at start: {err.strip()}\n{self.log_tail()}")
+            if all(_accepts(self.host, port) for port in ports):
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"Mosquitto did not open its ports within 15 s\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """Stops the broker (SIGTERM, then SIGKILL after 5 s)."""
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process.pid, signal.SIGCONT)
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+    def kill(self) -> None:
+        """Kills the broker at once (SIGKILL): clients see the connection drop."""
+        process, self._process = self._process, None
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait(timeout=5)
+
+    def restart(self) -> Self:
+        """Kills the broker and starts it again on the same ports."""
+        self.kill()
+        return self.start()
+
+    def pause(self) -> None:
+        """Freezes the broker (SIGSTOP): the network stalls without closing."""
+        if self._process is not None:
+            os.kill(self._process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Unfreezes the broker (SIGCONT)."""
+        if self._process is not None:
+            os.kill(self._process.pid, signal.SIGCONT)
+
+    def reload(self) -> None:
+        """Makes the running broker read its password and ACL files again (SIGHUP)."""
+        if self._process is not None:
+            os.kill(self._process.pid, signal.SIGHUP)
+            time.sleep(0.2)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the broker's log, for error messages."""
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no broker log)"
+
+    def close(self) -> None:
+        """Stops the broker and deletes its files."""
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.stop()
+
+
+def _accepts(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(0.2)
+        return sock.connect_ex((host, port)) == 0

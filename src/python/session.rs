@@ -1,0 +1,648 @@
+//! `_Session` and `_Subscription`: the native halves of `cm.Client`, `cm.AsyncClient` and their
+//! subscriptions. The Python classes in `capture_mqtt/client.py` give them their public shape.
+
+use super::errors::session_error;
+use super::model::{PyCommand, PyDataPoint};
+use crate::session::{
+    self, AccountKind, Credentials, CredentialsFuture, CredentialsProvider, Decode, Event, Item,
+    Overflow, Pop, Protocol, Queue, Reconnect, Route, Secret, Session, SessionConfig, SessionError,
+    StaticCredentials, TlsOptions, Transport,
+};
+use crate::timestamp;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+use tokio::sync::oneshot;
+
+/// How often a blocking call wakes to let Python handle Ctrl-C.
+const SIGNAL_CHECK: Duration = Duration::from_millis(100);
+
+/// Runs `future` on the network runtime while the calling thread waits with the interpreter lock
+/// released, waking regularly so that Ctrl-C raises `KeyboardInterrupt` (the work is then cancelled).
+pub fn block_on<T: Send + 'static>(
+    py: Python<'_>,
+    future: impl Future<Output = T> + Send + 'static,
+) -> PyResult<T> {
+    let mut handle = session::runtime().spawn(future);
+    loop {
+        let step = py.detach(|| {
+            session::runtime()
+                .block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut handle).await })
+        });
+        match step {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(join_error)) => {
+                return Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
+                    "internal task failed: {join_error}"
+                )))
+            }
+            Err(_elapsed) => {
+                if let Err(interrupt) = py.check_signals() {
+                    handle.abort();
+                    return Err(interrupt);
+                }
+            }
+        }
+    }
+}
+
+/// Work for the client's dispatcher thread (a Python thread): events to report, tokens to fetch.
+enum Job {
+    Event(Event),
+    Token(oneshot::Sender<Result<String, String>>),
+}
+
+/// Asks the dispatcher thread for a token from the user's callable before each connect.
+struct CallableToken {
+    username: String,
+    jobs: Arc<Queue<Job>>,
+    expires_at: Mutex<Option<i64>>,
+}
+
+impl CredentialsProvider for CallableToken {
+    fn credentials(&self) -> CredentialsFuture {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.push_control(Job::Token(tx));
+        let username = self.username.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(Duration::from_secs(30), rx).await {
+                Ok(Ok(Ok(token))) => Ok(Credentials {
+                    username,
+                    password: Secret::new(token),
+                }),
+                Ok(Ok(Err(reason))) => Err(reason),
+                Ok(Err(_)) => Err("the client is closing".to_owned()),
+                Err(_) => Err("the token callable did not return within 30 s".to_owned()),
+            }
+        })
+    }
+    fn expires_at(&self) -> Option<i64> {
+        *self
+            .expires_at
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A pending request for a token, handed to the dispatcher thread.
+#[pyclass(module = "capture_mqtt._core", name = "_TokenRequest")]
+pub struct PyTokenRequest {
+    reply: Option<oneshot::Sender<Result<String, String>>>,
+}
+
+#[pymethods]
+impl PyTokenRequest {
+    /// Answers with a fresh token.
+    fn reply(&mut self, token: String) {
+        if let Some(tx) = self.reply.take() {
+            let _ = tx.send(Ok(token));
+        }
+    }
+    /// Answers that no token could be had, and why (never the secret).
+    fn fail(&mut self, reason: String) {
+        if let Some(tx) = self.reply.take() {
+            let _ = tx.send(Err(reason));
+        }
+    }
+}
+
+fn event_tuple(
+    event: &Event,
+) -> (
+    &'static str,
+    Option<bool>,
+    Option<String>,
+    Option<u32>,
+    Option<f64>,
+) {
+    match event {
+        Event::Connected { session_present } => {
+            ("connected", Some(*session_present), None, None, None)
+        }
+        Event::Disconnected { reason } => ("disconnected", None, Some(reason.clone()), None, None),
+        Event::Reconnecting { attempt, delay } => (
+            "reconnecting",
+            None,
+            None,
+            Some(*attempt),
+            Some(delay.as_secs_f64()),
+        ),
+        Event::Closed => ("closed", None, None, None, None),
+    }
+}
+
+/// The native session behind `cm.Client` and `cm.AsyncClient`.
+#[pyclass(module = "capture_mqtt._core", name = "_Session", frozen)]
+pub struct PySession {
+    session: Session,
+    jobs: Arc<Queue<Job>>,
+}
+
+#[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
+#[pymethods]
+impl PySession {
+    #[new]
+    #[pyo3(signature = (host, *, transport, port, path, ca_pem, tls_insecure, client_id, clean_session, keepalive,
+                        reconnect, min_delay, max_delay, jitter, connect_timeout, protocol, username, password,
+                        token_callable, account_kind, max_packet_size, inflight))]
+    fn new(
+        host: String,
+        transport: &str,
+        port: u16,
+        path: String,
+        ca_pem: Vec<Vec<u8>>,
+        tls_insecure: bool,
+        client_id: String,
+        clean_session: bool,
+        keepalive: f64,
+        reconnect: bool,
+        min_delay: f64,
+        max_delay: f64,
+        jitter: f64,
+        connect_timeout: f64,
+        protocol: u8,
+        username: Option<String>,
+        password: Option<String>,
+        token_callable: bool,
+        account_kind: &str,
+        max_packet_size: usize,
+        inflight: u16,
+    ) -> PyResult<Self> {
+        let transport = Transport::parse(transport)
+            .ok_or_else(|| PyValueError::new_err(format!("unknown transport {transport:?}")))?;
+        let mut config = SessionConfig::new(host, transport);
+        config.port = port;
+        config.path = path;
+        config.tls = TlsOptions {
+            extra_ca_pem: ca_pem,
+            insecure: tls_insecure,
+        };
+        config.client_id = client_id;
+        config.clean_session = clean_session;
+        config.keepalive = Duration::from_secs_f64(keepalive);
+        config.reconnect = Reconnect {
+            enabled: reconnect,
+            min_delay: Duration::from_secs_f64(min_delay),
+            max_delay: Duration::from_secs_f64(max_delay),
+            jitter,
+        };
+        config.connect_timeout = Duration::from_secs_f64(connect_timeout);
+        config.protocol = if protocol == 5 {
+            Protocol::V5
+        } else {
+            Protocol::V311
+        };
+        config.account_kind = match account_kind {
+            "user" => AccountKind::User,
+            "source" => AccountKind::Source,
+            _ => AccountKind::Unknown,
+        };
+        config.max_packet_size = max_packet_size;
+        config.inflight = inflight;
+        let jobs: Arc<Queue<Job>> = Arc::new(Queue::new(4096, Overflow::DropOldest));
+        if let Some(username) = username {
+            config.account_name.clone_from(&username);
+            config.credentials = if token_callable {
+                Some(Arc::new(CallableToken {
+                    username,
+                    jobs: Arc::clone(&jobs),
+                    expires_at: Mutex::new(None),
+                }))
+            } else {
+                Some(Arc::new(StaticCredentials(Credentials {
+                    username,
+                    password: Secret::new(password.unwrap_or_default()),
+                })))
+            };
+        }
+        let sink_jobs = Arc::clone(&jobs);
+        let sink: session::EventSink = Arc::new(move |event: &Event| {
+            sink_jobs.push_control_bounded(Job::Event(event.clone()));
+        });
+        let session = Session::new(config, Some(sink))
+            .map_err(|e| Python::attach(|py| session_error(py, &e)))?;
+        Ok(PySession { session, jobs })
+    }
+
+    /// Connects; raises the connection's error.
+    fn connect(&self, py: Python<'_>) -> PyResult<()> {
+        let session = self.session.clone();
+        block_on(py, async move { session.connect().await })?.map_err(|e| session_error(py, &e))
+    }
+
+    /// Connects from asyncio: an awaitable.
+    fn connect_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let session = self.session.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            session
+                .connect()
+                .await
+                .map_err(|e| Python::attach(|py| session_error(py, &e)))
+        })
+    }
+
+    /// Closes the session within about `grace` seconds.
+    fn close(&self, py: Python<'_>, grace: f64) {
+        let session = self.session.clone();
+        let jobs = Arc::clone(&self.jobs);
+        let grace = Duration::from_secs_f64(grace.max(0.0));
+        py.detach(|| session::runtime().block_on(session.close(grace)));
+        jobs.close();
+    }
+
+    #[getter]
+    fn is_connected(&self) -> bool {
+        self.session.is_connected()
+    }
+    #[getter]
+    fn is_closed(&self) -> bool {
+        self.session.is_closed()
+    }
+    #[getter]
+    fn address(&self) -> String {
+        self.session.config().address()
+    }
+    #[getter]
+    fn client_id(&self) -> String {
+        self.session.config().client_id.clone()
+    }
+
+    /// Counters: published, acknowledged, received, unrouted, reconnects.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.session.stats();
+        let dict = PyDict::new(py);
+        dict.set_item("published", stats.published.load(Ordering::Relaxed))?;
+        dict.set_item("acknowledged", stats.acknowledged.load(Ordering::Relaxed))?;
+        dict.set_item("received", stats.received.load(Ordering::Relaxed))?;
+        dict.set_item("unrouted", stats.unrouted.load(Ordering::Relaxed))?;
+        dict.set_item("reconnects", stats.reconnects.load(Ordering::Relaxed))?;
+        Ok(dict)
+    }
+
+    /// The dispatcher's next job, waiting up to `timeout` seconds: `("event", (kind, session_present,
+    /// reason, attempt, delay))`, `("token", request)`, None on timeout, `("closed", None)` at the end.
+    fn next_job<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: f64,
+    ) -> PyResult<Option<(&'static str, Bound<'py, PyAny>)>> {
+        let jobs = Arc::clone(&self.jobs);
+        let wait = Duration::from_secs_f64(timeout.max(0.0));
+        let job = py.detach(|| jobs.pop_wait(Some(wait)));
+        Ok(match job {
+            Pop::Timeout => None,
+            Pop::Closed => Some(("closed", py.None().into_bound(py))),
+            Pop::Item(Job::Event(event)) => {
+                Some(("event", event_tuple(&event).into_pyobject(py)?.into_any()))
+            }
+            Pop::Item(Job::Token(tx)) => Some((
+                "token",
+                Bound::new(py, PyTokenRequest { reply: Some(tx) })?.into_any(),
+            )),
+        })
+    }
+
+    /// Adds a subscription; with `wait`, blocks until the broker granted it (raising its refusal).
+    #[pyo3(signature = (filter, *, qos, decode, queue_size, overflow, wait, timeout))]
+    fn subscribe(
+        &self,
+        py: Python<'_>,
+        filter: String,
+        qos: u8,
+        decode: &str,
+        queue_size: usize,
+        overflow: &str,
+        wait: bool,
+        timeout: f64,
+    ) -> PyResult<PySubscription> {
+        let decode = match decode {
+            "raw" => Decode::Raw,
+            "command" => Decode::Command,
+            "bytes" => Decode::Bytes,
+            other => return Err(PyValueError::new_err(format!("unknown decode {other:?}"))),
+        };
+        let overflow = Overflow::parse(overflow).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "overflow must be \"block\", \"drop_oldest\" or \"drop_newest\", not {overflow:?}"
+            ))
+        })?;
+        if queue_size == 0 {
+            return Err(PyValueError::new_err("queue_size must be at least 1"));
+        }
+        let session = self.session.clone();
+        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let route = block_on(py, async move {
+            let route = session
+                .subscribe(&filter, qos, decode, queue_size, overflow)
+                .await?;
+            if wait && session.is_connected() {
+                if let Err(err) = session.wait_granted(&route, timeout).await {
+                    if !matches!(err, SessionError::Authorization { .. }) {
+                        session.unsubscribe(&route).await;
+                    }
+                    return Err(err);
+                }
+            }
+            Ok(route)
+        })?
+        .map_err(|e| session_error(py, &e))?;
+        Ok(PySubscription {
+            session: self.session.clone(),
+            route,
+        })
+    }
+
+    /// Publishes; with `wait`, blocks until acknowledged (QoS 1/2) or written (QoS 0).
+    #[pyo3(signature = (topic, payload, *, qos, retain, wait, timeout))]
+    fn publish(
+        &self,
+        py: Python<'_>,
+        topic: String,
+        payload: &Bound<'_, PyAny>,
+        qos: u8,
+        retain: bool,
+        wait: bool,
+        timeout: f64,
+    ) -> PyResult<Option<PyPublishHandle>> {
+        let bytes = super::convert::payload_bytes(payload)?;
+        let payload = bytes::Bytes::copy_from_slice(&bytes);
+        let session = self.session.clone();
+        let token = block_on(py, async move {
+            session.publish(topic, payload, qos, retain).await
+        })?
+        .map_err(|e| session_error(py, &e))?;
+        let handle = PyPublishHandle {
+            token: Mutex::new(Some(token)),
+        };
+        if wait {
+            handle.wait(py, timeout)?;
+            return Ok(None);
+        }
+        Ok(Some(handle))
+    }
+}
+
+/// Waits for one publish's acknowledgement.
+#[pyclass(module = "capture_mqtt._core", name = "_PublishHandle", frozen)]
+pub struct PyPublishHandle {
+    token: Mutex<Option<session::PublishToken>>,
+}
+
+#[pymethods]
+impl PyPublishHandle {
+    /// Blocks until acknowledged; raises on refusal, closing or timeout.
+    fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
+        let Some(token) = self
+            .token
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        else {
+            return Ok(());
+        };
+        let limit = Duration::from_secs_f64(timeout.max(0.0));
+        let outcome = block_on(py, async move {
+            tokio::time::timeout(limit, token.wait()).await
+        })?;
+        match outcome {
+            Ok(result) => result.map_err(|e| session_error(py, &e)),
+            Err(_) => Err(session_error(
+                py,
+                &SessionError::Timeout(format!(
+                    "the broker did not acknowledge the publish within {:.1} s",
+                    limit.as_secs_f64()
+                )),
+            )),
+        }
+    }
+}
+
+/// A plain MQTT message (from a subscription with a filter outside Capture's raw tree).
+///
+/// >>> import capture_mqtt as cm
+/// >>> cm.Message.__name__
+/// 'Message'
+#[pyclass(module = "capture_mqtt", name = "Message", frozen, get_all)]
+pub struct PyMessage {
+    /// The topic it was published to.
+    topic: String,
+    /// The payload, untouched.
+    payload: Py<PyBytes>,
+    /// The QoS it was delivered with.
+    qos: u8,
+    /// Whether it was a retained message.
+    retain: bool,
+}
+
+#[pymethods]
+impl PyMessage {
+    fn __repr__(&self, py: Python<'_>) -> String {
+        format!(
+            "Message(topic={:?}, payload={} bytes, qos={}, retain={})",
+            self.topic,
+            self.payload.bind(py).as_bytes().len(),
+            self.qos,
+            if self.retain { "True" } else { "False" }
+        )
+    }
+}
+
+/// A message a subscription could not decode: its topic, its raw bytes and the reason.
+///
+/// Counted in the subscription's `stats["malformed"]`; the stream goes on after it.
+///
+/// >>> import capture_mqtt as cm
+/// >>> cm.MalformedMessage.__name__
+/// 'MalformedMessage'
+#[pyclass(module = "capture_mqtt", name = "MalformedMessage", frozen, get_all)]
+pub struct PyMalformed {
+    /// The topic it arrived on.
+    topic: String,
+    /// The payload exactly as received.
+    payload: Py<PyBytes>,
+    /// Why it could not be decoded.
+    reason: String,
+    /// When it was received (nanoseconds since the epoch).
+    received_at_ns: i64,
+}
+
+#[pymethods]
+impl PyMalformed {
+    fn __repr__(&self) -> String {
+        format!(
+            "MalformedMessage(topic={:?}, reason={:?})",
+            self.topic, self.reason
+        )
+    }
+}
+
+fn item_to_py(py: Python<'_>, item: Item) -> PyResult<Bound<'_, PyAny>> {
+    Ok(match item {
+        Item::Point { point, qos, retain } => {
+            Bound::new(py, PyDataPoint { point, qos, retain })?.into_any()
+        }
+        Item::Command { command, raw } => {
+            Bound::new(py, PyCommand::new(py, command, &raw))?.into_any()
+        }
+        Item::Message(message) => Bound::new(
+            py,
+            PyMessage {
+                topic: message.topic,
+                payload: PyBytes::new(py, &message.payload).unbind(),
+                qos: message.qos,
+                retain: message.retain,
+            },
+        )?
+        .into_any(),
+        Item::Malformed { message, reason } => Bound::new(
+            py,
+            PyMalformed {
+                topic: message.topic,
+                payload: PyBytes::new(py, &message.payload).unbind(),
+                reason,
+                received_at_ns: message.received_at,
+            },
+        )?
+        .into_any(),
+        Item::Error(err) => return Err(session_error(py, &err)),
+    })
+}
+
+/// The native half of a subscription: its queue and its counters.
+#[pyclass(module = "capture_mqtt._core", name = "_Subscription", frozen)]
+pub struct PySubscription {
+    session: Session,
+    route: Arc<Route>,
+}
+
+#[pymethods]
+impl PySubscription {
+    #[getter]
+    fn filter(&self) -> &str {
+        &self.route.filter
+    }
+    #[getter]
+    fn qos(&self) -> u8 {
+        self.route.qos
+    }
+    #[getter]
+    fn is_active(&self) -> bool {
+        self.route.is_active()
+    }
+    #[getter]
+    fn is_closed(&self) -> bool {
+        self.route.queue.is_closed() && self.route.queue.is_empty()
+    }
+
+    /// The next item, waiting up to `timeout` seconds (forever with None); None on timeout.
+    /// Raises `ClosedError` after the last item, and the subscription's error if it failed.
+    #[pyo3(signature = (timeout = None))]
+    fn get<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        if let Some(t) = timeout {
+            if t.is_nan() || t < 0.0 {
+                return Err(PyValueError::new_err(format!(
+                    "timeout must be None or >= 0, not {t}"
+                )));
+            }
+        }
+        let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs_f64(t));
+        let queue = Arc::clone(&self.route.queue);
+        loop {
+            let wait = match deadline {
+                None => SIGNAL_CHECK,
+                Some(d) => d
+                    .saturating_duration_since(std::time::Instant::now())
+                    .min(SIGNAL_CHECK),
+            };
+            match py.detach(|| queue.pop_wait(Some(wait))) {
+                Pop::Item(item) => return item_to_py(py, item).map(Some),
+                Pop::Closed => {
+                    return Err(session_error(py, &SessionError::Closed));
+                }
+                Pop::Timeout => {
+                    py.check_signals()?;
+                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Up to `max_items` items that are queued now (never waits). An error item ends the list early
+    /// and is raised on the next call.
+    fn drain<'py>(&self, py: Python<'py>, max_items: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let items = self.route.queue.drain(max_items);
+        let mut out = Vec::with_capacity(items.len());
+        for item in items {
+            match item {
+                Item::Error(err) => {
+                    if out.is_empty() {
+                        return Err(session_error(py, &err));
+                    }
+                    self.route.queue.push_control(Item::Error(err));
+                    break;
+                }
+                other => out.push(item_to_py(py, other)?),
+            }
+        }
+        if out.is_empty() && self.route.queue.is_closed() && self.route.queue.is_empty() {
+            return Err(session_error(py, &SessionError::Closed));
+        }
+        Ok(out)
+    }
+
+    /// An awaitable that resolves when items are queued (or the subscription ended): asyncio
+    /// consumers wait on it once per chunk, not once per message.
+    fn readable<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let queue = Arc::clone(&self.route.queue);
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            queue.readable().await;
+            Ok(())
+        })
+    }
+
+    /// Counters: received, delivered, malformed, dropped, queued.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let counters = &self.route.queue.counters;
+        let dict = PyDict::new(py);
+        dict.set_item("received", counters.received.load(Ordering::Relaxed))?;
+        dict.set_item("delivered", counters.delivered.load(Ordering::Relaxed))?;
+        dict.set_item("malformed", counters.malformed.load(Ordering::Relaxed))?;
+        dict.set_item("dropped", counters.dropped.load(Ordering::Relaxed))?;
+        dict.set_item("queued", self.route.queue.len())?;
+        Ok(dict)
+    }
+
+    /// Stops delivery and unsubscribes at the broker.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let session = self.session.clone();
+        let route = Arc::clone(&self.route);
+        block_on(py, async move { session.unsubscribe(&route).await })
+    }
+}
+
+/// The `exp` claim of a JWT (seconds since the epoch), or None.
+#[pyfunction]
+pub fn _jwt_expiry(token: &str) -> Option<i64> {
+    session::jwt::expiry(token)
+}
+
+/// Nanoseconds since the epoch now (the clock the core stamps messages with).
+#[pyfunction]
+pub fn _now_ns() -> i64 {
+    timestamp::now_nanos()
+}
+
+/// Starts the network runtime and hands it to pyo3-async-runtimes (once).
+pub fn init_runtime() {
+    let _ = pyo3_async_runtimes::tokio::init_with_runtime(session::runtime());
+}

@@ -1,0 +1,87 @@
+//! The errors of a session, each with the words a user needs to act on it.
+
+use super::config::AccountKind;
+use std::fmt;
+
+/// Whether an authorization refusal was for a subscribe or a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Subscribe,
+    Publish,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionError {
+    /// The broker could not be reached, or the connection broke (TLS, DNS, refused, WebSocket).
+    Connect(String),
+    /// The broker refused the credentials.
+    Authentication { username: String, reason: String },
+    /// A subscribe or publish outside the account's scope.
+    Authorization {
+        action: Action,
+        topic: String,
+        account: String,
+        kind: AccountKind,
+        how: String,
+    },
+    /// An operation did not finish in time.
+    Timeout(String),
+    /// The session was closed.
+    Closed,
+}
+
+impl SessionError {
+    /// The scope rule of an account kind, quoted from Capture's MQTT page.
+    pub fn scope_rule(kind: AccountKind) -> &'static str {
+        match kind {
+            AccountKind::User => {
+                "a user account may subscribe to its company's raw tree (v1/raw/<Company>/..., the company \
+                 named exactly) and publish commands to v1/sources/<SourceID>/cmd/writedata of its company's sources"
+            }
+            AccountKind::Source => {
+                "a source account can only publish and subscribe within its own v1/sources/<SourceID>/... \
+                 subtree; it cannot access other sources or the raw tree"
+            }
+            AccountKind::Unknown => "check the account's access rules (ACL) on the broker",
+        }
+    }
+}
+
+impl fmt::Display for SessionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SessionError::Connect(reason) => f.write_str(reason),
+            SessionError::Authentication { username, reason } => write!(
+                f,
+                "the broker refused the credentials of {username:?} ({reason}); check the username and \
+                 password, or fetch a fresh token"
+            ),
+            SessionError::Authorization {
+                action,
+                topic,
+                account,
+                kind,
+                how,
+            } => {
+                let verb = match action {
+                    Action::Subscribe => "subscribe to",
+                    Action::Publish => "publish to",
+                };
+                let who = match kind {
+                    AccountKind::User => format!("user account {account:?}"),
+                    AccountKind::Source => format!("source account {account:?}"),
+                    AccountKind::Unknown => format!("account {account:?}"),
+                };
+                write!(
+                    f,
+                    "not authorized to {verb} {topic:?} as {who} ({how}): {}",
+                    SessionError::scope_rule(*kind)
+                )
+            }
+            SessionError::Timeout(what) => f.write_str(what),
+            SessionError::Closed => f.write_str("the client is closed"),
+        }
+    }
+}
+
+impl std::error::Error for SessionError {}

@@ -1,0 +1,497 @@
+//! The MQTT session: a tokio task that owns rumqttc's event loop, connects (TCP, TLS, WebSocket),
+//! reconnects with backoff, re-subscribes, routes incoming messages to bounded subscription queues,
+//! tracks publish acknowledgements, and reports what happens as events. No Python here.
+//!
+//! Requests reach rumqttc through its channel; every request we send is recorded in `Book::fifo`, and
+//! the `Outgoing` events rumqttc emits (in request order) are matched against that record to learn
+//! which packet id carries which subscribe or publish. Before each reconnect the task takes rumqttc's
+//! `pending` requests itself, so that nothing is silently dropped when the broker has no session.
+
+pub mod config;
+mod driver;
+pub mod error;
+pub mod jwt;
+pub mod queue;
+pub mod tls;
+
+pub use config::{
+    AccountKind, Credentials, CredentialsFuture, CredentialsProvider, Protocol, Reconnect, Secret,
+    SessionConfig, StaticCredentials, TlsOptions, Transport,
+};
+pub use error::{Action, SessionError};
+pub use queue::{Overflow, Pop, Queue};
+
+use crate::payload::{Command, RawPoint};
+use bytes::Bytes;
+use rumqttc::{AsyncClient, EventLoop, QoS};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::runtime::Runtime;
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+
+/// The one tokio runtime every session runs on (two network threads).
+///
+/// # Panics
+/// When the operating system refuses to start its threads.
+pub fn runtime() -> &'static Runtime {
+    static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("capture-mqtt-net")
+            .enable_all()
+            .build()
+            .expect("the tokio runtime could not start")
+    })
+}
+
+/// Something that happened to the connection.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Connected { session_present: bool },
+    Disconnected { reason: String },
+    Reconnecting { attempt: u32, delay: Duration },
+    Closed,
+}
+
+/// How a subscription turns messages into items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decode {
+    /// Capture raw-tree points (`DataPoint`).
+    Raw,
+    /// Commands to a source (`Command`).
+    Command,
+    /// Plain MQTT messages, payload untouched.
+    Bytes,
+}
+
+/// A plain MQTT message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    pub received_at: i64,
+}
+
+/// What a subscription's consumer receives.
+#[derive(Debug)]
+pub enum Item {
+    Point {
+        point: RawPoint,
+        qos: u8,
+        retain: bool,
+    },
+    Command {
+        command: Command,
+        raw: Bytes,
+    },
+    Message(Message),
+    /// A message that could not be decoded: counted, and handed over with the reason.
+    Malformed {
+        message: Message,
+        reason: String,
+    },
+    /// The subscription failed (authorization); the queue ends after it.
+    Error(SessionError),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RouteState {
+    Pending,
+    Active,
+    Failed(SessionError),
+    Closed,
+}
+
+/// One subscription: its filter, its queue, and whether the broker granted it.
+#[derive(Debug)]
+pub struct Route {
+    pub id: u64,
+    pub filter: String,
+    pub qos: u8,
+    pub decode: Decode,
+    pub queue: Arc<Queue<Item>>,
+    state: Mutex<RouteState>,
+    settled: Notify,
+}
+
+impl Route {
+    fn state(&self) -> MutexGuard<'_, RouteState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    fn settle(&self, state: RouteState) {
+        *self.state() = state;
+        self.settled.notify_waiters();
+    }
+    /// Whether the broker has granted the subscription.
+    pub fn is_active(&self) -> bool {
+        *self.state() == RouteState::Active
+    }
+}
+
+/// A request sent into rumqttc's channel, waiting for its `Outgoing` event.
+#[derive(Debug)]
+enum Sent {
+    Publish {
+        id: u64,
+        qos: u8,
+        topic: String,
+        permit: Option<OwnedSemaphorePermit>,
+    },
+    Subscribe {
+        filters: Vec<String>,
+    },
+    Unsubscribe,
+    Disconnect,
+}
+
+/// A QoS 1/2 publish on the wire, waiting for its acknowledgement.
+#[derive(Debug)]
+struct InFlight {
+    id: u64,
+    on_wire: bool,
+    _permit: Option<OwnedSemaphorePermit>,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    fifo: VecDeque<Sent>,
+    /// Subscribes on the wire by packet id, with when they were sent.
+    subscribes: HashMap<u16, (Vec<String>, Instant)>,
+    inflight: HashMap<u16, VecDeque<InFlight>>,
+    acks: HashMap<u64, oneshot::Sender<Result<(), SessionError>>>,
+    /// The latest publish written, to attribute a disconnect right after it.
+    last_publish: Option<(Instant, u64, String)>,
+}
+
+/// Counters of a session, readable at any time.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub published: AtomicU64,
+    pub acknowledged: AtomicU64,
+    pub received: AtomicU64,
+    pub unrouted: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub events_dropped: AtomicU64,
+}
+
+/// Receives every event as it happens (it must not block: it runs on the network task).
+pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
+
+pub(crate) struct Shared {
+    config: SessionConfig,
+    sink: Option<EventSink>,
+    client: AsyncClient,
+    /// Makes "record in the book, then send into the channel" one step for concurrent callers.
+    send_lock: tokio::sync::Mutex<()>,
+    book: Mutex<Book>,
+    routes: Mutex<Vec<Arc<Route>>>,
+    pub events: Queue<Event>,
+    connected: AtomicBool,
+    closed: AtomicBool,
+    close_signal: Notify,
+    window: Arc<Semaphore>,
+    next_id: AtomicU64,
+    pub stats: Stats,
+}
+
+impl Shared {
+    fn book(&self) -> MutexGuard<'_, Book> {
+        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    fn routes(&self) -> MutexGuard<'_, Vec<Arc<Route>>> {
+        self.routes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    fn emit(&self, event: Event) {
+        if let Some(sink) = &self.sink {
+            sink(&event);
+        }
+        if self.events.len() >= self.events.capacity() {
+            self.stats.events_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        // Events never wait: the oldest is dropped when nobody reads them.
+        self.events.push_control_bounded(event);
+    }
+}
+
+/// The acknowledgement of one publish: resolves when the broker acknowledged it (QoS 1/2) or when it
+/// was written to the connection (QoS 0).
+#[derive(Debug)]
+pub struct PublishToken {
+    rx: oneshot::Receiver<Result<(), SessionError>>,
+}
+
+impl PublishToken {
+    pub async fn wait(self) -> Result<(), SessionError> {
+        self.rx.await.unwrap_or(Err(SessionError::Closed))
+    }
+}
+
+fn qos_of(level: u8) -> QoS {
+    match level {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// A session with one broker. Cheap to share between threads (`Arc` inside).
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+    eventloop: Arc<Mutex<Option<EventLoop>>>,
+    task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("address", &self.shared.config.address())
+            .field("connected", &self.is_connected())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Prepares a session; nothing touches the network until `connect`.
+    pub fn new(config: SessionConfig, sink: Option<EventSink>) -> Result<Session, SessionError> {
+        let (client, eventloop) = driver::build(&config)?;
+        let shared = Arc::new(Shared {
+            sink,
+            window: Arc::new(Semaphore::new(usize::from(config.inflight.max(1)))),
+            config,
+            client,
+            send_lock: tokio::sync::Mutex::new(()),
+            book: Mutex::new(Book::default()),
+            routes: Mutex::new(Vec::new()),
+            events: Queue::new(1024, Overflow::DropOldest),
+            connected: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            close_signal: Notify::new(),
+            next_id: AtomicU64::new(1),
+            stats: Stats::default(),
+        });
+        Ok(Session {
+            shared,
+            eventloop: Arc::new(Mutex::new(Some(eventloop))),
+            task: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        &self.shared.config
+    }
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Acquire)
+    }
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
+    }
+    /// Connection events, oldest first (the oldest are dropped past 1024 unread).
+    pub fn events(&self) -> &Queue<Event> {
+        &self.shared.events
+    }
+
+    /// Connects and waits for the broker's answer. Afterwards the session stays connected on its own
+    /// (reconnecting with backoff) until `close`.
+    pub async fn connect(&self) -> Result<(), SessionError> {
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        let eventloop = self
+            .eventloop
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .ok_or_else(|| {
+                SessionError::Connect("connect() was already called on this client".to_owned())
+            })?;
+        let (first_tx, first_rx) = oneshot::channel();
+        let handle = runtime().spawn(driver::run(Arc::clone(&self.shared), eventloop, first_tx));
+        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        match first_rx.await {
+            Ok(result) => result,
+            Err(_) => Err(SessionError::Closed),
+        }
+    }
+
+    /// Adds a subscription. When connected, the SUBSCRIBE is sent now and `wait_granted` tells the
+    /// broker's answer; before `connect` it is sent with the connection.
+    pub async fn subscribe(
+        &self,
+        filter: &str,
+        qos: u8,
+        decode: Decode,
+        capacity: usize,
+        overflow: Overflow,
+    ) -> Result<Arc<Route>, SessionError> {
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        let route = Arc::new(Route {
+            id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+            filter: filter.to_owned(),
+            qos: qos.min(2),
+            decode,
+            queue: Arc::new(Queue::new(capacity, overflow)),
+            state: Mutex::new(RouteState::Pending),
+            settled: Notify::new(),
+        });
+        self.shared.routes().push(Arc::clone(&route));
+        if self.is_connected() {
+            let _guard = self.shared.send_lock.lock().await;
+            self.shared.book().fifo.push_back(Sent::Subscribe {
+                filters: vec![route.filter.clone()],
+            });
+            if self
+                .shared
+                .client
+                .subscribe(route.filter.clone(), qos_of(route.qos))
+                .await
+                .is_err()
+            {
+                self.shared.book().fifo.pop_back();
+                return Err(SessionError::Closed);
+            }
+        }
+        Ok(route)
+    }
+
+    /// Waits until the broker granted `route` (Ok) or refused it (Err), up to `timeout`.
+    pub async fn wait_granted(&self, route: &Route, timeout: Duration) -> Result<(), SessionError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let settled = route.settled.notified();
+            match route.state().clone() {
+                RouteState::Active => return Ok(()),
+                RouteState::Failed(err) => return Err(err),
+                RouteState::Closed => return Err(SessionError::Closed),
+                RouteState::Pending => {}
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return Err(SessionError::Timeout(format!(
+                    "the broker did not answer the subscription to {:?} within {:.1} s",
+                    route.filter,
+                    timeout.as_secs_f64()
+                )));
+            }
+        }
+    }
+
+    /// Ends a subscription: its queue closes, and the broker is told unless another subscription
+    /// uses the same filter.
+    pub async fn unsubscribe(&self, route: &Route) {
+        route.settle(RouteState::Closed);
+        route.queue.close();
+        let still_used = {
+            let mut routes = self.shared.routes();
+            routes.retain(|r| r.id != route.id);
+            routes.iter().any(|r| r.filter == route.filter)
+        };
+        if !still_used && self.is_connected() {
+            let _guard = self.shared.send_lock.lock().await;
+            self.shared.book().fifo.push_back(Sent::Unsubscribe);
+            if self
+                .shared
+                .client
+                .unsubscribe(route.filter.clone())
+                .await
+                .is_err()
+            {
+                self.shared.book().fifo.pop_back();
+            }
+        }
+    }
+
+    /// Publishes a message. Waits for room in the in-flight window (QoS 1/2) and in the request
+    /// channel; returns a token that resolves on the broker's acknowledgement.
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Bytes,
+        qos: u8,
+        retain: bool,
+    ) -> Result<PublishToken, SessionError> {
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        let qos = qos.min(2);
+        let permit = if qos > 0 {
+            Some(
+                Arc::clone(&self.shared.window)
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| SessionError::Closed)?,
+            )
+        } else {
+            None
+        };
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        let _guard = self.shared.send_lock.lock().await;
+        {
+            let mut book = self.shared.book();
+            book.acks.insert(id, tx);
+            book.fifo.push_back(Sent::Publish {
+                id,
+                qos,
+                topic: topic.clone(),
+                permit,
+            });
+        }
+        let sent = self
+            .shared
+            .client
+            .publish_bytes(topic, qos_of(qos), retain, payload)
+            .await;
+        if sent.is_err() {
+            let mut book = self.shared.book();
+            book.fifo.pop_back();
+            book.acks.remove(&id);
+            return Err(SessionError::Closed);
+        }
+        Ok(PublishToken { rx })
+    }
+
+    /// Closes the session: a clean DISCONNECT when connected, then the task ends, every queue ends
+    /// and waiting publishes fail with `Closed`. Returns within about `grace`.
+    pub async fn close(&self, grace: Duration) {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(mut task) = task {
+            if self.is_connected() {
+                if let Ok(_guard) =
+                    tokio::time::timeout(grace / 2, self.shared.send_lock.lock()).await
+                {
+                    self.shared.book().fifo.push_back(Sent::Disconnect);
+                    if self.shared.client.try_disconnect().is_err() {
+                        self.shared.book().fifo.pop_back();
+                    }
+                }
+            }
+            if tokio::time::timeout(grace, &mut task).await.is_err() {
+                self.shared.close_signal.notify_one();
+                if tokio::time::timeout(Duration::from_millis(200), &mut task)
+                    .await
+                    .is_err()
+                {
+                    task.abort();
+                }
+            }
+        }
+        driver::finish(&self.shared);
+    }
+}

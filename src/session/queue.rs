@@ -1,0 +1,342 @@
+//! A bounded queue between the network task and a consumer, with an overflow policy and counters.
+//!
+//! The network task pushes (awaiting space under `Block`); consumers pop from any thread, blocking
+//! with a timeout, or await readiness from async code.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// What to do when a queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    /// Wait for the consumer: the network task stops reading, which pushes back on the broker.
+    Block,
+    /// Drop the oldest queued item to make room (counted).
+    DropOldest,
+    /// Drop the arriving item (counted).
+    DropNewest,
+}
+
+impl Overflow {
+    pub fn parse(name: &str) -> Option<Overflow> {
+        match name {
+            "block" => Some(Overflow::Block),
+            "drop_oldest" => Some(Overflow::DropOldest),
+            "drop_newest" => Some(Overflow::DropNewest),
+            _ => None,
+        }
+    }
+}
+
+/// Counters a consumer can read at any time.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub delivered: AtomicU64,
+    pub dropped: AtomicU64,
+    pub malformed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Inner<T> {
+    items: VecDeque<T>,
+    closed: bool,
+}
+
+/// The result of waiting for an item.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pop<T> {
+    Item(T),
+    Timeout,
+    Closed,
+}
+
+#[derive(Debug)]
+pub struct Queue<T> {
+    inner: Mutex<Inner<T>>,
+    readable: Condvar,
+    async_readable: Notify,
+    space: Notify,
+    capacity: usize,
+    overflow: Overflow,
+    pub counters: Counters,
+}
+
+impl<T> Queue<T> {
+    pub fn new(capacity: usize, overflow: Overflow) -> Self {
+        Queue {
+            inner: Mutex::new(Inner {
+                items: VecDeque::with_capacity(capacity.min(4096)),
+                closed: false,
+            }),
+            readable: Condvar::new(),
+            async_readable: Notify::new(),
+            space: Notify::new(),
+            capacity: capacity.max(1),
+            overflow,
+            counters: Counters::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner<T>> {
+        // A panic while holding this lock cannot leave the deque inconsistent; keep going.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    pub fn overflow(&self) -> Overflow {
+        self.overflow
+    }
+    pub fn len(&self) -> usize {
+        self.lock().items.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    fn wake_consumers(&self) {
+        self.readable.notify_all();
+        self.async_readable.notify_waiters();
+        self.async_readable.notify_one();
+    }
+
+    /// Adds an item under the queue's overflow policy; under `Block` it waits for room.
+    /// Returns false when the item was not queued (dropped, or the queue is closed).
+    pub async fn push(&self, item: T) -> bool {
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        let mut item = Some(item);
+        loop {
+            let waiter = self.space.notified();
+            {
+                let mut inner = self.lock();
+                if inner.closed {
+                    return false;
+                }
+                if inner.items.len() < self.capacity {
+                    inner.items.extend(item.take());
+                    drop(inner);
+                    self.wake_consumers();
+                    return true;
+                }
+                match self.overflow {
+                    Overflow::DropNewest => {
+                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        return false;
+                    }
+                    Overflow::DropOldest => {
+                        inner.items.pop_front();
+                        inner.items.extend(item.take());
+                        self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        drop(inner);
+                        self.wake_consumers();
+                        return true;
+                    }
+                    Overflow::Block => {}
+                }
+            }
+            waiter.await;
+        }
+    }
+
+    /// Adds an item now, beyond the capacity if need be: for rare control items (errors, the end).
+    pub fn push_control(&self, item: T) {
+        let mut inner = self.lock();
+        if !inner.closed {
+            inner.items.push_back(item);
+        }
+        drop(inner);
+        self.wake_consumers();
+    }
+
+    fn took(&self, count: usize) {
+        if count > 0 {
+            self.counters
+                .delivered
+                .fetch_add(count as u64, Ordering::Relaxed);
+            self.space.notify_waiters();
+            self.space.notify_one();
+        }
+    }
+
+    /// Adds an item now without waiting, dropping the oldest when full (for logs and events).
+    pub fn push_control_bounded(&self, item: T) {
+        let mut inner = self.lock();
+        if inner.closed {
+            return;
+        }
+        if inner.items.len() >= self.capacity {
+            inner.items.pop_front();
+            self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        inner.items.push_back(item);
+        drop(inner);
+        self.wake_consumers();
+    }
+
+    /// Takes the next item without waiting.
+    pub fn try_pop(&self) -> Pop<T> {
+        let mut inner = self.lock();
+        if let Some(item) = inner.items.pop_front() {
+            drop(inner);
+            self.took(1);
+            return Pop::Item(item);
+        }
+        if inner.closed {
+            Pop::Closed
+        } else {
+            Pop::Timeout
+        }
+    }
+
+    /// Waits up to `timeout` (forever with `None`) for the next item. Items queued before `close`
+    /// are still delivered; `Closed` comes after them.
+    pub fn pop_wait(&self, timeout: Option<Duration>) -> Pop<T> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut inner = self.lock();
+        loop {
+            if let Some(item) = inner.items.pop_front() {
+                drop(inner);
+                self.took(1);
+                return Pop::Item(item);
+            }
+            if inner.closed {
+                return Pop::Closed;
+            }
+            match deadline {
+                None => {
+                    inner = self
+                        .readable
+                        .wait(inner)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                }
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Pop::Timeout;
+                    }
+                    inner = self
+                        .readable
+                        .wait_timeout(inner, deadline - now)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .0;
+                }
+            }
+        }
+    }
+
+    /// Takes up to `max` items that are queued now, without waiting.
+    pub fn drain(&self, max: usize) -> Vec<T> {
+        let mut inner = self.lock();
+        let count = max.min(inner.items.len());
+        let items: Vec<T> = inner.items.drain(..count).collect();
+        drop(inner);
+        self.took(items.len());
+        items
+    }
+
+    /// Waits until an item is queued or the queue is closed (for async consumers).
+    pub async fn readable(&self) {
+        loop {
+            let waiter = self.async_readable.notified();
+            {
+                let inner = self.lock();
+                if !inner.items.is_empty() || inner.closed {
+                    return;
+                }
+            }
+            waiter.await;
+        }
+    }
+
+    /// Ends the queue: producers stop, consumers get what is left and then `Closed`.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.wake_consumers();
+        self.space.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn drop_policies_count_exactly() {
+        rt().block_on(async {
+            let newest = Queue::new(3, Overflow::DropNewest);
+            let oldest = Queue::new(3, Overflow::DropOldest);
+            for i in 0..10 {
+                newest.push(i).await;
+                oldest.push(i).await;
+            }
+            assert_eq!(newest.drain(10), vec![0, 1, 2]);
+            assert_eq!(oldest.drain(10), vec![7, 8, 9]);
+            assert_eq!(newest.counters.dropped.load(Ordering::Relaxed), 7);
+            assert_eq!(oldest.counters.dropped.load(Ordering::Relaxed), 7);
+            assert_eq!(oldest.counters.received.load(Ordering::Relaxed), 10);
+            assert_eq!(oldest.counters.delivered.load(Ordering::Relaxed), 3);
+        });
+    }
+
+    #[test]
+    fn block_waits_for_the_consumer_and_loses_nothing() {
+        let queue = Arc::new(Queue::new(2, Overflow::Block));
+        let consumer = {
+            let queue = Arc::clone(&queue);
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                loop {
+                    match queue.pop_wait(Some(Duration::from_secs(5))) {
+                        Pop::Item(i) => got.push(i),
+                        Pop::Closed => return got,
+                        Pop::Timeout => panic!("timed out"),
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        rt().block_on(async {
+            for i in 0..200 {
+                assert!(queue.push(i).await);
+                assert!(queue.len() <= 2);
+            }
+        });
+        queue.close();
+        assert_eq!(consumer.join().unwrap(), (0..200).collect::<Vec<_>>());
+        assert_eq!(queue.counters.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn close_delivers_what_is_left_then_closed() {
+        let queue = Queue::new(4, Overflow::Block);
+        rt().block_on(async {
+            queue.push(1).await;
+        });
+        queue.close();
+        assert_eq!(queue.pop_wait(None), Pop::Item(1));
+        assert_eq!(queue.pop_wait(None), Pop::Closed);
+        assert_eq!(queue.try_pop(), Pop::Closed);
+        assert_eq!(
+            Queue::<u8>::new(1, Overflow::Block).pop_wait(Some(Duration::from_millis(10))),
+            Pop::Timeout
+        );
+    }
+}
