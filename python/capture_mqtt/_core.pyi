@@ -1,13 +1,24 @@
 """Typed stubs of the native module ``capture_mqtt._core`` (checked against it by mypy.stubtest)."""
 
+from collections.abc import Awaitable
 from datetime import datetime
 from typing import Any, Final, Literal, TypeAlias, final
 
 __all__ = [
     "Command",
     "DataPoint",
+    "MalformedMessage",
+    "Message",
     "TopicInfo",
+    "_PublishHandle",
+    "_Session",
+    "_Subscription",
+    "_TokenRequest",
     "__version__",
+    "_jwt_expiry",
+    "_logs_dropped",
+    "_next_logs",
+    "_now_ns",
     "command_payload",
     "command_topic",
     "data_topic",
@@ -133,3 +144,119 @@ def command_payload(
     mapping: str | None = None,
     data_as: Literal["string", "json"] = "string",
 ) -> bytes: ...
+
+@final
+class Message:
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def qos(self) -> int: ...
+    @property
+    def retain(self) -> bool: ...
+
+@final
+class MalformedMessage:
+    @property
+    def topic(self) -> str: ...
+    @property
+    def payload(self) -> bytes: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def received_at_ns(self) -> int: ...
+
+@final
+class _TokenRequest:
+    def reply(self, token: str) -> None: ...
+    def fail(self, reason: str) -> None: ...
+
+_EventTuple: TypeAlias = tuple[str, bool | None, str | None, int | None, float | None]
+
+@final
+class _PublishHandle:
+    def wait(self, timeout: float) -> None: ...
+
+@final
+class _Subscription:
+    @property
+    def filter(self) -> str: ...
+    @property
+    def qos(self) -> int: ...
+    @property
+    def is_active(self) -> bool: ...
+    @property
+    def is_closed(self) -> bool: ...
+    def get(self, timeout: float | None = None) -> Any: ...
+    def drain(self, max_items: int) -> list[Any]: ...
+    def readable(self) -> Awaitable[None]: ...
+    def stats(self) -> dict[str, int]: ...
+    def close(self) -> None: ...
+
+@final
+class _Session:
+    def __new__(
+        cls,
+        host: str,
+        *,
+        transport: str,
+        port: int,
+        path: str,
+        ca_pem: list[bytes],
+        tls_insecure: bool,
+        client_id: str,
+        clean_session: bool,
+        keepalive: float,
+        reconnect: bool,
+        min_delay: float,
+        max_delay: float,
+        jitter: float,
+        connect_timeout: float,
+        protocol: int,
+        username: str | None,
+        password: str | None,
+        token_callable: bool,
+        account_kind: str,
+        max_packet_size: int,
+        inflight: int,
+    ) -> _Session: ...
+    def connect(self) -> None: ...
+    def connect_async(self) -> Awaitable[None]: ...
+    def close(self, grace: float) -> None: ...
+    @property
+    def is_connected(self) -> bool: ...
+    @property
+    def is_closed(self) -> bool: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def client_id(self) -> str: ...
+    def stats(self) -> dict[str, int]: ...
+    def next_job(self, timeout: float) -> tuple[str, Any] | None: ...
+    def subscribe(
+        self,
+        filter: str,
+        *,
+        qos: int,
+        decode: str,
+        queue_size: int,
+        overflow: str,
+        wait: bool,
+        timeout: float,
+    ) -> _Subscription: ...
+    def publish(
+        self,
+        topic: str,
+        payload: _Payload,
+        *,
+        qos: int,
+        retain: bool,
+        wait: bool,
+        timeout: float,
+    ) -> _PublishHandle | None: ...
+
+def _jwt_expiry(token: str) -> int | None: ...
+def _now_ns() -> int: ...
+def _next_logs(timeout: float) -> list[tuple[int, str, str]]: ...
+def _logs_dropped() -> int: ...

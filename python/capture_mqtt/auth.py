@@ -127,7 +127,7 @@ def fetch_jwt(username: str, password: str, base_url: str = DEFAULT_PORTAL, *, t
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
-            token = response.read().decode().strip()
+            token = str(response.read().decode()).strip()
     except urllib.error.HTTPError as err:
         if err.code in (400, 401, 403):
             raise AuthenticationError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
+import functools
 import logging
 import os
 import threading
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, TypeAlias
 
 from . import _core
 from .auth import Auth
@@ -35,8 +36,8 @@ __all__ = [
 
 log = logging.getLogger("capture_mqtt")
 
-Transport = Literal["mqtts", "wss", "mqtt", "ws"]
-Overflow = Literal["block", "drop_oldest", "drop_newest"]
+Transport: TypeAlias = Literal["mqtts", "wss", "mqtt", "ws"]
+Overflow: TypeAlias = Literal["block", "drop_oldest", "drop_newest"]
 DEFAULT_PORTS = {"mqtts": 8883, "wss": 443, "mqtt": 1883, "ws": 80}
 DEFAULT_QUEUE_SIZE = 10_000
 
@@ -295,6 +296,7 @@ class _BaseClient:
     def _native_subscribe(
         self,
         filter: str,
+        *,
         qos: int,
         decode: str,
         queue_size: int,
@@ -481,7 +483,9 @@ class Client(_BaseClient):
         >>> cm.Client.subscribe.__name__
         'subscribe'
         """
-        native = self._native_subscribe(filter, qos, decode, queue_size, overflow, timeout)
+        native = self._native_subscribe(
+            filter, qos=qos, decode=decode, queue_size=queue_size, overflow=overflow, timeout=timeout
+        )
         return Subscription(native, callback=callback, on_malformed=on_malformed, on_error=on_error)
 
     def subscribe_raw(
@@ -614,7 +618,16 @@ class AsyncClient(_BaseClient):
         >>> cm.AsyncClient.subscribe.__name__
         'subscribe'
         """
-        native = await asyncio.to_thread(self._native_subscribe, filter, qos, decode, queue_size, overflow, timeout)
+        subscribe = functools.partial(
+            self._native_subscribe,
+            filter,
+            qos=qos,
+            decode=decode,
+            queue_size=queue_size,
+            overflow=overflow,
+            timeout=timeout,
+        )
+        native = await asyncio.to_thread(subscribe)
         return AsyncSubscription(native, on_malformed=on_malformed)
 
     async def subscribe_raw(

@@ -77,19 +77,42 @@ class ConnectError(CaptureError, ConnectionError):
 class AuthenticationError(ConnectError):
     """The broker refused the credentials (wrong password, expired token, unknown account).
 
+    ``username`` names the account; the secret never appears in the message.
+
     >>> import capture_mqtt as cm
     >>> issubclass(cm.AuthenticationError, cm.ConnectError)
     True
     """
 
+    def __init__(self, message: str, *, username: str | None = None) -> None:
+        super().__init__(message)
+        self.username = username
+
 
 class AuthorizationError(CaptureError, PermissionError):
-    """A subscribe or publish outside the account's scope (Capture disconnects for these).
+    """A subscribe or publish outside the account's scope. Capture disconnects for these, Mosquitto's
+    dynamic security answers SUBACK 0x80, MQTT 5 brokers a reason code: all become this error.
+
+    ``topic`` is the filter or topic refused, ``action`` is ``"subscribe"`` or ``"publish"``, and
+    ``account_kind`` is ``"user"``, ``"source"`` or ``"unknown"``; the message quotes the scope rule.
 
     >>> import capture_mqtt as cm
     >>> issubclass(cm.AuthorizationError, PermissionError)
     True
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str | None = None,
+        action: str | None = None,
+        account_kind: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.action = action
+        self.account_kind = account_kind
 
 
 class TimeoutError(CaptureError, builtins.TimeoutError):  # noqa: A001 - the documented public name

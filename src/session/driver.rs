@@ -448,6 +448,26 @@ fn refresh_credentials_error(shared: &Shared, reason: &str) -> SessionError {
     }
 }
 
+fn on_connack(
+    shared: &Shared,
+    eventloop: &mut EventLoop,
+    carried: VecDeque<Request>,
+    session_present: bool,
+    first: Option<oneshot::Sender<Result<(), SessionError>>>,
+) {
+    requeue(shared, eventloop, carried, session_present);
+    shared.connected.store(true, Ordering::Release);
+    log::info!(
+        "connected to {} as {:?} (session present: {session_present})",
+        shared.config.address(),
+        shared.config.client_id,
+    );
+    shared.emit(Event::Connected { session_present });
+    if let Some(first) = first {
+        let _ = first.send(Ok(()));
+    }
+}
+
 /// The session's task. Reports the first connection's outcome through `first`, then keeps the
 /// connection up until closed.
 pub(super) async fn run(
@@ -494,25 +514,14 @@ pub(super) async fn run(
             Ok(rumqttc::Event::Incoming(incoming)) => match incoming {
                 Incoming::ConnAck(ack) => {
                     attempt = 0;
-                    requeue(
+                    let carried = std::mem::take(&mut carried);
+                    on_connack(
                         &shared,
                         &mut eventloop,
-                        std::mem::take(&mut carried),
+                        carried,
                         ack.session_present,
+                        first.take(),
                     );
-                    shared.connected.store(true, Ordering::Release);
-                    log::info!(
-                        "connected to {} as {:?} (session present: {})",
-                        shared.config.address(),
-                        shared.config.client_id,
-                        ack.session_present
-                    );
-                    shared.emit(Event::Connected {
-                        session_present: ack.session_present,
-                    });
-                    if let Some(first) = first.take() {
-                        let _ = first.send(Ok(()));
-                    }
                 }
                 Incoming::Publish(publish) => route_publish(&shared, publish).await,
                 Incoming::PubAck(ack) => on_acked(&shared, ack.pkid),

@@ -7,6 +7,6 @@
 
 from __future__ import annotations
 
-from .mosquitto import Account, Mosquitto, MosquittoNotFound, free_port
+from .mosquitto import Account, Mosquitto, MosquittoNotFoundError, free_port
 
-__all__ = ["Account", "Mosquitto", "MosquittoNotFound", "free_port"]
+__all__ = ["Account", "Mosquitto", "MosquittoNotFoundError", "free_port"]

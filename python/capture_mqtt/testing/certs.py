@@ -71,9 +71,13 @@ def make_tls(
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
             names.append(x509.DNSName(host))
-    start, end = (now - dt.timedelta(days=10), now - dt.timedelta(days=1)) if expired else (
-        now - dt.timedelta(days=1),
-        now + dt.timedelta(days=valid_days),
+    start, end = (
+        (now - dt.timedelta(days=10), now - dt.timedelta(days=1))
+        if expired
+        else (
+            now - dt.timedelta(days=1),
+            now + dt.timedelta(days=valid_days),
+        )
     )
     cert = (
         x509.CertificateBuilder()

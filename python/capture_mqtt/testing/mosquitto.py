@@ -23,17 +23,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Literal, Self, TypeAlias
 
 from .certs import TlsFiles, make_tls
 
-__all__ = ["Account", "Mosquitto", "MosquittoNotFound", "free_port"]
+__all__ = ["Account", "Mosquitto", "MosquittoNotFoundError", "free_port"]
 
 DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
-Access = Literal["read", "write", "readwrite"]
+Access: TypeAlias = Literal["read", "write", "readwrite"]
 
 
-class MosquittoNotFound(RuntimeError):
+class MosquittoNotFoundError(RuntimeError):
     """Mosquitto is not installed (or not on the PATH)."""
 
 
@@ -59,7 +59,7 @@ def find_mosquitto() -> str:
     for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
         if candidate and os.access(candidate, os.X_OK):
             return candidate
-    raise MosquittoNotFound(
+    raise MosquittoNotFoundError(
         "Mosquitto is not installed: on Debian or Ubuntu run `sudo apt-get install mosquitto mosquitto-clients` "
         "(or `make test`, which installs it), on macOS `brew install mosquitto`"
     )
@@ -156,7 +156,13 @@ class Mosquitto:
             lines += ["", f"listener {self.mqtts_port} {self.host}", *tls_lines]
         if self.wss_port:
             # Without socket_domain, Debian's Mosquitto binds a WebSocket listener on every interface.
-            lines += ["", f"listener {self.wss_port} {self.host}", "protocol websockets", "socket_domain ipv4", *tls_lines]
+            lines += [
+                "",
+                f"listener {self.wss_port} {self.host}",
+                "protocol websockets",
+                "socket_domain ipv4",
+                *tls_lines,
+            ]
         if self.ws_port:
             lines += ["", f"listener {self.ws_port} {self.host}", "protocol websockets", "socket_domain ipv4"]
         lines += ["", self.extra_config]

@@ -1,0 +1,79 @@
+"""Shared fixtures: real Mosquitto brokers with Capture-like accounts, and Capture's disconnect shape."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+import capture_mqtt as cm
+from capture_mqtt.testing import Account, Mosquitto
+
+from .fakebroker import FakeCapture
+
+COMPANY = "AcmeCorp"
+SOURCE_ID = "5b0f2c1e-6d1a-4c55-9d64-2f3f4b6c7a10"
+API_TOKEN_ID = str(uuid.UUID("6f1c7e0e-1234-4000-8000-0000000000aa"))
+PASSWORDS = {
+    "alice": "alice-Secr3t!",
+    API_TOKEN_ID: "tok3n-Secr3t!",
+    "pipeline": "pipe-Secr3t!",
+    SOURCE_ID: "src-Secr3t!",
+}
+USER_ACL: list[Any] = [("read", f"v1/raw/{COMPANY}/#"), ("write", "v1/sources/+/cmd/writedata")]
+
+
+def capture_accounts() -> list[Account]:
+    """Accounts with Capture's scopes: users read their company's raw tree and write commands; a
+    source reads and writes its own subtree; the pipeline plays Capture's server side."""
+    return [
+        Account("alice", PASSWORDS["alice"], USER_ACL),
+        Account(API_TOKEN_ID, PASSWORDS[API_TOKEN_ID], USER_ACL),
+        Account("pipeline", PASSWORDS["pipeline"], [("readwrite", "#")]),
+        Account(SOURCE_ID, PASSWORDS[SOURCE_ID], [("readwrite", f"v1/sources/{SOURCE_ID}/#")]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[Mosquitto]:
+    """A Mosquitto with a password file and an ACL file, shared by a test module."""
+    with Mosquitto(accounts=capture_accounts()) as running:
+        yield running
+
+
+@pytest.fixture
+def fresh_broker() -> Iterator[Mosquitto]:
+    """A Mosquitto of its own, for tests that kill, pause or reconfigure it."""
+    with Mosquitto(accounts=capture_accounts()) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def dynsec_broker() -> Iterator[Mosquitto]:
+    """A Mosquitto with the dynamic-security plugin: denied subscriptions get SUBACK 0x80."""
+    with Mosquitto(accounts=capture_accounts(), dynsec=True, tls=False, websockets=False) as running:
+        yield running
+
+
+@pytest.fixture
+def fake_capture() -> Iterator[FakeCapture]:
+    """A scripted broker that drops the connection on an out-of-scope request, as Capture does."""
+    fake = FakeCapture()
+    yield fake
+    fake.close()
+
+
+def connect(broker: Mosquitto, username: str = "alice", **options: Any) -> cm.Client:
+    """A connected plain-MQTT client for `username` on `broker`."""
+    options.setdefault("company", COMPANY)
+    options.setdefault("connect_timeout", 5.0)
+    return cm.Client(
+        broker.host,
+        transport="mqtt",
+        port=broker.mqtt_port,
+        username=username,
+        password=PASSWORDS[username],
+        **options,
+    )

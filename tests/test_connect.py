@@ -1,0 +1,611 @@
+"""Connecting to a real Mosquitto: transports, TLS, the three ways to authenticate, clear errors,
+authorization in its three shapes, reconnects and resubscribing, persistent sessions, events, logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+import capture_mqtt as cm
+from capture_mqtt.testing import Account, Mosquitto
+
+from .conftest import API_TOKEN_ID, COMPANY, PASSWORDS, SOURCE_ID, USER_ACL, capture_accounts, connect
+from .fakebroker import FakeCapture
+
+RAW_TOPIC = f"v1/raw/{COMPANY}/src-1/Conn/Monitoring/CPU_Temp"
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class Events:
+    """Collects a client's connection events."""
+
+    def __init__(self) -> None:
+        self.items: list[cm.ConnectionEvent] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, event: cm.ConnectionEvent) -> None:
+        with self._lock:
+            self.items.append(event)
+
+    def kinds(self) -> list[str]:
+        with self._lock:
+            return [e.kind for e in self.items]
+
+
+# Transports and TLS
+
+
+@pytest.mark.parametrize("transport", ["mqtt", "mqtts", "wss", "ws"])
+def test_every_transport_connects_and_carries_data(broker: Mosquitto, transport: str) -> None:
+    port = {"mqtt": broker.mqtt_port, "mqtts": broker.mqtts_port, "wss": broker.wss_port, "ws": broker.ws_port}
+    with (
+        cm.Client(
+            broker.host,
+            transport=transport,
+            port=port[transport],
+            username="alice",
+            password=PASSWORDS["alice"],
+            company=COMPANY,
+            ca_file=broker.ca_file,
+        ) as client,
+        connect(broker, "pipeline") as pipeline,
+    ):
+        assert client.is_connected
+        expected = f"{transport}://127.0.0.1:{port[transport]}" + ("/mqtt" if transport in ("ws", "wss") else "")
+        assert client.address == expected
+        with client.subscribe_raw() as sub:
+            pipeline.publish(RAW_TOPIC, cm.field_payload(55, tags={"MachineName": "M1"}), qos=1)
+            point = sub.get(timeout=5)
+            assert point is not None
+            assert (point.key, point.value, point.tags) == ("CPU_Temp", 55, {"MachineName": "M1"})
+
+
+def test_tls_with_ca_given_as_pem_text(broker: Mosquitto) -> None:
+    assert broker.tls is not None
+    with cm.Client(
+        broker.host,
+        port=broker.mqtts_port,
+        username="alice",
+        password=PASSWORDS["alice"],
+        ca_pem=broker.tls.ca_pem.decode(),
+    ) as client:
+        assert client.is_connected
+
+
+@pytest.mark.parametrize("transport", ["mqtts", "wss"])
+def test_tls_verifies_by_default(broker: Mosquitto, transport: str) -> None:
+    port = broker.mqtts_port if transport == "mqtts" else broker.wss_port
+    with pytest.raises(cm.ConnectError, match=r"(?i)certificate|UnknownIssuer") as info:
+        cm.Client(
+            broker.host,
+            transport=transport,
+            port=port,
+            username="alice",
+            password=PASSWORDS["alice"],
+            reconnect=False,
+        )
+    assert PASSWORDS["alice"] not in str(info.value)
+
+
+def test_tls_checks_the_host_name(broker: Mosquitto) -> None:
+    # The certificate names 127.0.0.1 and localhost, and the listener is on 127.0.0.1 only.
+    options: dict[str, Any] = {
+        "port": broker.mqtts_port,
+        "username": "alice",
+        "password": PASSWORDS["alice"],
+        "ca_file": broker.ca_file,
+        "connect_timeout": 3,
+    }
+    cm.Client("localhost", **options).close()
+    with pytest.raises(cm.ConnectError) as info:
+        cm.Client("127.0.0.2", **options)
+    text = str(info.value)
+    assert "127.0.0.2" in text
+    assert "NotValidForName" in text or "not valid for" in text or "refused" in text
+
+
+def test_tls_insecure_connects_and_warns(broker: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="capture_mqtt")
+    with cm.Client(
+        broker.host,
+        port=broker.mqtts_port,
+        username="alice",
+        password=PASSWORDS["alice"],
+        tls_insecure=True,
+    ) as client:
+        assert client.is_connected
+    wait_until(lambda: any("verification is OFF" in r.getMessage() for r in caplog.records), what="the warning")
+
+
+def test_expired_certificate_is_refused(tmp_path: Any) -> None:
+    from capture_mqtt.testing.certs import make_tls
+
+    broker = Mosquitto(accounts=capture_accounts(), websockets=False)
+    expired = make_tls(expired=True)
+    (broker.workdir / "server.pem").write_bytes(expired.cert_pem)
+    (broker.workdir / "server.key").write_bytes(expired.key_pem)
+    broker.ca_file.write_bytes(expired.ca_pem)
+    with broker, pytest.raises(cm.ConnectError, match=r"(?i)expired|certificate"):
+        cm.Client(broker.host, port=broker.mqtts_port, username="alice", password="x", ca_file=broker.ca_file)
+
+
+# Clear connection errors
+
+
+def test_refused_port_is_a_connect_error() -> None:
+    from capture_mqtt.testing import free_port
+
+    port = free_port()
+    with pytest.raises(cm.ConnectError, match=rf"connection refused by mqtt://127.0.0.1:{port}"):
+        cm.Client("127.0.0.1", transport="mqtt", port=port)
+
+
+def test_unknown_host_is_a_connect_error() -> None:
+    with pytest.raises((cm.ConnectError, cm.TimeoutError)) as info:
+        cm.Client("no-such-host.invalid", transport="mqtt", port=1883, connect_timeout=5)
+    assert "no-such-host.invalid" in str(info.value)
+
+
+def test_timeout_is_a_timeout_error() -> None:
+    import socket
+
+    # A listener that never answers the TLS handshake / CONNECT.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        with pytest.raises(cm.TimeoutError, match="connect timeout"):
+            cm.Client("127.0.0.1", transport="mqtt", port=port, connect_timeout=1)
+        assert time.monotonic() - started < 5
+
+
+def test_bad_password_is_an_authentication_error_without_the_secret(broker: Mosquitto) -> None:
+    secret = "definitely-Wr0ng-secret"
+    with pytest.raises(cm.AuthenticationError) as info:
+        cm.Client(broker.host, transport="mqtt", port=broker.mqtt_port, username="alice", password=secret)
+    assert info.value.username == "alice"
+    assert "alice" in str(info.value)
+    assert secret not in str(info.value)
+    assert secret not in repr(info.value)
+    assert isinstance(info.value, cm.ConnectError)
+
+
+# The three ways to authenticate
+
+
+def test_api_token_authenticates_as_a_user(broker: Mosquitto) -> None:
+    auth = cm.Auth.api_token(API_TOKEN_ID, PASSWORDS[API_TOKEN_ID])
+    with (
+        cm.Client(broker.host, transport="mqtt", port=broker.mqtt_port, auth=auth, company=COMPANY) as client,
+        client.subscribe_raw() as sub,
+        connect(broker, "pipeline") as pipeline,
+    ):
+        pipeline.publish(RAW_TOPIC, cm.field_payload(1), qos=1)
+        assert sub.get(timeout=5) is not None
+    assert PASSWORDS[API_TOKEN_ID] not in repr(auth)
+
+
+def test_jwt_string_and_callable(fresh_broker: Mosquitto) -> None:
+    # Mosquitto stands in for Capture: the "JWT" is the password it knows for the user.
+    tokens = ["jwt-one"]
+    fresh_broker.accounts.append(Account("bob", tokens[0], USER_ACL))
+    fresh_broker.write_accounts()
+    fresh_broker.reload()
+    with cm.Client(
+        fresh_broker.host, transport="mqtt", port=fresh_broker.mqtt_port, auth=cm.Auth.jwt("bob", "jwt-one")
+    ) as client:
+        assert client.is_connected
+
+    calls: list[str] = []
+
+    def provider() -> str:
+        calls.append(tokens[0])
+        return tokens[0]
+
+    events = Events()
+    client = cm.Client(
+        fresh_broker.host,
+        transport="mqtt",
+        port=fresh_broker.mqtt_port,
+        auth=cm.Auth.jwt("bob", provider),
+        reconnect=cm.Reconnect(min_delay=0.05, max_delay=0.2),
+        on_event=events,
+    )
+    with client:
+        assert calls == ["jwt-one"]
+        # The token "expires": the broker now only knows a new one, and the provider returns it.
+        tokens[0] = "jwt-two"
+        fresh_broker.accounts[-1] = Account("bob", "jwt-two", USER_ACL)
+        fresh_broker.write_accounts()
+        fresh_broker.restart()
+        wait_until(lambda: events.kinds().count("connected") >= 2, what="a reconnect with the new token")
+        assert calls[-1] == "jwt-two"
+        assert client.is_connected
+
+
+def test_jwt_callable_failure_is_reported_without_secret(broker: Mosquitto) -> None:
+    def broken() -> str:
+        raise RuntimeError("portal down")
+
+    with pytest.raises(cm.AuthenticationError, match="token callable raised RuntimeError"):
+        cm.Client(broker.host, transport="mqtt", port=broker.mqtt_port, auth=cm.Auth.jwt("bob", broken))
+
+
+def test_fetch_jwt_posts_to_capture_auth_api() -> None:
+    import http.server
+
+    seen: dict[str, Any] = {}
+
+    class Portal(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            seen["path"] = self.path
+            seen["headers"] = {k.lower(): v for k, v in self.headers.items()}
+            seen["body"] = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            ok = seen["body"]["Password"] == "right"
+            self.send_response(200 if ok else 401)
+            self.end_headers()
+            if ok:
+                self.wfile.write(b"eyJhbGciOiJIUzI1NiJ9.eyJleHAiOjE3MzE2NzAwMDB9.c2ln")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Portal)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_port}"
+    try:
+        token = cm.fetch_jwt("alice", "right", base_url=base)
+        assert token.startswith("eyJ")
+        assert seen["path"] == "/Auth"
+        assert seen["headers"]["authversion"] == "V0.0.1"  # HTTP header names ignore case
+        assert seen["headers"]["content-type"] == "application/json"
+        assert seen["body"] == {"Username": "alice", "Password": "right"}
+        with pytest.raises(cm.AuthenticationError) as info:
+            cm.fetch_jwt("alice", "wrong-Secr3t", base_url=base)
+        assert "wrong-Secr3t" not in str(info.value)
+    finally:
+        server.shutdown()
+    with pytest.raises(cm.ConnectError):
+        cm.fetch_jwt("alice", "x", base_url=base, timeout=2)
+
+
+# Authorization: the three shapes
+
+
+def test_acl_file_shape_grants_and_delivers_nothing(broker: Mosquitto) -> None:
+    """Mosquitto's ACL file grants a denied subscription and delivers nothing: no false alarm."""
+    with (
+        connect(broker) as client,
+        connect(broker, "pipeline") as pipeline,
+        client.subscribe("v1/raw/OtherCorp/#") as denied,
+        client.subscribe_raw() as allowed,
+    ):
+        pipeline.publish("v1/raw/OtherCorp/s/c/m/k", cm.field_payload(1), qos=1)
+        pipeline.publish(RAW_TOPIC, cm.field_payload(2), qos=1)
+        assert allowed.get(timeout=5) is not None
+        assert denied.get(timeout=0.5) is None
+        assert client.is_connected
+
+
+def test_suback_failure_raises_authorization_error(dynsec_broker: Mosquitto) -> None:
+    with connect(dynsec_broker) as client:
+        with pytest.raises(cm.AuthorizationError) as info:
+            client.subscribe("v1/raw/OtherCorp/#")
+        err = info.value
+        assert err.topic == "v1/raw/OtherCorp/#"
+        assert err.action == "subscribe"
+        assert err.account_kind == "user"
+        assert "SUBACK 0x80" in str(err)
+        assert "user account" in str(err) and "raw tree" in str(err)
+        # The connection stays up and allowed subscriptions still work.
+        with client.subscribe_raw() as sub, connect(dynsec_broker, "pipeline") as pipeline:
+            pipeline.publish(RAW_TOPIC, cm.field_payload(3), qos=1)
+            assert sub.get(timeout=5) is not None
+
+
+def test_disconnect_after_subscribe_is_an_authorization_error(fake_capture: FakeCapture) -> None:
+    events = Events()
+    with cm.Client(
+        "127.0.0.1",
+        transport="mqtt",
+        port=fake_capture.port,
+        username="alice",
+        password="pw",
+        company=COMPANY,
+        reconnect=cm.Reconnect(min_delay=0.05, max_delay=0.2),
+        on_event=events,
+    ) as client:
+        kept = client.subscribe_raw()
+        with pytest.raises(cm.AuthorizationError) as info:
+            client.subscribe("v1/raw/OtherCorp/#")
+        assert "closed the connection right after the SUBSCRIBE" in str(info.value)
+        assert info.value.topic == "v1/raw/OtherCorp/#"
+        # It reconnects, re-subscribes what was allowed, and does not repeat the refused filter.
+        wait_until(lambda: fake_capture.connections >= 2 and client.is_connected, what="the reconnect")
+        wait_until(lambda: fake_capture.subscriptions.count(kept.filter) >= 2, what="the resubscribe")
+        time.sleep(0.5)
+        assert fake_capture.refused == ["v1/raw/OtherCorp/#"]
+        assert fake_capture.connections == 2
+        assert "disconnected" in events.kinds()
+
+
+def test_disconnect_after_publish_is_an_authorization_error(fake_capture: FakeCapture) -> None:
+    with cm.Client(
+        "127.0.0.1",
+        transport="mqtt",
+        port=fake_capture.port,
+        username=SOURCE_ID,
+        password="pw",
+        account_kind="source",
+        reconnect=cm.Reconnect(min_delay=0.05, max_delay=0.2),
+    ) as client:
+        client.publish(f"v1/raw/{COMPANY}/ok/c/m/k", b"{}", qos=1)
+        with pytest.raises(cm.AuthorizationError) as info:
+            client.publish("v1/sources/other-source/data/read/c/m", b"{}", qos=1)
+        assert "source account" in str(info.value)
+        assert "v1/sources/<SourceID>" in str(info.value)
+        wait_until(lambda: client.is_connected, what="the reconnect")
+        time.sleep(0.5)
+        assert fake_capture.refused == ["v1/sources/other-source/data/read/c/m"], "the refused publish is not re-sent"
+
+
+# Staying connected
+
+
+def test_reconnects_and_resubscribes_after_the_broker_restarts(fresh_broker: Mosquitto) -> None:
+    events = Events()
+    client = connect(fresh_broker, reconnect=cm.Reconnect(min_delay=0.05, max_delay=0.3), on_event=events)
+    with client, client.subscribe_raw(qos=1) as sub:
+        for _ in range(3):
+            events.items.clear()
+            fresh_broker.restart()
+            wait_until(lambda: client.is_connected and "connected" in events.kinds(), what="the reconnect")
+            assert "disconnected" in events.kinds()
+            with connect(fresh_broker, "pipeline") as pipeline:
+                wait_until(lambda: sub._native.is_active, what="the resubscribe")
+                pipeline.publish(RAW_TOPIC, cm.field_payload(7), qos=1)
+                point = sub.get(timeout=5)
+                assert point is not None and point.value == 7
+    wait_until(lambda: "closed" in events.kinds(), what="the closed event")
+
+
+def test_backoff_between_attempts_is_bounded(fresh_broker: Mosquitto) -> None:
+    events = Events()
+    client = connect(fresh_broker, reconnect=cm.Reconnect(min_delay=0.1, max_delay=0.4, jitter=0.0), on_event=events)
+    with client:
+        fresh_broker.stop()
+        wait_until(lambda: events.kinds().count("reconnecting") >= 5, timeout=15, what="five attempts")
+        delays = [e.delay for e in events.items if e.kind == "reconnecting"]
+        attempts = [e.attempt for e in events.items if e.kind == "reconnecting"]
+        assert attempts[:5] == [1, 2, 3, 4, 5]
+        assert delays[:5] == pytest.approx([0.1, 0.2, 0.4, 0.4, 0.4])
+        assert any(e.kind == "disconnected" and e.reason for e in events.items)
+        fresh_broker.start()
+        wait_until(lambda: client.is_connected, what="the reconnect")
+
+
+def test_reconnect_false_fails_fast(fresh_broker: Mosquitto) -> None:
+    events = Events()
+    client = connect(fresh_broker, reconnect=False, on_event=events)
+    sub = client.subscribe_raw()
+    fresh_broker.kill()
+    wait_until(lambda: "closed" in events.kinds(), what="the client to give up")
+    assert not client.is_connected
+    with pytest.raises(cm.ClosedError):
+        sub.get(timeout=1)
+    assert "reconnecting" not in events.kinds()
+    client.close()
+
+
+def test_persistent_session_delivers_what_arrived_while_away(fresh_broker: Mosquitto) -> None:
+    options: dict[str, Any] = {"client_id": "persistent-1", "clean_session": False}
+    first = connect(fresh_broker, connect=False, **options)
+    first.subscribe_raw(qos=1)
+    first.connect()
+    first.close()
+    with connect(fresh_broker, "pipeline") as pipeline:
+        for i in range(20):
+            pipeline.publish(RAW_TOPIC, cm.field_payload(i), qos=1)
+    # Declared before connecting, so that messages held by the broker are not missed.
+    second = connect(fresh_broker, connect=False, **options)
+    with second, second.subscribe_raw(qos=1) as sub:
+        second.connect()
+        values: list[Any] = []
+        while len(values) < 20:
+            point = sub.get(timeout=5)
+            assert point is not None, f"only {values} arrived"
+            values.append(point.value)
+        assert values == list(range(20))
+        assert second.stats["unrouted"] == 0
+
+
+def test_large_payloads_pass(broker: Mosquitto) -> None:
+    big = "x" * 1_000_000
+    with connect(broker) as client, client.subscribe_raw() as sub, connect(broker, "pipeline") as pipeline:
+        pipeline.publish(RAW_TOPIC, cm.field_payload(big), qos=1)
+        point = sub.get(timeout=10)
+        assert point is not None and point.value == big
+
+
+def test_keepalive_notices_a_stalled_broker(fresh_broker: Mosquitto) -> None:
+    events = Events()
+    client = connect(fresh_broker, keepalive=1, reconnect=cm.Reconnect(min_delay=0.1, max_delay=0.5), on_event=events)
+    with client:
+        fresh_broker.pause()
+        started = time.monotonic()
+        wait_until(lambda: "disconnected" in events.kinds(), timeout=10, what="the stall to be noticed")
+        noticed = time.monotonic() - started
+        fresh_broker.resume()
+        wait_until(lambda: client.is_connected, timeout=10, what="the reconnect")
+        assert noticed < 4, f"took {noticed:.1f} s with keepalive 1 s"
+
+
+# Lifecycle, events, logs, secrets
+
+
+def test_context_manager_and_close_are_deterministic(broker: Mosquitto) -> None:
+    before = threading.active_count()
+    for _ in range(5):
+        with connect(broker) as client:
+            assert client.is_connected
+        assert not client.is_connected
+        client.close()  # idempotent
+        with pytest.raises(cm.ClosedError):
+            client.connect()
+    wait_until(lambda: threading.active_count() <= before, what="the dispatcher threads to end")
+
+
+def test_events_and_is_connected(broker: Mosquitto) -> None:
+    events = Events()
+    client = connect(broker, on_event=events)
+    wait_until(lambda: "connected" in events.kinds(), what="the connected event")
+    assert events.items[0].session_present is False
+    client.close()
+    wait_until(lambda: events.kinds()[-1:] == ["closed"], what="the closed event")
+
+
+def test_rust_logs_reach_python_logging(broker: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="capture_mqtt")
+    with connect(broker):
+        wait_until(
+            lambda: any(
+                r.name == "capture_mqtt.session.driver" and "connected to" in r.getMessage() for r in caplog.records
+            ),
+            what="the connect log record",
+        )
+
+
+def test_secrets_never_show(broker: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="capture_mqtt")
+    secret = PASSWORDS["alice"]
+    client = connect(broker)
+    texts = [repr(client), str(client), repr(cm.Auth.password("alice", secret)), str(cm.Auth.jwt("a", secret))]
+    client.close()
+    with pytest.raises(cm.AuthenticationError) as info:
+        cm.Client(broker.host, transport="mqtt", port=broker.mqtt_port, username="alice", password=secret + "x")
+    texts += [str(info.value), repr(info.value)]
+    time.sleep(0.3)
+    texts += [r.getMessage() for r in caplog.records]
+    assert all(secret not in text for text in texts)
+
+
+def test_exit_with_open_clients_is_clean(broker: Mosquitto, tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    script = tmp_path / "leave_open.py"
+    script.write_text(
+        "import asyncio, sys, capture_mqtt as cm\n"
+        f"c = cm.Client('127.0.0.1', transport='mqtt', port={broker.mqtt_port}, username='alice',"
+        f" password={PASSWORDS['alice']!r}, company={COMPANY!r})\n"
+        "s = c.subscribe_raw(callback=print)\n"
+        f"a = cm.AsyncClient('127.0.0.1', transport='mqtt', port={broker.mqtt_port}, username='alice',"
+        f" password={PASSWORDS['alice']!r})\n"
+        "asyncio.run(a.connect())\n"
+        "print('open', c.is_connected, a.is_connected)\n"
+    )
+    for _ in range(20):
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=30, env=dict(os.environ), check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "open True True"
+        assert "Traceback" not in done.stderr and "panicked" not in done.stderr
+        assert time.monotonic() - started < 10
+
+
+def test_asyncio_client(broker: Mosquitto) -> None:
+    import asyncio
+
+    async def main() -> list[Any]:
+        async with cm.AsyncClient(
+            broker.host,
+            transport="mqtt",
+            port=broker.mqtt_port,
+            username="alice",
+            password=PASSWORDS["alice"],
+            company=COMPANY,
+        ) as client:
+            assert client.is_connected
+            sub = await client.subscribe_raw()
+            async with cm.AsyncClient(
+                broker.host,
+                transport="mqtt",
+                port=broker.mqtt_port,
+                username="pipeline",
+                password=PASSWORDS["pipeline"],
+            ) as pipeline:
+                for i in range(50):
+                    await pipeline.publish(RAW_TOPIC, cm.field_payload(i), qos=1)
+            got = []
+            async for point in sub:
+                got.append(point.value)
+                if len(got) == 50:
+                    break
+            await sub.close()
+            return got
+
+    assert asyncio.run(main()) == list(range(50))
+
+
+def test_from_url_and_from_env(broker: Mosquitto, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"mqtt://alice:{PASSWORDS['alice']}@127.0.0.1:{broker.mqtt_port}?company={COMPANY}"
+    with cm.Client.from_url(url) as client:
+        assert client.is_connected and client.company == COMPANY
+        assert PASSWORDS["alice"] not in repr(client)
+    monkeypatch.setenv("CAPTURE_MQTT_HOST", "127.0.0.1")
+    monkeypatch.setenv("CAPTURE_MQTT_PORT", str(broker.mqtt_port))
+    monkeypatch.setenv("CAPTURE_MQTT_TRANSPORT", "mqtt")
+    monkeypatch.setenv("CAPTURE_MQTT_USERNAME", "alice")
+    monkeypatch.setenv("CAPTURE_MQTT_PASSWORD", PASSWORDS["alice"])
+    monkeypatch.setenv("CAPTURE_MQTT_COMPANY", COMPANY)
+    with cm.Client.from_env() as client:
+        assert client.is_connected and client.company == COMPANY
+    monkeypatch.delenv("CAPTURE_MQTT_HOST")
+    with pytest.raises(ValueError, match="CAPTURE_MQTT_URL"):
+        cm.Client.from_env()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"transport": "http"}, "transport"),
+        ({"port": 70000}, "port"),
+        ({"protocol": 4}, "protocol"),
+        ({"keepalive": 0}, "keepalive"),
+        ({"clean_session": False}, "client_id"),
+        ({"username": "alice"}, "password"),
+        ({"company": "Acme/Corp"}, "company"),
+        ({"ca_file": "/nonexistent/ca.pem"}, "ca_file"),
+    ],
+)
+def test_bad_options_are_refused_before_connecting(options: dict[str, Any], message: str) -> None:
+    with pytest.raises((ValueError, cm.TopicError), match=message):
+        cm.Client("127.0.0.1", connect=False, **options)
+
+
+def test_subscribe_refuses_filters_capture_would_refuse(broker: Mosquitto) -> None:
+    with connect(broker) as client:
+        for bad in ("v1/raw/+/#", "#", "v1/raw/AcmeCorp/#/x"):
+            with pytest.raises(cm.TopicError):
+                client.subscribe(bad)
+        assert client.is_connected
+        with pytest.raises(cm.TopicError):
+            client.publish("v1/raw/AcmeCorp/+/c/m/k", b"{}")
