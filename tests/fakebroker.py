@@ -43,6 +43,24 @@ def _encode(header: int, body: bytes) -> bytes:
             return bytes([header]) + encoded + body
 
 
+def _login(connect: bytes) -> tuple[str, str]:
+    """The username and password of a CONNECT packet's body (MQTT 3.1.1)."""
+    flags = connect[7]
+    rest = connect[10:]
+    fields = []
+    while rest:
+        (size,) = struct.unpack("!H", rest[:2])
+        fields.append(rest[2 : 2 + size].decode())
+        rest = rest[2 + size :]
+    # client id, [will topic, will message], [username], [password]
+    fields = fields[1:]
+    if flags & 0x04:
+        fields = fields[2:]
+    username = fields.pop(0) if flags & 0x80 else ""
+    password = fields.pop(0) if flags & 0x40 else ""
+    return username, password
+
+
 def _string(text: str) -> bytes:
     raw = text.encode()
     return struct.pack("!H", len(raw)) + raw
@@ -57,6 +75,7 @@ class FakeCapture:
     subscriptions: list[str] = field(default_factory=list)
     refused: list[str] = field(default_factory=list)
     published: list[str] = field(default_factory=list)
+    logins: list[tuple[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -90,6 +109,7 @@ class FakeCapture:
                     if kind == 1:  # CONNECT
                         with self._lock:
                             self.connections += 1
+                            self.logins.append(_login(body))
                         conn.sendall(_encode(0x20, b"\x00\x00"))
                     elif kind == 8:  # SUBSCRIBE
                         pkid, rest, granted = body[:2], body[2:], b""

@@ -239,6 +239,34 @@ def test_jwt_string_and_callable(fresh_broker: Mosquitto) -> None:
         assert client.is_connected
 
 
+def _jwt(exp: float) -> str:
+    import base64
+
+    def part(data: dict[str, Any]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("=")
+
+    return f"{part({'alg': 'HS256'})}.{part({'sub': 'bob', 'exp': int(exp)})}.c2lnbmF0dXJl"
+
+
+def test_jwt_is_renewed_before_it_expires(fake_capture: FakeCapture) -> None:
+    soon, later = _jwt(time.time() + 3), _jwt(time.time() + 3600)
+    tokens = iter([soon, later])
+    events = Events()
+    with cm.Client(
+        "127.0.0.1",
+        transport="mqtt",
+        port=fake_capture.port,
+        auth=cm.Auth.jwt("bob", lambda: next(tokens)),
+        on_event=events,
+    ) as client:
+        assert fake_capture.logins == [("bob", soon)]
+        wait_until(lambda: len(fake_capture.logins) == 2 and client.is_connected, timeout=6, what="the renewal")
+        assert fake_capture.logins[1] == ("bob", later)
+        assert any(e.reason == "renewing the token before it expires" for e in events.items if e.kind == "disconnected")
+        time.sleep(1.5)
+        assert len(fake_capture.logins) == 2, "a token valid for an hour is not renewed yet"
+
+
 def test_jwt_callable_failure_is_reported_without_secret(broker: Mosquitto) -> None:
     def broken() -> str:
         raise RuntimeError("portal down")
@@ -609,3 +637,77 @@ def test_subscribe_refuses_filters_capture_would_refuse(broker: Mosquitto) -> No
         assert client.is_connected
         with pytest.raises(cm.TopicError):
             client.publish("v1/raw/AcmeCorp/+/c/m/k", b"{}")
+
+
+# MQTT 5
+
+
+@pytest.mark.parametrize("transport", ["mqtt", "mqtts", "wss"])
+def test_mqtt5_connects_and_carries_data(broker: Mosquitto, transport: str) -> None:
+    port = {"mqtt": broker.mqtt_port, "mqtts": broker.mqtts_port, "wss": broker.wss_port}[transport]
+    with (
+        cm.Client(
+            broker.host,
+            transport=transport,
+            port=port,
+            username="alice",
+            password=PASSWORDS["alice"],
+            company=COMPANY,
+            ca_file=broker.ca_file,
+            protocol=5,
+        ) as client,
+        client.subscribe_raw(qos=1) as sub,
+        connect(broker, "pipeline", protocol=5) as pipeline,
+    ):
+        pipeline.publish(RAW_TOPIC, cm.field_payload(23.5), qos=1)
+        point = sub.get(timeout=5)
+        assert point is not None and point.value == 23.5
+
+
+def test_mqtt5_puback_reason_code_is_an_authorization_error(broker: Mosquitto) -> None:
+    with connect(broker, protocol=5) as client:
+        with pytest.raises(cm.AuthorizationError, match="PUBACK NotAuthorized") as info:
+            client.publish("v1/raw/OtherCorp/s/c/m/k", b"{}", qos=1)
+        assert info.value.action == "publish"
+        assert info.value.topic == "v1/raw/OtherCorp/s/c/m/k"
+        assert client.is_connected
+        client.publish("v1/sources/some-source/cmd/writedata", cm.command_payload(("C", "M", "V"), 1), qos=1)
+
+
+def test_mqtt5_suback_reason_code_is_an_authorization_error(dynsec_broker: Mosquitto) -> None:
+    with connect(dynsec_broker, protocol=5) as client:
+        with pytest.raises(cm.AuthorizationError, match="SUBACK NotAuthorized"):
+            client.subscribe("v1/raw/OtherCorp/#")
+        assert client.is_connected
+
+
+def test_mqtt5_persistent_session(fresh_broker: Mosquitto) -> None:
+    options: dict[str, Any] = {"client_id": "persistent-5", "clean_session": False, "protocol": 5}
+    first = connect(fresh_broker, connect=False, **options)
+    first.subscribe_raw(qos=1)
+    first.connect()
+    first.close()
+    with connect(fresh_broker, "pipeline") as pipeline:
+        for i in range(5):
+            pipeline.publish(RAW_TOPIC, cm.field_payload(i), qos=1)
+    second = connect(fresh_broker, connect=False, **options)
+    with second, second.subscribe_raw(qos=1) as sub:
+        second.connect()
+        got = [sub.get(timeout=5) for _ in range(5)]
+        assert [p.value for p in got if p is not None] == list(range(5))
+
+
+def test_refusal_is_delivered_to_a_subscription_declared_before_connecting(dynsec_broker: Mosquitto) -> None:
+    client = connect(dynsec_broker, connect=False)
+    with client:
+        denied = client.subscribe("v1/raw/OtherCorp/#")
+        allowed = client.subscribe_raw()
+        client.connect()
+        with pytest.raises(cm.AuthorizationError, match="SUBACK 0x80"):
+            denied.get(timeout=5)
+        with pytest.raises(cm.ClosedError):
+            denied.get(timeout=1)
+        with connect(dynsec_broker, "pipeline") as pipeline:
+            wait_until(lambda: allowed._native.is_active, what="the allowed subscription")
+            pipeline.publish(RAW_TOPIC, cm.field_payload(4), qos=1)
+            assert allowed.get(timeout=5) is not None

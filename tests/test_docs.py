@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import doctest
 import re
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,35 @@ def test_readme_has_python_examples() -> None:
     assert len(README_BLOCKS) >= 2
 
 
+@pytest.fixture(scope="module")
+def readme_broker() -> Iterator[str]:
+    """A local broker with the README's account, streaming Monitoring data; yields CAPTURE_MQTT_URL."""
+    from capture_mqtt.testing import Account, Mosquitto
+
+    accounts = [
+        Account("alice", "alice-pw", [("read", "v1/raw/AcmeCorp/#")]),
+        Account("pipeline", "pipeline-pw", [("readwrite", "#")]),
+    ]
+    with Mosquitto(accounts=accounts, tls=False, websockets=False) as broker:
+        stop = threading.Event()
+
+        def stream() -> None:
+            with cm.Client(
+                broker.host, transport="mqtt", port=broker.mqtt_port, username="pipeline", password="pipeline-pw"
+            ) as pipeline:
+                while not stop.wait(0.05):
+                    pipeline.publish("v1/raw/AcmeCorp/src-1/Conn/Monitoring/CPU_Temp", cm.field_payload(55), qos=0)
+
+        thread = threading.Thread(target=stream, daemon=True)
+        thread.start()
+        yield f"mqtt://alice:alice-pw@127.0.0.1:{broker.mqtt_port}?company=AcmeCorp"
+        stop.set()
+        thread.join(timeout=5)
+
+
 @pytest.mark.parametrize("block", README_BLOCKS, ids=[f"block{i}" for i in range(len(README_BLOCKS))])
-def test_readme_block_runs(block: str) -> None:
+def test_readme_block_runs(block: str, readme_broker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPTURE_MQTT_URL", readme_broker)
     exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})  # noqa: S102 - our own README
 
 

@@ -147,8 +147,6 @@ class _BaseClient:
             raise ValueError(f"port must be between 1 and 65535, got {port!r}")
         if protocol not in (3, 5):
             raise ValueError(f"protocol must be 3 (MQTT 3.1.1) or 5 (MQTT 5), got {protocol!r}")
-        if protocol == 5:
-            raise ValueError("protocol=5 (MQTT 5) is not available in this version; use protocol=3")
         if keepalive < 1:
             raise ValueError(f"keepalive must be at least 1 second, got {keepalive}")
         if connect_timeout <= 0:

@@ -60,7 +60,7 @@ enum Job {
 struct CallableToken {
     username: String,
     jobs: Arc<Queue<Job>>,
-    expires_at: Mutex<Option<i64>>,
+    expires_at: Arc<Mutex<Option<i64>>>,
 }
 
 impl CredentialsProvider for CallableToken {
@@ -68,12 +68,17 @@ impl CredentialsProvider for CallableToken {
         let (tx, rx) = oneshot::channel();
         self.jobs.push_control(Job::Token(tx));
         let username = self.username.clone();
+        let expires_at = Arc::clone(&self.expires_at);
         Box::pin(async move {
             match tokio::time::timeout(Duration::from_secs(30), rx).await {
-                Ok(Ok(Ok(token))) => Ok(Credentials {
-                    username,
-                    password: Secret::new(token),
-                }),
+                Ok(Ok(Ok(token))) => {
+                    *expires_at.lock().unwrap_or_else(PoisonError::into_inner) =
+                        session::jwt::expiry(&token);
+                    Ok(Credentials {
+                        username,
+                        password: Secret::new(token),
+                    })
+                }
                 Ok(Ok(Err(reason))) => Err(reason),
                 Ok(Err(_)) => Err("the client is closing".to_owned()),
                 Err(_) => Err("the token callable did not return within 30 s".to_owned()),
@@ -210,7 +215,7 @@ impl PySession {
                 Some(Arc::new(CallableToken {
                     username,
                     jobs: Arc::clone(&jobs),
-                    expires_at: Mutex::new(None),
+                    expires_at: Arc::new(Mutex::new(None)),
                 }))
             } else {
                 Some(Arc::new(StaticCredentials(Credentials {

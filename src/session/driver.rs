@@ -1,18 +1,16 @@
 //! The task that polls rumqttc's event loop: connecting, routing, acknowledgements, reconnecting.
 
+use super::link::{Link, LinkRequest, NetEvent};
 use super::{
-    qos_of, tls, Action, Book, Decode, Event, InFlight, Item, Message, Route, RouteState, Sent,
-    SessionConfig, SessionError, Shared, Transport,
+    Action, Book, Decode, Event, InFlight, Item, Message, Route, RouteState, Sent, SessionError,
+    Shared,
 };
 use crate::payload;
 use crate::timestamp;
 use crate::topic;
-use rumqttc::{
-    AsyncClient, ConnectReturnCode, ConnectionError, EventLoop, Incoming, MqttOptions, Outgoing,
-    Publish, Request, StateError, SubscribeFilter, SubscribeReasonCode, TlsConfiguration,
-};
+use bytes::Bytes;
+use rumqttc::Outgoing;
 use std::collections::VecDeque;
-use std::io::ErrorKind;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,126 +18,6 @@ use tokio::sync::oneshot;
 
 /// How soon after a SUBSCRIBE or PUBLISH a dropped connection counts as Capture's way of refusing it.
 const REFUSAL_WINDOW: Duration = Duration::from_secs(2);
-
-/// Capacity of rumqttc's request channel: callers wait (backpressure) when it is full.
-const REQUEST_CHANNEL: usize = 1024;
-
-/// Builds rumqttc's options, transport and event loop for `config`.
-pub(super) fn build(config: &SessionConfig) -> Result<(AsyncClient, EventLoop), SessionError> {
-    // rumqttc reads the WebSocket path from the host when it is a full URL; it drops it otherwise.
-    let host = if config.transport.is_websocket() {
-        config.address()
-    } else {
-        config.host.clone()
-    };
-    let mut options = MqttOptions::new(config.client_id.clone(), host, config.port);
-    options.set_keep_alive(config.keepalive.max(Duration::from_secs(1)));
-    options.set_clean_session(config.clean_session);
-    options.set_max_packet_size(config.max_packet_size, config.max_packet_size);
-    options.set_inflight(config.inflight.max(1));
-    options.set_request_channel_capacity(REQUEST_CHANNEL);
-    let transport = match config.transport {
-        Transport::Mqtt => rumqttc::Transport::Tcp,
-        Transport::Ws => rumqttc::Transport::Ws,
-        Transport::Mqtts | Transport::Wss => {
-            let tls = tls::client_config(&config.tls).map_err(SessionError::Connect)?;
-            let tls = TlsConfiguration::Rustls(Arc::new(tls));
-            if config.transport == Transport::Mqtts {
-                rumqttc::Transport::tls_with_config(tls)
-            } else {
-                rumqttc::Transport::wss_with_config(tls)
-            }
-        }
-    };
-    options.set_transport(transport);
-    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
-    let mut network = eventloop.network_options();
-    network.set_connection_timeout(config.connect_timeout.as_secs().max(1));
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-    Ok((client, eventloop))
-}
-
-/// What a connection error means for the user, and whether the broker hung up on us.
-fn describe(config: &SessionConfig, err: &ConnectionError, username: &str) -> (SessionError, bool) {
-    let address = config.address();
-    let io = |e: &std::io::Error| -> (SessionError, bool) {
-        match e.kind() {
-            ErrorKind::ConnectionRefused => (
-                SessionError::Connect(format!(
-                    "connection refused by {address}: is the broker running, and are the host, port and transport right?"
-                )),
-                false,
-            ),
-            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted | ErrorKind::BrokenPipe => {
-                (SessionError::Connect(format!("the broker at {address} closed the connection ({e})")), true)
-            }
-            _ if e.to_string().contains("lookup") || e.to_string().contains("resolve") => (
-                SessionError::Connect(format!("the host name {:?} could not be resolved (DNS): {e}", config.host)),
-                false,
-            ),
-            _ => {
-                let text = e.to_string();
-                if text.contains("certificate") || text.contains("Certificate") || text.contains("TLS") {
-                    (SessionError::Connect(format!("TLS with {address} failed: {text}")), false)
-                } else {
-                    (SessionError::Connect(format!("connection to {address} failed: {text}")), false)
-                }
-            }
-        }
-    };
-    match err {
-        ConnectionError::ConnectionRefused(code) => match code {
-            ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized => (
-                SessionError::Authentication {
-                    username: username.to_owned(),
-                    reason: if *code == ConnectReturnCode::NotAuthorized {
-                        "not authorized".to_owned()
-                    } else {
-                        "bad username or password".to_owned()
-                    },
-                },
-                false,
-            ),
-            other => (
-                SessionError::Connect(format!(
-                    "the broker at {address} refused the connection: {other:?}"
-                )),
-                false,
-            ),
-        },
-        ConnectionError::Io(e) | ConnectionError::MqttState(StateError::Io(e)) => io(e),
-        ConnectionError::MqttState(StateError::ConnectionAborted) => (
-            SessionError::Connect(format!("the broker at {address} closed the connection")),
-            true,
-        ),
-        ConnectionError::MqttState(StateError::AwaitPingResp) => (
-            SessionError::Connect(format!(
-                "the broker at {address} stopped answering (no reply to a keepalive ping)"
-            )),
-            false,
-        ),
-        ConnectionError::NetworkTimeout => (
-            SessionError::Timeout(format!(
-                "no answer from {address} within the connect timeout of {:.0} s",
-                config.connect_timeout.as_secs_f64()
-            )),
-            false,
-        ),
-        ConnectionError::Tls(e) => (
-            SessionError::Connect(format!("TLS with {address} failed: {e}")),
-            false,
-        ),
-        ConnectionError::Websocket(e) => (
-            SessionError::Connect(format!("WebSocket to {address} failed: {e}")),
-            false,
-        ),
-        other => (
-            SessionError::Connect(format!("connection to {address} failed: {other}")),
-            false,
-        ),
-    }
-}
 
 /// Resolves and removes the acknowledgement waiter of publish `id`.
 fn complete(book: &mut Book, id: u64, result: Result<(), SessionError>) {
@@ -174,11 +52,19 @@ fn refuse_filter(shared: &Shared, filter: &str, error: &SessionError) {
     }
 }
 
-fn decode(route: &Route, publish: &Publish, received_at: i64) -> Item {
+/// A message as it came off the wire.
+struct Incoming {
+    topic: String,
+    payload: Bytes,
+    qos: u8,
+    retain: bool,
+}
+
+fn decode(route: &Route, publish: &Incoming, received_at: i64) -> Item {
     let message = || Message {
         topic: publish.topic.clone(),
         payload: publish.payload.clone(),
-        qos: publish.qos as u8,
+        qos: publish.qos,
         retain: publish.retain,
         received_at,
     };
@@ -187,7 +73,7 @@ fn decode(route: &Route, publish: &Publish, received_at: i64) -> Item {
         Decode::Raw => match payload::parse_raw(&publish.topic, &publish.payload, received_at) {
             Ok(point) => Item::Point {
                 point,
-                qos: publish.qos as u8,
+                qos: publish.qos,
                 retain: publish.retain,
             },
             Err(err) => {
@@ -222,7 +108,7 @@ fn decode(route: &Route, publish: &Publish, received_at: i64) -> Item {
     }
 }
 
-async fn route_publish(shared: &Shared, publish: Publish) {
+async fn route_publish(shared: &Shared, publish: Incoming) {
     shared.stats.received.fetch_add(1, Ordering::Relaxed);
     let received_at = timestamp::now_nanos();
     let targets: Vec<Arc<Route>> = shared
@@ -267,12 +153,13 @@ fn on_outgoing(shared: &Shared, outgoing: &Outgoing) {
                     permit,
                 }) => {
                     shared.stats.published.fetch_add(1, Ordering::Relaxed);
-                    book.last_publish = Some((Instant::now(), id, topic));
+                    book.last_publish = Some((Instant::now(), id, topic.clone()));
                     if qos == 0 {
                         complete(&mut book, id, Ok(()));
                     } else {
                         book.inflight.entry(pkid).or_default().push_back(InFlight {
                             id,
+                            topic,
                             on_wire: !awaiting,
                             _permit: permit,
                         });
@@ -298,38 +185,44 @@ fn on_outgoing(shared: &Shared, outgoing: &Outgoing) {
     }
 }
 
-fn on_acked(shared: &Shared, pkid: u16) {
+/// A publish's acknowledgement: PUBACK, PUBCOMP, or an MQTT 5 refusal (`refused`).
+fn on_acked(shared: &Shared, pkid: u16, refused: Option<String>) {
     let mut book = shared.book();
     let done = book.inflight.get_mut(&pkid).and_then(VecDeque::pop_front);
     if book.inflight.get(&pkid).is_some_and(VecDeque::is_empty) {
         book.inflight.remove(&pkid);
     }
-    if let Some(done) = done {
-        shared.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
-        complete(&mut book, done.id, Ok(()));
+    let Some(done) = done else {
+        return;
+    };
+    match refused {
+        None => {
+            shared.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
+            complete(&mut book, done.id, Ok(()));
+        }
+        Some(how) => {
+            let error = authorization(shared, Action::Publish, &done.topic, &how);
+            log::warn!("{error}");
+            complete(&mut book, done.id, Err(error));
+        }
     }
 }
 
-fn on_suback(shared: &Shared, pkid: u16, codes: &[SubscribeReasonCode]) {
+fn on_suback(shared: &Shared, pkid: u16, codes: &[Option<String>]) {
     let Some((filters, _)) = shared.book().subscribes.remove(&pkid) else {
         return;
     };
     for (filter, code) in filters.iter().zip(codes) {
         match code {
-            SubscribeReasonCode::Success(_) => {
+            None => {
                 for route in shared.routes().iter().filter(|r| &r.filter == filter) {
                     if *route.state() == RouteState::Pending {
                         route.settle(RouteState::Active);
                     }
                 }
             }
-            SubscribeReasonCode::Failure => {
-                let error = authorization(
-                    shared,
-                    Action::Subscribe,
-                    filter,
-                    "the broker answered SUBACK 0x80",
-                );
+            Some(how) => {
+                let error = authorization(shared, Action::Subscribe, filter, how);
                 refuse_filter(shared, filter, &error);
             }
         }
@@ -337,7 +230,7 @@ fn on_suback(shared: &Shared, pkid: u16, codes: &[SubscribeReasonCode]) {
 }
 
 /// After the broker hung up: was it refusing a subscribe or publish sent just before?
-fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<Request>) {
+fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<LinkRequest>) {
     let now = Instant::now();
     let recent_subscribes: Vec<String> = {
         let book = shared.book();
@@ -382,31 +275,27 @@ fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<Request>) {
         }
     }
     if let Some(pkid) = pkid_of {
-        carried.retain(|r| !matches!(r, Request::Publish(p) if p.pkid == pkid));
+        carried.retain(|r| r.publish_pkid() != Some(pkid));
     }
     complete(&mut book, id, Err(error));
 }
 
-/// After a CONNACK: which requests go out again, and re-subscribing when the broker kept no session.
+/// After a CONNACK: which requests go out again, and re-subscribing what the broker does not have.
 fn requeue(
     shared: &Shared,
-    eventloop: &mut EventLoop,
-    mut carried: VecDeque<Request>,
+    link: &mut Link,
+    mut carried: VecDeque<LinkRequest>,
     session_present: bool,
 ) {
     if !session_present {
         // PUBREL of a QoS 2 publish the broker already has (it sent PUBREC): the new session knows
         // nothing of it, so it is done.
         carried.retain(|r| {
-            let Request::PubRel(rel) = r else {
+            let Some(pkid) = r.pubrel_pkid() else {
                 return true;
             };
             let mut book = shared.book();
-            if let Some(done) = book
-                .inflight
-                .get_mut(&rel.pkid)
-                .and_then(VecDeque::pop_front)
-            {
+            if let Some(done) = book.inflight.get_mut(&pkid).and_then(VecDeque::pop_front) {
                 complete(&mut book, done.id, Ok(()));
             }
             false
@@ -414,16 +303,11 @@ fn requeue(
     }
     // A kept session still has the granted subscriptions; the others (all of them on a new session)
     // are sent again, first thing on the connection.
-    let routes: Vec<(String, u8)> = shared
-        .routes()
-        .iter()
-        .filter(|r| !session_present || *r.state() == RouteState::Pending)
-        .map(|r| (r.filter.clone(), r.qos))
-        .collect();
-    let mut filters: Vec<SubscribeFilter> = Vec::new();
-    for (filter, qos) in routes {
-        if !filters.iter().any(|f| f.path == filter) {
-            filters.push(SubscribeFilter::new(filter, qos_of(qos)));
+    let mut filters: Vec<(String, u8)> = Vec::new();
+    for route in shared.routes().iter() {
+        let wanted = !session_present || *route.state() == RouteState::Pending;
+        if wanted && !filters.iter().any(|(f, _)| *f == route.filter) {
+            filters.push((route.filter.clone(), route.qos));
         }
     }
     if !filters.is_empty() {
@@ -431,14 +315,14 @@ fn requeue(
             "subscribing to {} filter(s) after connecting",
             filters.len()
         );
-        let names = filters.iter().map(|f| f.path.clone()).collect();
+        let names = filters.iter().map(|(f, _)| f.clone()).collect();
         shared
             .book()
             .fifo
             .push_front(Sent::Subscribe { filters: names });
-        carried.push_front(Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
+        carried.push_front(link.subscribe_request(&filters));
     }
-    eventloop.pending = carried;
+    link.set_pending(carried);
 }
 
 fn refresh_credentials_error(shared: &Shared, reason: &str) -> SessionError {
@@ -450,12 +334,12 @@ fn refresh_credentials_error(shared: &Shared, reason: &str) -> SessionError {
 
 fn on_connack(
     shared: &Shared,
-    eventloop: &mut EventLoop,
-    carried: VecDeque<Request>,
+    link: &mut Link,
+    carried: VecDeque<LinkRequest>,
     session_present: bool,
     first: Option<oneshot::Sender<Result<(), SessionError>>>,
 ) {
-    requeue(shared, eventloop, carried, session_present);
+    requeue(shared, link, carried, session_present);
     shared.connected.store(true, Ordering::Release);
     log::info!(
         "connected to {} as {:?} (session present: {session_present})",
@@ -468,105 +352,208 @@ fn on_connack(
     }
 }
 
-/// The session's task. Reports the first connection's outcome through `first`, then keeps the
-/// connection up until closed.
-pub(super) async fn run(
+/// What to do after a step of the session's loop.
+enum Step {
+    Go,
+    Retry,
+    Stop,
+}
+
+/// The state of the session's task between polls.
+struct Driver {
     shared: Arc<Shared>,
-    mut eventloop: EventLoop,
-    first: oneshot::Sender<Result<(), SessionError>>,
-) {
-    let mut first = Some(first);
-    let mut attempt: u32 = 0;
-    let mut carried: VecDeque<Request> = VecDeque::new();
-    loop {
-        if shared.closed.load(Ordering::Acquire) && first.is_none() && eventloop.network.is_none() {
-            break;
+    link: Link,
+    first: Option<oneshot::Sender<Result<(), SessionError>>>,
+    attempt: u32,
+    /// Requests kept from the last connection, sent again on the next one.
+    carried: VecDeque<LinkRequest>,
+    /// The next poll opens a connection: on the first one, and after every error.
+    connecting: bool,
+    /// When the credentials in use run out (a JWT's `exp`): reconnect with fresh ones before that.
+    renew_at: Option<tokio::time::Instant>,
+}
+
+impl Driver {
+    /// Before a connection attempt: keep what is pending, and fetch credentials.
+    async fn prepare(&mut self) -> Step {
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Step::Stop;
         }
-        if eventloop.network.is_none() {
-            carried.extend(std::mem::take(&mut eventloop.pending));
-            if let Some(provider) = &shared.config.credentials {
-                match provider.credentials().await {
-                    Ok(credentials) => {
-                        eventloop
-                            .mqtt_options
-                            .set_credentials(credentials.username, credentials.password.expose());
-                    }
-                    Err(reason) => {
-                        let error = refresh_credentials_error(&shared, &reason);
-                        if let Some(first) = first.take() {
-                            let _ = first.send(Err(error));
-                            break;
-                        }
-                        log::warn!("{error}");
-                        if !backoff(&shared, &mut attempt).await {
-                            break;
-                        }
-                        continue;
-                    }
-                }
-            }
-        }
-        let polled = tokio::select! {
-            polled = eventloop.poll() => polled,
-            () = shared.close_signal.notified() => break,
+        self.carried.extend(self.link.take_pending());
+        let Some(provider) = &self.shared.config.credentials else {
+            return Step::Go;
         };
-        match polled {
-            Ok(rumqttc::Event::Incoming(incoming)) => match incoming {
-                Incoming::ConnAck(ack) => {
-                    attempt = 0;
-                    let carried = std::mem::take(&mut carried);
-                    on_connack(
-                        &shared,
-                        &mut eventloop,
-                        carried,
-                        ack.session_present,
-                        first.take(),
-                    );
-                }
-                Incoming::Publish(publish) => route_publish(&shared, publish).await,
-                Incoming::PubAck(ack) => on_acked(&shared, ack.pkid),
-                Incoming::PubComp(comp) => on_acked(&shared, comp.pkid),
-                Incoming::SubAck(ack) => on_suback(&shared, ack.pkid, &ack.return_codes),
-                _ => {}
-            },
-            Ok(rumqttc::Event::Outgoing(outgoing)) => {
-                let disconnect = outgoing == Outgoing::Disconnect;
-                on_outgoing(&shared, &outgoing);
-                if disconnect && shared.closed.load(Ordering::Acquire) {
-                    break;
-                }
+        match provider.credentials().await {
+            Ok(credentials) => {
+                self.link
+                    .set_credentials(credentials.username, credentials.password.expose());
+                self.renew_at = provider.expires_at().map(renewal_time);
+                Step::Go
             }
-            Err(err) => {
-                let was_connected = shared.connected.swap(false, Ordering::AcqRel);
-                if shared.closed.load(Ordering::Acquire) {
-                    break;
-                }
-                let (error, hung_up) = describe(&shared.config, &err, &shared.config.account_name);
-                carried.extend(std::mem::take(&mut eventloop.pending));
-                if let Some(first) = first.take() {
-                    log::debug!("first connection failed: {error}");
+            Err(reason) => {
+                let error = refresh_credentials_error(&self.shared, &reason);
+                if let Some(first) = self.first.take() {
                     let _ = first.send(Err(error));
-                    break;
+                    return Step::Stop;
                 }
-                if was_connected {
-                    log::warn!("disconnected from {}: {error}", shared.config.address());
-                    shared.emit(Event::Disconnected {
-                        reason: error.to_string(),
-                    });
-                    if hung_up {
-                        attribute_refusal(&shared, &mut carried);
-                    }
-                }
-                if !shared.config.reconnect.enabled {
-                    break;
-                }
-                if !backoff(&shared, &mut attempt).await {
-                    break;
+                log::warn!("{error}");
+                if backoff(&self.shared, &mut self.attempt).await {
+                    Step::Retry
+                } else {
+                    Step::Stop
                 }
             }
         }
     }
+
+    /// Drops the connection to log in again with fresh credentials.
+    fn renew(&mut self) {
+        log::info!(
+            "the token of {:?} expires soon: reconnecting with a fresh one",
+            self.shared.config.account_name
+        );
+        self.renew_at = None;
+        self.link.drop_connection();
+        self.shared.connected.store(false, Ordering::Release);
+        self.shared.emit(Event::Disconnected {
+            reason: "renewing the token before it expires".to_owned(),
+        });
+        self.carried.extend(self.link.take_pending());
+        self.connecting = true;
+    }
+
+    /// Handles one event; false when the session ends.
+    async fn on_event(&mut self, event: NetEvent) -> bool {
+        let shared = &self.shared;
+        match event {
+            NetEvent::ConnAck { session_present } => {
+                self.connecting = false;
+                self.attempt = 0;
+                let carried = std::mem::take(&mut self.carried);
+                on_connack(
+                    shared,
+                    &mut self.link,
+                    carried,
+                    session_present,
+                    self.first.take(),
+                );
+            }
+            NetEvent::Publish {
+                topic,
+                payload,
+                qos,
+                retain,
+            } => {
+                let incoming = Incoming {
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                };
+                route_publish(shared, incoming).await;
+            }
+            NetEvent::Acked { pkid, refused } => on_acked(shared, pkid, refused),
+            NetEvent::Refused { pkid, reason } => on_acked(shared, pkid, Some(reason)),
+            NetEvent::SubAck { pkid, codes } => on_suback(shared, pkid, &codes),
+            NetEvent::Outgoing(outgoing) => {
+                on_outgoing(shared, &outgoing);
+                if outgoing == Outgoing::Disconnect && shared.closed.load(Ordering::Acquire) {
+                    return false;
+                }
+            }
+            NetEvent::Other => {}
+        }
+        true
+    }
+
+    /// Handles a broken or refused connection; false when the session ends.
+    async fn on_error(&mut self, error: SessionError, hung_up: bool) -> bool {
+        self.connecting = true;
+        let shared = &self.shared;
+        let was_connected = shared.connected.swap(false, Ordering::AcqRel);
+        if shared.closed.load(Ordering::Acquire) {
+            return false;
+        }
+        self.carried.extend(self.link.take_pending());
+        if let Some(first) = self.first.take() {
+            log::debug!("first connection failed: {error}");
+            let _ = first.send(Err(error));
+            return false;
+        }
+        if was_connected {
+            log::warn!("disconnected from {}: {error}", shared.config.address());
+            shared.emit(Event::Disconnected {
+                reason: error.to_string(),
+            });
+            if hung_up {
+                attribute_refusal(shared, &mut self.carried);
+            }
+        }
+        shared.config.reconnect.enabled && backoff(shared, &mut self.attempt).await
+    }
+}
+
+/// The session's task. Reports the first connection's outcome through `first`, then keeps the
+/// connection up until closed.
+pub(super) async fn run(
+    shared: Arc<Shared>,
+    link: Link,
+    first: oneshot::Sender<Result<(), SessionError>>,
+) {
+    let mut driver = Driver {
+        shared: Arc::clone(&shared),
+        link,
+        first: Some(first),
+        attempt: 0,
+        carried: VecDeque::new(),
+        connecting: true,
+        renew_at: None,
+    };
+    loop {
+        if driver.connecting {
+            match driver.prepare().await {
+                Step::Go => {}
+                Step::Retry => continue,
+                Step::Stop => break,
+            }
+        }
+        let renew = driver.renew_at.filter(|_| !driver.connecting);
+        let polled = tokio::select! {
+            polled = driver.link.poll(&shared.config, &shared.config.account_name) => Some(polled),
+            () = shared.close_signal.notified() => break,
+            () = sleep_until_some(renew) => None,
+        };
+        let keep_going = match polled {
+            None => {
+                driver.renew();
+                true
+            }
+            Some(Ok(event)) => driver.on_event(event).await,
+            Some(Err((error, hung_up))) => driver.on_error(error, hung_up).await,
+        };
+        if !keep_going {
+            break;
+        }
+    }
     finish(&shared);
+}
+
+/// When to renew credentials that expire at `exp` (seconds since the epoch): a minute before, or
+/// halfway through what is left when that is shorter.
+fn renewal_time(exp: i64) -> tokio::time::Instant {
+    let left = exp
+        .saturating_sub(timestamp::now_nanos() / timestamp::NANOS_PER_SEC)
+        .max(0);
+    let lead = 60.min(left / 2);
+    let wait = u64::try_from(left - lead).unwrap_or(0);
+    tokio::time::Instant::now() + Duration::from_secs(wait.max(1))
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Waits before the next attempt; false when the session was closed meanwhile.

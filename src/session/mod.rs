@@ -11,6 +11,7 @@ pub mod config;
 mod driver;
 pub mod error;
 pub mod jwt;
+mod link;
 pub mod queue;
 pub mod tls;
 
@@ -23,7 +24,7 @@ pub use queue::{Overflow, Pop, Queue};
 
 use crate::payload::{Command, RawPoint};
 use bytes::Bytes;
-use rumqttc::{AsyncClient, EventLoop, QoS};
+use link::{Link, LinkClient};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
@@ -153,6 +154,7 @@ enum Sent {
 #[derive(Debug)]
 struct InFlight {
     id: u64,
+    topic: String,
     on_wire: bool,
     _permit: Option<OwnedSemaphorePermit>,
 }
@@ -185,7 +187,7 @@ pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
 pub(crate) struct Shared {
     config: SessionConfig,
     sink: Option<EventSink>,
-    client: AsyncClient,
+    client: LinkClient,
     /// Makes "record in the book, then send into the channel" one step for concurrent callers.
     send_lock: tokio::sync::Mutex<()>,
     book: Mutex<Book>,
@@ -231,19 +233,11 @@ impl PublishToken {
     }
 }
 
-fn qos_of(level: u8) -> QoS {
-    match level {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
-    }
-}
-
 /// A session with one broker. Cheap to share between threads (`Arc` inside).
 #[derive(Clone)]
 pub struct Session {
     shared: Arc<Shared>,
-    eventloop: Arc<Mutex<Option<EventLoop>>>,
+    eventloop: Arc<Mutex<Option<Link>>>,
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -259,7 +253,7 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Prepares a session; nothing touches the network until `connect`.
     pub fn new(config: SessionConfig, sink: Option<EventSink>) -> Result<Session, SessionError> {
-        let (client, eventloop) = driver::build(&config)?;
+        let (client, eventloop) = link::build(&config)?;
         let shared = Arc::new(Shared {
             sink,
             window: Arc::new(Semaphore::new(usize::from(config.inflight.max(1)))),
@@ -353,7 +347,7 @@ impl Session {
             if self
                 .shared
                 .client
-                .subscribe(route.filter.clone(), qos_of(route.qos))
+                .subscribe(route.filter.clone(), route.qos)
                 .await
                 .is_err()
             {
@@ -449,7 +443,7 @@ impl Session {
         let sent = self
             .shared
             .client
-            .publish_bytes(topic, qos_of(qos), retain, payload)
+            .publish(topic, qos, retain, payload)
             .await;
         if sent.is_err() {
             let mut book = self.shared.book();
