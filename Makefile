@@ -39,7 +39,7 @@ lint: $(STAMPS)/deps
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-rust-test:
+rust-test: mosquitto
 	cargo test --quiet
 
 stubtest: $(STAMPS)/build

@@ -15,6 +15,9 @@ mod link;
 pub mod queue;
 pub mod tls;
 
+#[cfg(test)]
+mod tests;
+
 pub use config::{
     AccountKind, Credentials, CredentialsFuture, CredentialsProvider, Protocol, Reconnect, Secret,
     SessionConfig, StaticCredentials, TlsOptions, Transport,
