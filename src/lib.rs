@@ -1,6 +1,7 @@
 //! The Rust core of capture-mqtt. The modules below know nothing of Python; `python` is the `PyO3`
 //! layer, built only with the `python` feature (maturin turns it on).
 
+pub mod columnar;
 pub mod payload;
 pub mod session;
 pub mod timestamp;

@@ -29,6 +29,7 @@ from ._core import (
     validate_filter,
 )
 from .auth import Auth, fetch_jwt
+from .batch import Batch
 from .client import (
     AsyncClient,
     AsyncSubscription,
@@ -37,6 +38,7 @@ from .client import (
     Reconnect,
     Subscription,
 )
+from .collect import collect
 from .errors import (
     AuthenticationError,
     AuthorizationError,
@@ -54,6 +56,7 @@ __all__ = [
     "AsyncClient",
     "AsyncSubscription",
     "Auth",
+    "Batch",
     "AuthenticationError",
     "AuthorizationError",
     "CaptureError",
@@ -73,6 +76,7 @@ __all__ = [
     "TopicInfo",
     "__version__",
     "command_payload",
+    "collect",
     "command_topic",
     "data_topic",
     "fetch_jwt",

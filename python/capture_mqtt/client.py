@@ -15,7 +15,7 @@ import os
 import threading
 import urllib.parse
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +23,7 @@ from typing import Any, Literal, Self, TypeAlias
 
 from . import _core
 from .auth import Auth
+from .batch import Batch
 from .errors import ClosedError, TopicError
 
 __all__ = [
@@ -673,6 +674,12 @@ class _SubscriptionBase:
         """Counters at this moment: received, delivered, malformed, dropped, queued."""
         return dict(self._native.stats())
 
+    def _batch(self, max_rows: int, timeout: float | None, tag_columns: Sequence[str]) -> Batch:
+        native, malformed = self._native.batch(max_rows, timeout, list(tag_columns))
+        for item in malformed:
+            self._keep(item)
+        return Batch(native)
+
     def _keep(self, item: Any) -> bool:
         if isinstance(item, _core.MalformedMessage):
             log.debug("malformed message on %r: %s", item.topic, item.reason)
@@ -763,6 +770,34 @@ class Subscription(_SubscriptionBase):
                 return
             yield item
 
+    def batch(self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()) -> Batch:
+        """Up to ``max_rows`` data points as one columnar :class:`Batch`, built in Rust: returns when it
+        has ``max_rows`` or after ``timeout`` seconds (possibly empty). ``tag_columns`` copies those tags
+        into columns of their own. Raises :class:`ClosedError` once the subscription has ended.
+
+        >>> import capture_mqtt as cm
+        >>> cm.Subscription.batch.__name__
+        'batch'
+        """
+        return self._batch(max_rows, timeout, tag_columns)
+
+    def batches(
+        self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()
+    ) -> Iterator[Batch]:
+        """Batches until the subscription ends (empty ones are skipped): ``for b in sub.batches(): ...``.
+
+        >>> import capture_mqtt as cm
+        >>> cm.Subscription.batches.__name__
+        'batches'
+        """
+        while True:
+            try:
+                batch = self._batch(max_rows, timeout, tag_columns)
+            except ClosedError:
+                return
+            if len(batch):
+                yield batch
+
     def close(self) -> None:
         """Stops delivery and unsubscribes at the broker.
 
@@ -811,6 +846,19 @@ class AsyncSubscription(_SubscriptionBase):
                 self._buffer.extend(item for item in items if self._keep(item))
                 continue
             await self._native.readable()
+
+    async def batch(
+        self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()
+    ) -> Batch:
+        """Like :meth:`Subscription.batch`, without blocking the event loop.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncSubscription.batch.__name__
+        'batch'
+        """
+        if self._buffer:
+            raise RuntimeError("batch() after a partial async iteration would reorder items; use one or the other")
+        return await asyncio.to_thread(self._batch, max_rows, timeout, tag_columns)
 
     async def get(self, timeout: float | None = None) -> Any:
         """The next item, or None after ``timeout`` seconds.

@@ -1,6 +1,7 @@
 //! The `PyO3` layer: thin classes and functions over the core modules. Nothing outside `src/python/`
 //! knows of Python.
 
+mod batch;
 mod codec;
 mod convert;
 mod errors;
@@ -16,6 +17,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     logbridge::install();
     session::init_runtime();
+    m.add_class::<batch::PyBatch>()?;
     m.add_class::<session::PySession>()?;
     m.add_class::<session::PySubscription>()?;
     m.add_class::<session::PyPublishHandle>()?;

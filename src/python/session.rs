@@ -1,15 +1,17 @@
 //! `_Session` and `_Subscription`: the native halves of `cm.Client`, `cm.AsyncClient` and their
 //! subscriptions. The Python classes in `capture_mqtt/client.py` give them their public shape.
 
+use super::batch::PyBatch;
 use super::errors::session_error;
 use super::model::{PyCommand, PyDataPoint};
+use crate::columnar;
 use crate::session::{
     self, AccountKind, Credentials, CredentialsFuture, CredentialsProvider, Decode, Event, Item,
     Overflow, Pop, Protocol, Queue, Reconnect, Route, Secret, Session, SessionConfig, SessionError,
     StaticCredentials, TlsOptions, Transport,
 };
 use crate::timestamp;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use std::future::Future;
@@ -284,6 +286,7 @@ impl PySession {
         dict.set_item("acknowledged", stats.acknowledged.load(Ordering::Relaxed))?;
         dict.set_item("received", stats.received.load(Ordering::Relaxed))?;
         dict.set_item("unrouted", stats.unrouted.load(Ordering::Relaxed))?;
+        dict.set_item("duplicates", stats.duplicates.load(Ordering::Relaxed))?;
         dict.set_item("reconnects", stats.reconnects.load(Ordering::Relaxed))?;
         Ok(dict)
     }
@@ -487,10 +490,10 @@ impl PyMalformed {
 
 fn item_to_py(py: Python<'_>, item: Item) -> PyResult<Bound<'_, PyAny>> {
     Ok(match item {
-        Item::Point { point, qos, retain } => {
-            Bound::new(py, PyDataPoint { point, qos, retain })?.into_any()
-        }
-        Item::Command { command, raw } => {
+        Item::Point {
+            point, qos, retain, ..
+        } => Bound::new(py, PyDataPoint { point, qos, retain })?.into_any(),
+        Item::Command { command, raw, .. } => {
             Bound::new(py, PyCommand::new(py, command, &raw))?.into_any()
         }
         Item::Message(message) => Bound::new(
@@ -603,6 +606,85 @@ impl PySubscription {
             return Err(session_error(py, &SessionError::Closed));
         }
         Ok(out)
+    }
+
+    /// Up to `max_rows` data points as one Arrow batch, waiting up to `timeout` seconds in all; also
+    /// the malformed messages met on the way. Raises `ClosedError` when the subscription has ended and
+    /// nothing was left, and the subscription's error if it failed.
+    #[pyo3(signature = (max_rows, timeout, tag_columns = Vec::new()))]
+    fn batch<'py>(
+        &self,
+        py: Python<'py>,
+        max_rows: usize,
+        timeout: Option<f64>,
+        tag_columns: Vec<String>,
+    ) -> PyResult<(PyBatch, Vec<Bound<'py, PyAny>>)> {
+        if max_rows == 0 {
+            return Err(PyValueError::new_err("max_rows must be at least 1"));
+        }
+        if let Some(t) = timeout {
+            if t.is_nan() || t < 0.0 {
+                return Err(PyValueError::new_err(format!(
+                    "timeout must be None or >= 0, not {t}"
+                )));
+            }
+        }
+        let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs_f64(t));
+        let mut builder =
+            columnar::BatchBuilder::new(PyBatch::options(tag_columns), max_rows.min(65_536));
+        let mut malformed = Vec::new();
+        let queue = Arc::clone(&self.route.queue);
+        let mut closed = false;
+        while builder.len() < max_rows {
+            let items = queue.drain(max_rows - builder.len());
+            if items.is_empty() {
+                let now = std::time::Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    break;
+                }
+                let wait = deadline.map_or(SIGNAL_CHECK, |d| (d - now).min(SIGNAL_CHECK));
+                match py.detach(|| queue.pop_wait(Some(wait))) {
+                    Pop::Item(item) => queue.push_front(item),
+                    Pop::Closed => {
+                        closed = true;
+                        break;
+                    }
+                    Pop::Timeout => py.check_signals()?,
+                }
+                continue;
+            }
+            let mut failed = None;
+            for item in items {
+                if failed.is_some() {
+                    queue.push_front(item);
+                    continue;
+                }
+                match item {
+                    Item::Point { point, .. } => builder.push(&point),
+                    Item::Error(err) => failed = Some(err),
+                    other @ Item::Malformed { .. } => malformed.push(item_to_py(py, other)?),
+                    Item::Command { .. } | Item::Message(_) => {
+                        return Err(PyTypeError::new_err(
+                            "batches hold Capture data points: subscribe to the raw tree (v1/raw/...) for them",
+                        ))
+                    }
+                }
+            }
+            if let Some(err) = failed {
+                if builder.is_empty() {
+                    return Err(session_error(py, &err));
+                }
+                queue.push_front(Item::Error(err));
+                break;
+            }
+        }
+        if closed && builder.is_empty() && malformed.is_empty() {
+            return Err(session_error(py, &SessionError::Closed));
+        }
+        let batch = builder
+            .finish()
+            .map_err(|e| PyValueError::new_err(format!("building the Arrow batch failed: {e}")))?;
+        Ok((PyBatch { batch }, malformed))
     }
 
     /// An awaitable that resolves when items are queued (or the subscription ended): asyncio

@@ -2,8 +2,8 @@
 
 use super::link::{Link, LinkRequest, NetEvent};
 use super::{
-    Action, Book, Decode, Event, InFlight, Item, Message, Route, RouteState, Sent, SessionError,
-    Shared,
+    Ack, Action, Book, Decode, Event, InFlight, Item, Message, Overflow, Route, RouteState, Sent,
+    SessionError, Shared,
 };
 use crate::payload;
 use crate::timestamp;
@@ -58,15 +58,18 @@ struct Incoming {
     payload: Bytes,
     qos: u8,
     retain: bool,
+    pkid: u16,
+    sub_ids: Vec<usize>,
 }
 
-fn decode(route: &Route, publish: &Incoming, received_at: i64) -> Item {
+fn decode(route: &Route, publish: &Incoming, received_at: i64, ack: Option<&Arc<Ack>>) -> Item {
     let message = || Message {
         topic: publish.topic.clone(),
         payload: publish.payload.clone(),
         qos: publish.qos,
         retain: publish.retain,
         received_at,
+        ack: ack.cloned(),
     };
     match route.decode {
         Decode::Bytes => Item::Message(message()),
@@ -75,6 +78,7 @@ fn decode(route: &Route, publish: &Incoming, received_at: i64) -> Item {
                 point,
                 qos: publish.qos,
                 retain: publish.retain,
+                ack: ack.cloned(),
             },
             Err(err) => {
                 route
@@ -92,6 +96,7 @@ fn decode(route: &Route, publish: &Incoming, received_at: i64) -> Item {
             Ok(command) => Item::Command {
                 command,
                 raw: publish.payload.clone(),
+                ack: ack.cloned(),
             },
             Err(err) => {
                 route
@@ -108,23 +113,91 @@ fn decode(route: &Route, publish: &Incoming, received_at: i64) -> Item {
     }
 }
 
-async fn route_publish(shared: &Shared, publish: Incoming) {
-    shared.stats.received.fetch_add(1, Ordering::Relaxed);
-    let received_at = timestamp::now_nanos();
-    let targets: Vec<Arc<Route>> = shared
-        .routes()
+/// The routes a message goes to: by MQTT 5 subscription identifier when the broker sent them, else
+/// by matching the topic against every filter.
+fn targets(shared: &Shared, publish: &Incoming) -> Vec<Arc<Route>> {
+    let routes = shared.routes();
+    if publish.sub_ids.is_empty() {
+        return routes
+            .iter()
+            .filter(|r| topic::matches(&r.filter, &publish.topic))
+            .cloned()
+            .collect();
+    }
+    let ids = shared
+        .filter_ids
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    routes
         .iter()
-        .filter(|r| topic::matches(&r.filter, &publish.topic))
+        .filter(|r| {
+            ids.get(&r.filter)
+                .is_some_and(|id| publish.sub_ids.contains(id))
+        })
         .cloned()
+        .collect()
+}
+
+/// How many copies an MQTT 3.1.1 broker sends of a message on `topic`: one per distinct matching
+/// filter (Mosquitto does so; shared subscriptions are left out, as the broker may not pick us).
+fn expected_copies(routes: &[Arc<Route>]) -> usize {
+    let mut filters: Vec<&str> = routes
+        .iter()
+        .map(|r| r.filter.as_str())
+        .filter(|f| !f.starts_with("$share/"))
         .collect();
+    filters.sort_unstable();
+    filters.dedup();
+    filters.len()
+}
+
+async fn route_publish(
+    shared: &Shared,
+    publish: Incoming,
+    copies: &mut Option<(String, Bytes, usize)>,
+) {
+    shared.stats.received.fetch_add(1, Ordering::Relaxed);
+    let ack = (publish.qos > 0).then(|| {
+        Arc::new(Ack {
+            client: shared.client.clone(),
+            pkid: publish.pkid,
+            qos: publish.qos,
+            generation: shared.generation.load(Ordering::Acquire),
+            current: Arc::clone(&shared.generation),
+        })
+    });
+    // Under MQTT 3.1.1 overlapping subscriptions bring one copy per filter: the first goes to every
+    // matching route, the next identical ones are dropped (counted).
+    if let Some((topic, payload, left)) = copies.as_mut() {
+        if *left > 0 && *topic == publish.topic && *payload == publish.payload {
+            *left -= 1;
+            shared.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
+    *copies = None;
+    let targets = targets(shared, &publish);
     if targets.is_empty() {
         shared.stats.unrouted.fetch_add(1, Ordering::Relaxed);
         log::debug!("message on {:?} matches no subscription", publish.topic);
         return;
     }
+    if publish.sub_ids.is_empty() {
+        let expected = expected_copies(&targets);
+        if expected > 1 {
+            *copies = Some((publish.topic.clone(), publish.payload.clone(), expected - 1));
+        }
+    }
+    let received_at = timestamp::now_nanos();
     for route in targets {
-        let item = decode(&route, &publish, received_at);
-        route.queue.push(item).await;
+        let item = decode(&route, &publish, received_at, ack.as_ref());
+        if route.queue.overflow() == Overflow::Block && ack.is_some() {
+            // The broker holds back what is not acknowledged: queue without waiting, so that the
+            // connection keeps being served (pings), and acknowledge when the consumer takes it.
+            route.queue.push_unbounded(item);
+        } else {
+            route.queue.push(item).await;
+        }
     }
 }
 
@@ -303,11 +376,15 @@ fn requeue(
     }
     // A kept session still has the granted subscriptions; the others (all of them on a new session)
     // are sent again, first thing on the connection.
-    let mut filters: Vec<(String, u8)> = Vec::new();
+    let mut filters: Vec<(String, u8, usize)> = Vec::new();
     for route in shared.routes().iter() {
         let wanted = !session_present || *route.state() == RouteState::Pending;
-        if wanted && !filters.iter().any(|(f, _)| *f == route.filter) {
-            filters.push((route.filter.clone(), route.qos));
+        if wanted && !filters.iter().any(|(f, _, _)| *f == route.filter) {
+            filters.push((
+                route.filter.clone(),
+                route.qos,
+                shared.filter_id(&route.filter),
+            ));
         }
     }
     if !filters.is_empty() {
@@ -315,12 +392,12 @@ fn requeue(
             "subscribing to {} filter(s) after connecting",
             filters.len()
         );
-        let names = filters.iter().map(|(f, _)| f.clone()).collect();
-        shared
-            .book()
-            .fifo
-            .push_front(Sent::Subscribe { filters: names });
-        carried.push_front(link.subscribe_request(&filters));
+        let requests = link.subscribe_requests(&filters);
+        let mut book = shared.book();
+        for (request, names) in requests.into_iter().rev() {
+            book.fifo.push_front(Sent::Subscribe { filters: names });
+            carried.push_front(request);
+        }
     }
     link.set_pending(carried);
 }
@@ -371,6 +448,8 @@ struct Driver {
     connecting: bool,
     /// When the credentials in use run out (a JWT's `exp`): reconnect with fresh ones before that.
     renew_at: Option<tokio::time::Instant>,
+    /// The last message and how many more identical copies of it to drop (MQTT 3.1.1 overlaps).
+    copies: Option<(String, Bytes, usize)>,
 }
 
 impl Driver {
@@ -429,6 +508,8 @@ impl Driver {
             NetEvent::ConnAck { session_present } => {
                 self.connecting = false;
                 self.attempt = 0;
+                self.copies = None;
+                shared.generation.fetch_add(1, Ordering::AcqRel);
                 let carried = std::mem::take(&mut self.carried);
                 on_connack(
                     shared,
@@ -443,14 +524,18 @@ impl Driver {
                 payload,
                 qos,
                 retain,
+                pkid,
+                sub_ids,
             } => {
                 let incoming = Incoming {
                     topic,
                     payload,
                     qos,
                     retain,
+                    pkid,
+                    sub_ids,
                 };
-                route_publish(shared, incoming).await;
+                route_publish(shared, incoming, &mut self.copies).await;
             }
             NetEvent::Acked { pkid, refused } => on_acked(shared, pkid, refused),
             NetEvent::Refused { pkid, reason } => on_acked(shared, pkid, Some(reason)),
@@ -508,6 +593,7 @@ pub(super) async fn run(
         carried: VecDeque::new(),
         connecting: true,
         renew_at: None,
+        copies: None,
     };
     loop {
         if driver.connecting {

@@ -40,6 +40,9 @@ pub(super) enum NetEvent {
         payload: Bytes,
         qos: u8,
         retain: bool,
+        pkid: u16,
+        /// MQTT 5 subscription identifiers: which of our subscriptions this copy is for.
+        sub_ids: Vec<usize>,
     },
     /// PUBACK (QoS 1) or PUBCOMP (QoS 2); `refused` holds an MQTT 5 failure reason.
     Acked {
@@ -85,17 +88,56 @@ impl LinkRequest {
 }
 
 /// The sending half: rumqttc's client for the protocol in use.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(super) enum LinkClient {
     V4(rumqttc::AsyncClient),
     V5(v5::AsyncClient),
 }
 
 impl LinkClient {
-    pub(super) async fn subscribe(&self, filter: String, qos: u8) -> Result<(), ()> {
+    /// Subscribes to one filter; MQTT 5 tags it with the subscription identifier `id`.
+    pub(super) async fn subscribe(&self, filter: String, qos: u8, id: usize) -> Result<(), ()> {
         match self {
             LinkClient::V4(c) => c.subscribe(filter, qos_of(qos)).await.map_err(drop),
-            LinkClient::V5(c) => c.subscribe(filter, qos5_of(qos)).await.map_err(drop),
+            LinkClient::V5(c) => c
+                .subscribe_with_properties(filter, qos5_of(qos), subscription_id(id))
+                .await
+                .map_err(drop),
+        }
+    }
+
+    /// Acknowledges an incoming QoS 1/2 publish (acknowledgements are manual: see `Ack`).
+    /// False when the request channel is full.
+    pub(super) fn try_ack(&self, pkid: u16, qos: u8) -> bool {
+        match self {
+            LinkClient::V4(c) => {
+                let mut publish = rumqttc::Publish::new("", qos_of(qos), Vec::new());
+                publish.pkid = pkid;
+                c.try_ack(&publish).is_ok()
+            }
+            LinkClient::V5(c) => {
+                let mut publish =
+                    v5::mqttbytes::v5::Publish::new("", qos5_of(qos), Vec::new(), None);
+                publish.pkid = pkid;
+                c.try_ack(&publish).is_ok()
+            }
+        }
+    }
+
+    /// Like `try_ack`, waiting for room in the request channel.
+    pub(super) async fn ack(&self, pkid: u16, qos: u8) {
+        match self {
+            LinkClient::V4(c) => {
+                let mut publish = rumqttc::Publish::new("", qos_of(qos), Vec::new());
+                publish.pkid = pkid;
+                let _ = c.ack(&publish).await;
+            }
+            LinkClient::V5(c) => {
+                let mut publish =
+                    v5::mqttbytes::v5::Publish::new("", qos5_of(qos), Vec::new(), None);
+                publish.pkid = pkid;
+                let _ = c.ack(&publish).await;
+            }
         }
     }
     pub(super) async fn unsubscribe(&self, filter: String) -> Result<(), ()> {
@@ -127,6 +169,13 @@ impl LinkClient {
             LinkClient::V4(c) => c.try_disconnect().map_err(drop),
             LinkClient::V5(c) => c.try_disconnect().map_err(drop),
         }
+    }
+}
+
+fn subscription_id(id: usize) -> v5::mqttbytes::v5::SubscribeProperties {
+    v5::mqttbytes::v5::SubscribeProperties {
+        id: Some(id),
+        user_properties: Vec::new(),
     }
 }
 
@@ -171,6 +220,7 @@ pub(super) fn build(config: &SessionConfig) -> Result<(LinkClient, Link), Sessio
             options.set_max_packet_size(config.max_packet_size, config.max_packet_size);
             options.set_inflight(config.inflight.max(1));
             options.set_request_channel_capacity(REQUEST_CHANNEL);
+            options.set_manual_acks(true);
             options.set_transport(transport(config)?);
             let (client, mut eventloop) = rumqttc::AsyncClient::new(options, REQUEST_CHANNEL);
             let mut network = eventloop.network_options();
@@ -190,6 +240,7 @@ pub(super) fn build(config: &SessionConfig) -> Result<(LinkClient, Link), Sessio
             let max = u32::try_from(config.max_packet_size).unwrap_or(u32::MAX);
             options.set_max_packet_size(Some(max));
             options.set_outgoing_inflight_upper_limit(config.inflight.max(1));
+            options.set_manual_acks(true);
             options.set_request_channel_capacity(REQUEST_CHANNEL);
             options.set_connection_timeout(timeout);
             options.set_transport(transport(config)?);
@@ -381,6 +432,8 @@ fn v4_event(event: rumqttc::Event) -> NetEvent {
                 payload: p.payload,
                 qos: p.qos as u8,
                 retain: p.retain,
+                pkid: p.pkid,
+                sub_ids: Vec::new(),
             },
             Incoming::PubAck(ack) => NetEvent::Acked {
                 pkid: ack.pkid,
@@ -422,6 +475,11 @@ fn v5_event(event: v5::Event) -> NetEvent {
                 payload: p.payload,
                 qos: p.qos as u8,
                 retain: p.retain,
+                pkid: p.pkid,
+                sub_ids: p
+                    .properties
+                    .map(|props| props.subscription_identifiers)
+                    .unwrap_or_default(),
             },
             Packet::PubAck(ack) => NetEvent::Acked {
                 pkid: ack.pkid,
@@ -524,24 +582,36 @@ impl Link {
         }
     }
 
-    /// A SUBSCRIBE for several filters, for this protocol.
-    pub(super) fn subscribe_request(&self, filters: &[(String, u8)]) -> LinkRequest {
+    /// SUBSCRIBE requests for `(filter, qos, id)`: one packet under MQTT 3.1.1; one packet per filter
+    /// under MQTT 5, each with its subscription identifier. Each request with the filters it carries.
+    pub(super) fn subscribe_requests(
+        &self,
+        filters: &[(String, u8, usize)],
+    ) -> Vec<(LinkRequest, Vec<String>)> {
         match self {
             Link::V4(_) => {
-                LinkRequest::V4(rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(
+                let request = rumqttc::Request::Subscribe(rumqttc::Subscribe::new_many(
                     filters
                         .iter()
-                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), qos_of(*q))),
-                )))
+                        .map(|(f, q, _)| rumqttc::SubscribeFilter::new(f.clone(), qos_of(*q))),
+                ));
+                vec![(
+                    LinkRequest::V4(request),
+                    filters.iter().map(|(f, _, _)| f.clone()).collect(),
+                )]
             }
-            Link::V5(_) => LinkRequest::V5(v5::Request::Subscribe(
-                v5::mqttbytes::v5::Subscribe::new_many(
-                    filters
-                        .iter()
-                        .map(|(f, q)| v5::mqttbytes::v5::Filter::new(f.clone(), qos5_of(*q))),
-                    None,
-                ),
-            )),
+            Link::V5(_) => filters
+                .iter()
+                .map(|(f, q, id)| {
+                    let filter = v5::mqttbytes::v5::Filter::new(f.clone(), qos5_of(*q));
+                    let subscribe =
+                        v5::mqttbytes::v5::Subscribe::new(filter, Some(subscription_id(*id)));
+                    (
+                        LinkRequest::V5(v5::Request::Subscribe(subscribe)),
+                        vec![f.clone()],
+                    )
+                })
+                .collect(),
         }
     }
 

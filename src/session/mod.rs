@@ -71,14 +71,40 @@ pub enum Decode {
     Bytes,
 }
 
+/// The acknowledgement of an incoming QoS 1/2 message, sent when the last holder lets go of it: at
+/// once for messages nobody waits for, when the consumer takes it for `overflow = block` (so that
+/// the broker, not this process, holds what the consumer has not taken yet).
+#[derive(Debug)]
+pub struct Ack {
+    client: LinkClient,
+    pkid: u16,
+    qos: u8,
+    /// The connection it came on; an acknowledgement is only valid on that connection.
+    generation: u64,
+    current: Arc<AtomicU64>,
+}
+
+impl Drop for Ack {
+    fn drop(&mut self) {
+        if self.current.load(Ordering::Acquire) != self.generation {
+            return; // the broker sends it again on the new connection (or, without a session, not at all)
+        }
+        if !self.client.try_ack(self.pkid, self.qos) {
+            let (client, pkid, qos) = (self.client.clone(), self.pkid, self.qos);
+            runtime().spawn(async move { client.ack(pkid, qos).await });
+        }
+    }
+}
+
 /// A plain MQTT message.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Message {
     pub topic: String,
     pub payload: Bytes,
     pub qos: u8,
     pub retain: bool,
     pub received_at: i64,
+    pub ack: Option<Arc<Ack>>,
 }
 
 /// What a subscription's consumer receives.
@@ -88,10 +114,12 @@ pub enum Item {
         point: RawPoint,
         qos: u8,
         retain: bool,
+        ack: Option<Arc<Ack>>,
     },
     Command {
         command: Command,
         raw: Bytes,
+        ack: Option<Arc<Ack>>,
     },
     Message(Message),
     /// A message that could not be decoded: counted, and handed over with the reason.
@@ -180,6 +208,8 @@ pub struct Stats {
     pub acknowledged: AtomicU64,
     pub received: AtomicU64,
     pub unrouted: AtomicU64,
+    /// Extra copies of one message that an MQTT 3.1.1 broker sent for overlapping subscriptions.
+    pub duplicates: AtomicU64,
     pub reconnects: AtomicU64,
     pub events_dropped: AtomicU64,
 }
@@ -201,6 +231,10 @@ pub(crate) struct Shared {
     close_signal: Notify,
     window: Arc<Semaphore>,
     next_id: AtomicU64,
+    /// MQTT 5 subscription identifiers, one per distinct filter.
+    filter_ids: Mutex<HashMap<String, usize>>,
+    /// Counts connections, so that acknowledgements never cross into a later one.
+    generation: Arc<AtomicU64>,
     pub stats: Stats,
 }
 
@@ -210,6 +244,15 @@ impl Shared {
     }
     fn routes(&self) -> MutexGuard<'_, Vec<Arc<Route>>> {
         self.routes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    /// The subscription identifier of `filter` (stable for the session's life).
+    fn filter_id(&self, filter: &str) -> usize {
+        let mut ids = self
+            .filter_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let next = ids.len() + 1;
+        *ids.entry(filter.to_owned()).or_insert(next)
     }
     fn emit(&self, event: Event) {
         if let Some(sink) = &self.sink {
@@ -270,6 +313,8 @@ impl Session {
             closed: AtomicBool::new(false),
             close_signal: Notify::new(),
             next_id: AtomicU64::new(1),
+            filter_ids: Mutex::new(HashMap::new()),
+            generation: Arc::new(AtomicU64::new(0)),
             stats: Stats::default(),
         });
         Ok(Session {
@@ -350,7 +395,11 @@ impl Session {
             if self
                 .shared
                 .client
-                .subscribe(route.filter.clone(), route.qos)
+                .subscribe(
+                    route.filter.clone(),
+                    route.qos,
+                    self.shared.filter_id(&route.filter),
+                )
                 .await
                 .is_err()
             {

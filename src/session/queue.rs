@@ -148,6 +148,13 @@ impl<T> Queue<T> {
         }
     }
 
+    /// Adds an item now, beyond the capacity if need be, counted as received: for messages whose
+    /// flow the broker bounds (unacknowledged QoS 1/2 under `Block`).
+    pub fn push_unbounded(&self, item: T) {
+        self.counters.received.fetch_add(1, Ordering::Relaxed);
+        self.push_control(item);
+    }
+
     /// Adds an item now, beyond the capacity if need be: for rare control items (errors, the end).
     pub fn push_control(&self, item: T) {
         let mut inner = self.lock();
@@ -180,6 +187,15 @@ impl<T> Queue<T> {
         }
         inner.items.push_back(item);
         drop(inner);
+        self.wake_consumers();
+    }
+
+    /// Puts an item back at the front (a consumer took more than it could use).
+    pub fn push_front(&self, item: T) {
+        let mut inner = self.lock();
+        inner.items.push_front(item);
+        drop(inner);
+        self.counters.delivered.fetch_sub(1, Ordering::Relaxed);
         self.wake_consumers();
     }
 

@@ -1,0 +1,269 @@
+//! Data points into Arrow record batches: one row per point, built column by column in Rust so that
+//! Python never loops over points to make a DataFrame.
+//!
+//! Columns: `timestamp` and `received_at` (UTC, nanoseconds), `company`, `source_id`,
+//! `connection_tag`, `measurement`, `key`, `value` (float64: numbers, and booleans as 1.0/0.0),
+//! `value_text` (strings; lists and objects as JSON text; null for numbers and booleans), `tags`
+//! (a map of string to string), and one string column per tag asked for in `tag_columns`.
+
+use crate::payload::RawPoint;
+use arrow_array::builder::{Float64Builder, MapBuilder, StringBuilder, TimestampNanosecondBuilder};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
+use serde_json::Value;
+use std::sync::Arc;
+
+/// How to shape a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchOptions {
+    /// Tags to copy into columns of their own (named after the tag), besides the `tags` map.
+    pub tag_columns: Vec<String>,
+}
+
+fn utc_timestamp() -> DataType {
+    DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+/// The schema of batches built with `options`.
+pub fn schema(options: &BatchOptions) -> SchemaRef {
+    let entries = Field::new(
+        "entries",
+        DataType::Struct(
+            vec![
+                Field::new("keys", DataType::Utf8, false),
+                Field::new("values", DataType::Utf8, true),
+            ]
+            .into(),
+        ),
+        false,
+    );
+    let mut fields = vec![
+        Field::new("timestamp", utc_timestamp(), false),
+        Field::new("received_at", utc_timestamp(), false),
+        Field::new("company", DataType::Utf8, false),
+        Field::new("source_id", DataType::Utf8, false),
+        Field::new("connection_tag", DataType::Utf8, false),
+        Field::new("measurement", DataType::Utf8, false),
+        Field::new("key", DataType::Utf8, false),
+        Field::new("value", DataType::Float64, true),
+        Field::new("value_text", DataType::Utf8, true),
+        Field::new("tags", DataType::Map(Arc::new(entries), false), false),
+    ];
+    for tag in &options.tag_columns {
+        fields.push(Field::new(tag, DataType::Utf8, true));
+    }
+    Arc::new(Schema::new(fields))
+}
+
+/// Appends points one at a time; `finish` makes the record batch.
+pub struct BatchBuilder {
+    options: BatchOptions,
+    timestamp: TimestampNanosecondBuilder,
+    received_at: TimestampNanosecondBuilder,
+    company: StringBuilder,
+    source_id: StringBuilder,
+    connection_tag: StringBuilder,
+    measurement: StringBuilder,
+    key: StringBuilder,
+    value: Float64Builder,
+    value_text: StringBuilder,
+    tags: MapBuilder<StringBuilder, StringBuilder>,
+    tag_columns: Vec<StringBuilder>,
+    rows: usize,
+}
+
+impl BatchBuilder {
+    pub fn new(options: BatchOptions, capacity: usize) -> Self {
+        let text = || StringBuilder::with_capacity(capacity, capacity * 16);
+        let tag_columns = options.tag_columns.iter().map(|_| text()).collect();
+        BatchBuilder {
+            timestamp: TimestampNanosecondBuilder::with_capacity(capacity).with_timezone("UTC"),
+            received_at: TimestampNanosecondBuilder::with_capacity(capacity).with_timezone("UTC"),
+            company: text(),
+            source_id: text(),
+            connection_tag: text(),
+            measurement: text(),
+            key: text(),
+            value: Float64Builder::with_capacity(capacity),
+            value_text: text(),
+            tags: MapBuilder::new(None, StringBuilder::new(), StringBuilder::new()),
+            tag_columns,
+            options,
+            rows: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    pub fn push(&mut self, point: &RawPoint) {
+        self.timestamp.append_value(point.timestamp);
+        self.received_at.append_value(point.received_at);
+        self.company.append_value(point.topic.company());
+        self.source_id.append_value(point.topic.source_id());
+        self.connection_tag
+            .append_value(point.topic.connection_tag());
+        self.measurement.append_value(point.topic.measurement());
+        self.key.append_value(point.topic.key());
+        match &point.value {
+            Value::Number(n) => {
+                self.value.append_option(n.as_f64());
+                self.value_text.append_null();
+            }
+            Value::Bool(b) => {
+                self.value.append_value(if *b { 1.0 } else { 0.0 });
+                self.value_text.append_null();
+            }
+            Value::String(s) => {
+                self.value.append_null();
+                self.value_text.append_value(s);
+            }
+            Value::Null => {
+                self.value.append_null();
+                self.value_text.append_null();
+            }
+            other @ (Value::Array(_) | Value::Object(_)) => {
+                self.value.append_null();
+                self.value_text.append_value(other.to_string());
+            }
+        }
+        for (name, value) in &point.tags.0 {
+            self.tags.keys().append_value(name);
+            self.tags.values().append_value(value);
+        }
+        // Appending an entry can only fail when the key and value counts differ; they match above.
+        let _ = self.tags.append(true);
+        for (column, wanted) in self.tag_columns.iter_mut().zip(&self.options.tag_columns) {
+            let found = point.tags.0.iter().find(|(name, _)| name == wanted);
+            column.append_option(found.map(|(_, value)| value.as_str()));
+        }
+        self.rows += 1;
+    }
+
+    /// The record batch of everything pushed so far; the builder starts again empty.
+    pub fn finish(&mut self) -> Result<RecordBatch, ArrowError> {
+        let mut columns: Vec<ArrayRef> = vec![
+            Arc::new(self.timestamp.finish()),
+            Arc::new(self.received_at.finish()),
+            Arc::new(self.company.finish()),
+            Arc::new(self.source_id.finish()),
+            Arc::new(self.connection_tag.finish()),
+            Arc::new(self.measurement.finish()),
+            Arc::new(self.key.finish()),
+            Arc::new(self.value.finish()),
+            Arc::new(self.value_text.finish()),
+            Arc::new(self.tags.finish()),
+        ];
+        for column in &mut self.tag_columns {
+            columns.push(Arc::new(column.finish()));
+        }
+        self.rows = 0;
+        RecordBatch::try_new(schema(&self.options), columns)
+    }
+}
+
+/// One record batch of `points`.
+pub fn build(points: &[RawPoint], options: &BatchOptions) -> Result<RecordBatch, ArrowError> {
+    let mut builder = BatchBuilder::new(options.clone(), points.len());
+    for point in points {
+        builder.push(point);
+    }
+    builder.finish()
+}
+
+/// Joins batches of the same schema into one.
+pub fn concat(schema: &SchemaRef, batches: &[RecordBatch]) -> Result<RecordBatch, ArrowError> {
+    arrow_select::concat::concat_batches(schema, batches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::payload::parse_raw;
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::{Float64Type, TimestampNanosecondType};
+    use arrow_array::Array;
+
+    fn point(key: &str, payload: &str) -> RawPoint {
+        parse_raw(
+            &format!("v1/raw/AcmeCorp/src-1/Conn/Monitoring/{key}"),
+            payload.as_bytes(),
+            99,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_value_kind_lands_in_the_right_column() {
+        let points = vec![
+            point(
+                "int",
+                r#"{"Value": 55, "Tags": {"MachineName": "M1"}, "UtcTimestamp": 1731061326260}"#,
+            ),
+            point("float", r#"{"Value": 23.5}"#),
+            point("bool", r#"{"Value": true}"#),
+            point(
+                "text",
+                r#"{"Value": "Running", "Tags": {"Line": "2", "MachineName": "M2"}}"#,
+            ),
+            point("list", r#"{"Value": [1, {"a": null}]}"#),
+            point("null", r#"{"Value": null}"#),
+        ];
+        let options = BatchOptions {
+            tag_columns: vec!["MachineName".into()],
+        };
+        let batch = build(&points, &options).unwrap();
+        assert_eq!(batch.num_rows(), 6);
+        assert_eq!(batch.schema(), schema(&options));
+        let value = batch
+            .column_by_name("value")
+            .unwrap()
+            .as_primitive::<Float64Type>();
+        // Exact values: these floats are representable, so equality is what is meant.
+        assert_eq!(value.values()[..3], [55.0, 23.5, 1.0]);
+        assert!(value.is_null(3) && value.is_null(4) && value.is_null(5));
+        let text = batch
+            .column_by_name("value_text")
+            .unwrap()
+            .as_string::<i32>();
+        assert!(text.is_null(0) && text.is_null(1) && text.is_null(2) && text.is_null(5));
+        assert_eq!(text.value(3), "Running");
+        assert_eq!(text.value(4), r#"[1,{"a":null}]"#);
+        let stamps = batch
+            .column_by_name("timestamp")
+            .unwrap()
+            .as_primitive::<TimestampNanosecondType>();
+        assert_eq!(stamps.value(0), 1_731_061_326_260_000_000);
+        assert_eq!(stamps.value(1), 99, "no UtcTimestamp: the time of receipt");
+        let machine = batch
+            .column_by_name("MachineName")
+            .unwrap()
+            .as_string::<i32>();
+        assert_eq!(machine.value(0), "M1");
+        assert!(machine.is_null(1));
+        assert_eq!(machine.value(3), "M2");
+        let tags = batch.column_by_name("tags").unwrap().as_map();
+        assert_eq!(tags.value(3).len(), 2);
+        let keys = batch.column_by_name("key").unwrap().as_string::<i32>();
+        assert_eq!(keys.value(4), "list");
+    }
+
+    #[test]
+    fn concat_joins_batches() {
+        let options = BatchOptions::default();
+        let a = build(&[point("a", r#"{"Value": 1}"#)], &options).unwrap();
+        let b = build(
+            &[point("b", r#"{"Value": 2}"#), point("c", r#"{"Value": 3}"#)],
+            &options,
+        )
+        .unwrap();
+        let joined = concat(&schema(&options), &[a, b]).unwrap();
+        assert_eq!(joined.num_rows(), 3);
+        let empty = build(&[], &options).unwrap();
+        assert_eq!(empty.num_rows(), 0);
+    }
+}
