@@ -43,7 +43,7 @@ rust-test: mosquitto
 	cargo test --quiet
 
 stubtest: $(STAMPS)/build
-	$(PY) -m mypy.stubtest capture_mqtt --allowlist stubtest-allowlist.txt
+	$(PY) -m mypy.stubtest capture_mqtt --allowlist stubtest-allowlist.txt --mypy-config-file pyproject.toml
 
 py-test: $(STAMPS)/build mosquitto
 	$(PY) -m pytest -q

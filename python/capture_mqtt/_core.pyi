@@ -5,12 +5,12 @@ from datetime import datetime
 from typing import Any, Final, Literal, TypeAlias, final
 
 __all__ = [
-    "_Batch",
     "Command",
     "DataPoint",
     "MalformedMessage",
     "Message",
     "TopicInfo",
+    "_Batch",
     "_PublishHandle",
     "_Session",
     "_Subscription",

@@ -20,7 +20,9 @@ def _need(module: str, extra: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise ImportError(f"this needs {module}: pip install 'capture-mqtt[{extra}]' (or pip install {module})") from None
+        raise ImportError(
+            f"this needs {module}: pip install 'capture-mqtt[{extra}]' (or pip install {module})"
+        ) from None
 
 
 class Batch:
@@ -86,7 +88,8 @@ class Batch:
         0
         """
         pyarrow = _need("pyarrow", "pandas")
-        return pyarrow.table(self)
+        table: pa.Table = pyarrow.table(self)
+        return table
 
     def to_pandas(self) -> pd.DataFrame:
         """A ``pandas.DataFrame``; timestamps are ``datetime64[ns, UTC]``.
@@ -99,9 +102,8 @@ class Batch:
         """
         pandas = _need("pandas", "pandas")
         from_arrow = getattr(pandas.DataFrame, "from_arrow", None)
-        if from_arrow is not None:
-            return from_arrow(self)
-        return self.to_arrow().to_pandas()
+        frame: pd.DataFrame = from_arrow(self) if from_arrow is not None else self.to_arrow().to_pandas()
+        return frame
 
     def to_polars(self) -> pl.DataFrame:
         """A ``polars.DataFrame`` (needs only polars).
@@ -111,7 +113,8 @@ class Batch:
         (0, 10)
         """
         polars = _need("polars", "polars")
-        return polars.DataFrame(self)
+        frame: pl.DataFrame = polars.DataFrame(self)
+        return frame
 
     def to_wide(self) -> pd.DataFrame:
         """The shape analysts want: one row per timestamp and source, one column per
@@ -119,7 +122,8 @@ class Batch:
 
         >>> import capture_mqtt as cm
         >>> t = '{"Value": %s, "UtcTimestamp": "2024-11-08T10:22:06Z"}'
-        >>> points = [cm.parse_raw(f"v1/raw/A/s1/C/Monitoring/{k}", t % v) for k, v in [("Temp", 55), ("State", '"On"')]]
+        >>> readings = [("Temp", 55), ("State", '"On"')]
+        >>> points = [cm.parse_raw(f"v1/raw/A/s1/C/Monitoring/{k}", t % v) for k, v in readings]
         >>> cm.Batch.from_points(points).to_wide()
         field                                Monitoring/State  Monitoring/Temp
         timestamp                 source_id

@@ -30,6 +30,15 @@ def _progress_bar(progress: bool | None, total: float | None, unit: str) -> Any:
     return tqdm(total=total, unit=unit, desc="collecting", dynamic_ncols=True)
 
 
+def _check_limits(seconds: float | None, max_rows: int | None) -> None:
+    if seconds is None and max_rows is None:
+        raise ValueError("give seconds=..., max_rows=... or both: collect needs to know when to stop")
+    if seconds is not None and seconds <= 0:
+        raise ValueError(f"seconds must be positive, got {seconds}")
+    if max_rows is not None and max_rows < 1:
+        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+
+
 def collect(
     source: Client | Subscription,
     filter: str | None = None,
@@ -50,12 +59,7 @@ def collect(
     >>> cm.collect.__name__
     'collect'
     """
-    if seconds is None and max_rows is None:
-        raise ValueError("give seconds=..., max_rows=... or both: collect needs to know when to stop")
-    if seconds is not None and seconds <= 0:
-        raise ValueError(f"seconds must be positive, got {seconds}")
-    if max_rows is not None and max_rows < 1:
-        raise ValueError(f"max_rows must be at least 1, got {max_rows}")
+    _check_limits(seconds, max_rows)
     owned = isinstance(source, Client)
     if isinstance(source, Client):
         subscription = source.subscribe(filter, qos=qos) if filter else source.subscribe_raw(qos=qos)
@@ -74,7 +78,9 @@ def collect(
                 break
             chunk = 50_000 if max_rows is None else min(50_000, max_rows - rows)
             try:
-                part = subscription.batch(chunk, timeout=0.25 if left is None else min(0.25, left), tag_columns=tag_columns)
+                part = subscription.batch(
+                    chunk, timeout=0.25 if left is None else min(0.25, left), tag_columns=tag_columns
+                )
             except ClosedError:
                 break
             if len(part):

@@ -1,0 +1,347 @@
+"""Live data end to end against a real Mosquitto: every way of consuming, with exact values; overlapping
+filters; bounded memory under each overflow policy; malformed messages; unsubscribing; shared
+subscriptions; batches for pandas."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+import capture_mqtt as cm
+from capture_mqtt.testing import Mosquitto
+
+from .conftest import COMPANY, PASSWORDS, connect
+from .test_connect import wait_until
+
+TOPIC = f"v1/raw/{COMPANY}/src-1/Conn/Monitoring/CPU_Temp"
+STAMP = datetime(2024, 11, 8, 10, 22, 6, 260000, tzinfo=UTC)
+
+# (topic, payload, expected value, expected tags, expected timestamp or None for "time of receipt")
+CASES: list[tuple[str, str, Any, dict[str, str], datetime | None]] = [
+    (
+        TOPIC,
+        '{"Value": 55, "Tags": {"MachineName": "M1"}, "UtcTimestamp": "2024-11-08T10:22:06.26Z"}',
+        55,
+        {"MachineName": "M1"},
+        STAMP,
+    ),
+    (
+        f"v1/raw/{COMPANY}/src-1/Conn/Monitoring/CPU_Load",
+        '{"Value": 23.4, "UtcTimestamp": 1731061326260}',
+        23.4,
+        {},
+        STAMP,
+    ),
+    (
+        f"v1/raw/{COMPANY}/src-2/Conn/Line/State",
+        '{"Value": "Läuft ✓", "Tags": {"Ort": "Zürich"}, "UtcTimestamp": "2024-11-08T11:22:06.260+01:00"}',
+        "Läuft ✓",
+        {"Ort": "Zürich"},
+        STAMP,
+    ),
+    (
+        f"v1/raw/{COMPANY}/src-2/Conn/Line/Running",
+        '{"Value": true, "UtcTimestamp": "2024-11-08T10:22:06.260000000Z"}',
+        True,
+        {},
+        STAMP,
+    ),
+    (f"v1/raw/{COMPANY}/src-2/Conn/Line/Big", '{"Value": 9007199254740993}', 9007199254740993, {}, None),
+    (
+        f"v1/raw/{COMPANY}/src-3/Edge/Files/Photo",
+        '{"Value": "data:image/png;base64,iVBORw0KGgo="}',
+        "data:image/png;base64,iVBORw0KGgo=",
+        {},
+        None,
+    ),
+    (
+        f"v1/raw/{COMPANY}/src-3/Edge/Shape/List",
+        '{"Value": [1, 2.5, "x"], "Tags": {"n": 5}}',
+        [1, 2.5, "x"],
+        {"n": "5"},
+        None,
+    ),
+]
+
+
+def publish_cases(pipeline: cm.Client, qos: int = 1) -> None:
+    for topic, payload, *_ in CASES:
+        pipeline.publish(topic, payload, qos=qos)
+
+
+def check(points: list[Any]) -> None:
+    assert len(points) == len(CASES), points
+    for point, (topic, _, value, tags, stamp) in zip(points, CASES, strict=True):
+        assert point.topic == topic
+        assert point.value == value
+        assert type(point.value) is type(value)
+        assert point.tags == tags
+        if stamp is not None:
+            assert point.timestamp == stamp
+        else:
+            assert abs((point.timestamp - point.received_at).total_seconds()) < 0.001
+
+
+def test_iterator_and_get_deliver_exact_values(broker: Mosquitto) -> None:
+    with connect(broker) as client, client.subscribe_raw(qos=1) as sub, connect(broker, "pipeline") as pipeline:
+        publish_cases(pipeline)
+        got = [sub.get(timeout=5) for _ in CASES[:3]]
+        for point in sub:
+            got.append(point)
+            if len(got) == len(CASES):
+                break
+        check(got)
+        assert sub.get(timeout=0.1) is None
+        assert sub.stats == {"received": 7, "delivered": 7, "malformed": 0, "dropped": 0, "queued": 0}
+
+
+def test_callback_runs_off_the_network_thread_and_survives_exceptions(broker: Mosquitto) -> None:
+    got: list[Any] = []
+    threads: set[str] = set()
+    errors: list[BaseException] = []
+
+    def on_point(point: Any) -> None:
+        threads.add(threading.current_thread().name)
+        got.append(point)
+        if len(got) == 2:
+            raise RuntimeError("a bug in user code")
+
+    with (
+        connect(broker) as client,
+        client.subscribe_raw(qos=1, callback=on_point, on_error=errors.append),
+        connect(broker, "pipeline") as pipeline,
+    ):
+        publish_cases(pipeline)
+        wait_until(lambda: len(got) == len(CASES), what="all points through the callback")
+    check(got)
+    assert [str(e) for e in errors] == ["a bug in user code"]
+    assert all(name.startswith("capture-mqtt-callback") for name in threads)
+
+
+def test_async_for_delivers_in_chunks(broker: Mosquitto) -> None:
+    async def main() -> list[Any]:
+        async with cm.AsyncClient(
+            broker.host,
+            transport="mqtt",
+            port=broker.mqtt_port,
+            username="alice",
+            password=PASSWORDS["alice"],
+            company=COMPANY,
+        ) as client:
+            sub = await client.subscribe_raw(qos=1)
+            with connect(broker, "pipeline") as pipeline:
+                publish_cases(pipeline)
+            got = []
+            async for point in sub:
+                got.append(point)
+                if len(got) == len(CASES):
+                    break
+            assert await sub.get(timeout=0.1) is None
+            await sub.close()
+            return got
+
+    check(asyncio.run(main()))
+
+
+def test_batches_to_pandas_with_exact_values(broker: Mosquitto) -> None:
+    with connect(broker) as client, client.subscribe_raw(qos=1) as sub, connect(broker, "pipeline") as pipeline:
+        publish_cases(pipeline)
+        wait_until(lambda: sub.stats["queued"] == len(CASES), what="the points to arrive")
+        batch = sub.batch(max_rows=100, timeout=1, tag_columns=["MachineName"])
+    assert len(batch) == len(CASES)
+    frame = batch.to_pandas()
+    assert list(frame["key"]) == ["CPU_Temp", "CPU_Load", "State", "Running", "Big", "Photo", "List"]
+    assert list(frame["value"][:2]) == [55.0, 23.4]
+    assert frame["value"][3] == 1.0
+    assert frame["value"][4] == float(9007199254740993)
+    assert frame["value_text"][2] == "Läuft ✓"
+    assert frame["value_text"][6] == '[1,2.5,"x"]'
+    assert frame["MachineName"][0] == "M1"
+    assert str(frame["timestamp"].dtype) == "datetime64[ns, UTC]"
+    assert frame["timestamp"][0] == STAMP
+    assert dict(frame["tags"][2]) == {"Ort": "Zürich"}
+    arrow = batch.to_arrow()
+    assert arrow.num_rows == len(CASES)
+    assert batch.to_polars().height == len(CASES)
+    wide = batch.to_wide()
+    assert wide.loc[(STAMP, "src-1"), "Monitoring/CPU_Temp"] == 55.0
+
+
+def test_batches_loop_ends_when_the_subscription_closes(broker: Mosquitto) -> None:
+    with connect(broker) as client, connect(broker, "pipeline") as pipeline:
+        sub = client.subscribe_raw(qos=1)
+        # One QoS level: MQTT keeps order within a level, and QoS 0 may overtake QoS 1.
+        for i in range(2500):
+            pipeline.publish(TOPIC, cm.field_payload(i), qos=1, wait=i % 100 == 99)
+        pipeline.publish(TOPIC, cm.field_payload(-1), qos=1)
+        rows = 0
+        values: list[float] = []
+        for batch in sub.batches(max_rows=1000, timeout=0.5):
+            assert 0 < len(batch) <= 1000
+            rows += len(batch)
+            values += batch.to_pandas()["value"].tolist()
+            if values[-1] == -1:
+                sub.close()
+        assert rows == 2501
+        assert values == [*map(float, range(2500)), -1.0]
+
+
+def test_collect_gathers_for_a_time_or_a_row_count(broker: Mosquitto) -> None:
+    with connect(broker) as client, connect(broker, "pipeline") as pipeline:
+        stop = threading.Event()
+
+        def stream() -> None:
+            i = 0
+            while not stop.is_set():
+                pipeline.publish(TOPIC, cm.field_payload(i), qos=0)
+                i += 1
+                time.sleep(0.001)
+
+        thread = threading.Thread(target=stream)
+        thread.start()
+        try:
+            started = time.monotonic()
+            by_time = cm.collect(client, seconds=1.0, progress=False)
+            assert 0.9 < time.monotonic() - started < 3
+            assert len(by_time) > 50
+            by_rows = cm.collect(client, max_rows=100, progress=True)
+            assert len(by_rows) == 100
+        finally:
+            stop.set()
+            thread.join()
+    with pytest.raises(ValueError, match="seconds"):
+        cm.collect(client)
+
+
+@pytest.mark.parametrize("protocol", [3, 5])
+def test_overlapping_filters_get_exactly_their_messages(broker: Mosquitto, protocol: int) -> None:
+    with connect(broker, protocol=protocol) as client, connect(broker, "pipeline") as pipeline:
+        everything = client.subscribe_raw(qos=1)
+        monitoring = client.subscribe_raw(measurement="Monitoring", qos=1)
+        same_filter = client.subscribe_raw(measurement="Monitoring", qos=0)
+        temps = client.subscribe_raw(key="CPU_Temp", qos=1)
+        wait_until(lambda: all(s._native.is_active for s in (everything, monitoring, temps)), what="grants")
+        publish_cases(pipeline)
+        pipeline.publish(TOPIC, CASES[0][1], qos=1)  # the same message again: a genuine repeat
+        expected = {
+            "everything": [c[0] for c in CASES] + [TOPIC],
+            "monitoring": [c[0] for c in CASES if "/Monitoring/" in c[0]] + [TOPIC],
+            "same_filter": [c[0] for c in CASES if "/Monitoring/" in c[0]] + [TOPIC],
+            "temps": [TOPIC, TOPIC],
+        }
+        for name, sub in [
+            ("everything", everything),
+            ("monitoring", monitoring),
+            ("same_filter", same_filter),
+            ("temps", temps),
+        ]:
+            got: list[str] = []
+            while len(got) < len(expected[name]):
+                point = sub.get(timeout=5)
+                assert point is not None, f"{name} (MQTT {protocol}) got only {got}"
+                got.append(point.topic)
+            assert got == expected[name], name
+            assert sub.get(timeout=0.3) is None, f"{name} (MQTT {protocol}) got a duplicate"
+
+
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
+def test_drop_policies_bound_memory_and_count_exactly(broker: Mosquitto, overflow: str) -> None:
+    with connect(broker) as client, connect(broker, "pipeline") as pipeline:
+        sub = client.subscribe_raw(queue_size=100, overflow=overflow)
+        for i in range(1000):
+            pipeline.publish(TOPIC, cm.field_payload(i), qos=1)
+        wait_until(lambda: sub.stats["received"] == 1000, what="all messages to arrive")
+        stats = sub.stats
+        assert stats["queued"] == 100
+        assert stats["dropped"] == 900
+        values = [sub.get(timeout=1).value for _ in range(100)]
+        assert values == (list(range(100)) if overflow == "drop_newest" else list(range(900, 1000)))
+        assert sub.stats["delivered"] == 100
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_block_policy_loses_nothing_and_keeps_the_connection(fresh_broker: Mosquitto, qos: int) -> None:
+    events: list[cm.ConnectionEvent] = []
+    with (
+        connect(fresh_broker, keepalive=1, on_event=events.append) as client,
+        connect(fresh_broker, "pipeline") as pipeline,
+    ):
+        sub = client.subscribe_raw(queue_size=50, overflow="block", qos=qos)
+        for i in range(2000):
+            pipeline.publish(TOPIC, cm.field_payload(i), qos=1)
+        time.sleep(3.5)  # a stalled consumer, for longer than 1.5 keepalives
+        assert sub.stats["queued"] <= 50 + 100  # the queue, plus at most the broker's in-flight window
+        assert client.is_connected
+        values = [sub.get(timeout=5).value for _ in range(2000)]
+        assert values == list(range(2000))
+        assert sub.stats["dropped"] == 0
+        assert [e.kind for e in events] == ["connected"]
+
+
+def test_malformed_messages_are_counted_and_handed_over(broker: Mosquitto) -> None:
+    bad: list[cm.MalformedMessage] = []
+    with (
+        connect(broker) as client,
+        client.subscribe_raw(qos=1, on_malformed=bad.append) as sub,
+        connect(broker, "pipeline") as pipeline,
+    ):
+        pipeline.publish(TOPIC, b'{"Value": 1}', qos=1)
+        pipeline.publish(TOPIC, b"not json", qos=1)
+        pipeline.publish(TOPIC, b"\xff\xfe", qos=1)
+        pipeline.publish(f"v1/raw/{COMPANY}/a/b/c/d/too-deep", b'{"Value": 2}', qos=1)
+        pipeline.publish(TOPIC, b'{"Value": 3}', qos=1)
+        assert [sub.get(timeout=5).value for _ in range(2)] == [1, 3]
+        assert sub.stats["malformed"] == 3
+    assert [m.payload for m in bad] == [b"not json", b"\xff\xfe", b'{"Value": 2}']
+    assert "more than 7 levels" in bad[2].reason
+    assert bad[0].topic == TOPIC
+
+
+def test_close_unsubscribes_at_the_broker(broker: Mosquitto) -> None:
+    with connect(broker) as client, connect(broker, "pipeline") as pipeline:
+        sub = client.subscribe_raw(qos=1)
+        pipeline.publish(TOPIC, cm.field_payload(1), qos=1)
+        assert sub.get(timeout=5) is not None
+        sub.close()
+        with pytest.raises(cm.ClosedError):
+            sub.get(timeout=1)
+        for i in range(5):
+            pipeline.publish(TOPIC, cm.field_payload(i), qos=1)
+        time.sleep(0.5)
+        assert client.stats["unrouted"] == 0, "the broker still sends what nobody subscribes to"
+
+
+def test_shared_subscriptions_split_one_stream(broker: Mosquitto) -> None:
+    group = f"$share/ingest/v1/raw/{COMPANY}/#"
+    with (
+        connect(broker, protocol=5) as first,
+        connect(broker, protocol=5) as second,
+        connect(broker, "pipeline") as pipeline,
+    ):
+        subs = [first.subscribe(group, qos=1), second.subscribe(group, qos=1)]
+        for i in range(200):
+            pipeline.publish(TOPIC, cm.field_payload(i), qos=1)
+        got: list[int] = []
+        deadline = time.monotonic() + 10
+        while len(got) < 200 and time.monotonic() < deadline:
+            for sub in subs:
+                point = sub.get(timeout=0.05)
+                if point is not None:
+                    got.append(point.value)
+        assert sorted(got) == list(range(200)), "every message once, across the group"
+        assert all(s.stats["received"] > 0 for s in subs), [s.stats for s in subs]
+
+
+def test_plain_mqtt_filters_deliver_messages(broker: Mosquitto) -> None:
+    with connect(broker, "pipeline") as client:
+        sub = client.subscribe("plant/+/status")
+        client.publish("plant/line1/status", json.dumps({"ok": True}), qos=1)
+        message = sub.get(timeout=5)
+        assert isinstance(message, cm.Message)
+        assert (message.topic, json.loads(message.payload), message.qos) == ("plant/line1/status", {"ok": True}, 0)
