@@ -50,6 +50,7 @@ py-test: $(STAMPS)/build mosquitto
 
 bench: $(STAMPS)/build mosquitto
 	$(PY) benchmarks/bench_parse.py
+	$(PY) benchmarks/bench_receive.py
 
 clean:
 	rm -rf $(STAMPS) target $(VENV)

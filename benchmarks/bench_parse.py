@@ -7,15 +7,13 @@ Run with `make bench` (or `python benchmarks/bench_parse.py`); prints messages p
 
 from __future__ import annotations
 
-import json
-import random
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
+
+from common import PurePythonPoint, make_messages, pure_python_point
 
 import capture_mqtt as cm
 
@@ -23,60 +21,8 @@ MESSAGES = 200_000
 REPEATS = 5
 
 
-@dataclass(frozen=True, slots=True)
-class PurePythonPoint:
-    """What a pure-Python client builds for each message: the same fields a DataPoint offers."""
-
-    topic: str
-    company: str
-    source_id: str
-    connection_tag: str
-    measurement: str
-    key: str
-    value: Any
-    tags: dict[str, str]
-    timestamp: datetime
-
-
-def make_messages(count: int, seed: int = 7) -> list[tuple[str, bytes]]:
-    rng = random.Random(seed)
-    sources = [f"{rng.getrandbits(128):032x}" for _ in range(20)]
-    measurements = {
-        "Monitoring": ["CPU_Temp", "CPU_Load", "Mem_Used", "Disk_Free"],
-        "Energy": ["Power_kW", "Voltage_L1", "Current_L1", "Cos_Phi"],
-        "Line": ["Speed", "State", "Operator", "Count"],
-    }
-    messages = []
-    for i in range(count):
-        source = rng.choice(sources)
-        measurement = rng.choice(list(measurements))
-        key = rng.choice(measurements[measurement])
-        value: Any
-        if key in {"State", "Operator"}:
-            value = rng.choice(["Running", "Stopped", "Alice", "Bob"])
-        elif key == "Count":
-            value = rng.randrange(1_000_000)
-        else:
-            value = round(rng.uniform(0, 500), rng.randrange(1, 4))
-        tags = {"Connection_Tag": "System_Monitoring_Requester", "MachineName": f"Machine{i % 7}"}
-        if i % 3 == 0:
-            tags["SerialNumber"] = str(rng.randrange(10_000, 99_999))
-        stamp = f"2024-11-08T10:{(i // 60) % 60:02d}:{i % 60:02d}.{rng.randrange(1000):03d}Z"
-        topic = f"v1/raw/AcmeCorp/{source}/System_Monitoring_Requester/{measurement}/{key}"
-        payload = json.dumps({"Value": value, "Tags": tags, "UtcTimestamp": stamp}).encode()
-        messages.append((topic, payload))
-    return messages
-
-
 def pure_python(messages: list[tuple[str, bytes]]) -> list[PurePythonPoint]:
-    out = []
-    for topic, payload in messages:
-        body = json.loads(payload)
-        _, _, company, source_id, connection_tag, measurement, key = topic.split("/")
-        stamp = datetime.fromisoformat(body["UtcTimestamp"]).astimezone(UTC)
-        value, tags = body["Value"], body["Tags"]
-        out.append(PurePythonPoint(topic, company, source_id, connection_tag, measurement, key, value, tags, stamp))
-    return out
+    return [pure_python_point(topic, payload) for topic, payload in messages]
 
 
 def capture_mqtt(messages: list[tuple[str, bytes]]) -> list[cm.DataPoint]:

@@ -166,6 +166,7 @@ def test_batches_to_pandas_with_exact_values(broker: Mosquitto) -> None:
     assert str(frame["timestamp"].dtype) == "datetime64[ns, UTC]"
     assert frame["timestamp"][0] == STAMP
     assert dict(frame["tags"][2]) == {"Ort": "Zürich"}
+    assert batch.to_pandas(tags="dict")["tags"][0] == {"MachineName": "M1"}
     arrow = batch.to_arrow()
     assert arrow.num_rows == len(CASES)
     assert batch.to_polars().height == len(CASES)

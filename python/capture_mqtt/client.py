@@ -681,7 +681,7 @@ class _SubscriptionBase:
         return Batch(native)
 
     def _keep(self, item: Any) -> bool:
-        if isinstance(item, _core.MalformedMessage):
+        if type(item) is _core.MalformedMessage:
             log.debug("malformed message on %r: %s", item.topic, item.reason)
             if self._on_malformed is not None:
                 try:
@@ -724,21 +724,29 @@ class Subscription(_SubscriptionBase):
             self._thread.start()
 
     def _run_callback(self, callback: Callable[[Any], object]) -> None:
-        while True:
-            try:
-                item = self.get()
-            except ClosedError:
-                return
-            except Exception as err:
-                self._report(err)
-                return
-            if item is None:
-                continue
+        for item in self._items(report_errors=True):
             try:
                 callback(item)
             except Exception as err:
                 log.exception("a subscription callback raised; the stream goes on")
                 self._report(err)
+
+    def _items(self, *, report_errors: bool = False) -> Iterator[Any]:
+        # Items come in chunks: one wait (with the interpreter lock released) per chunk.
+        native, keep = self._native, self._keep
+        while True:
+            try:
+                items = native.get_many(1024, None)
+            except ClosedError:
+                return
+            except Exception as err:
+                if not report_errors:
+                    raise
+                self._report(err)  # the subscription failed (authorization)
+                return
+            for item in items:
+                if keep(item):
+                    yield item
 
     def _report(self, err: BaseException) -> None:
         if self._on_error is not None:
@@ -763,12 +771,7 @@ class Subscription(_SubscriptionBase):
                 return item
 
     def __iter__(self) -> Iterator[Any]:
-        while True:
-            try:
-                item = self.get()
-            except ClosedError:
-                return
-            yield item
+        return self._items()
 
     def batch(self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()) -> Batch:
         """Up to ``max_rows`` data points as one columnar :class:`Batch`, built in Rust: returns when it

@@ -23,6 +23,9 @@ use tokio::sync::oneshot;
 /// How often a blocking call wakes to let Python handle Ctrl-C.
 const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
+/// How long a batch waits for more rows after the first one arrives, to take them in chunks.
+const BATCH_LINGER: Duration = Duration::from_millis(2);
+
 /// Runs `future` on the network runtime while the calling thread waits with the interpreter lock
 /// released, waking regularly so that Ctrl-C raises `KeyboardInterrupt` (the work is then cancelled).
 pub fn block_on<T: Send + 'static>(
@@ -527,6 +530,26 @@ pub struct PySubscription {
     route: Arc<Route>,
 }
 
+impl PySubscription {
+    /// Converts up to `max_items` queued items, stopping before an error item (left for the next call).
+    fn take_ready<'py>(&self, py: Python<'py>, max_items: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let mut items = self.route.queue.drain(max_items).into_iter();
+        let mut out = Vec::with_capacity(items.len());
+        while let Some(item) = items.next() {
+            if let Item::Error(_) = item {
+                // Put it back, with what followed it, in order.
+                let rest: Vec<Item> = std::iter::once(item).chain(items).collect();
+                for item in rest.into_iter().rev() {
+                    self.route.queue.push_front(item);
+                }
+                break;
+            }
+            out.push(item_to_py(py, item)?);
+        }
+        Ok(out)
+    }
+}
+
 #[pymethods]
 impl PySubscription {
     #[getter]
@@ -585,25 +608,30 @@ impl PySubscription {
         }
     }
 
-    /// Up to `max_items` items that are queued now (never waits). An error item ends the list early
-    /// and is raised on the next call.
+    /// Waits up to `timeout` seconds (forever with None) for at least one item, then takes up to
+    /// `max_items` that are queued: consumers pay one wait per chunk, not per message. An empty list
+    /// on timeout; raises `ClosedError` after the last item, and the subscription's error if it failed.
+    #[pyo3(signature = (max_items, timeout = None))]
+    fn get_many<'py>(&self, py: Python<'py>, max_items: usize, timeout: Option<f64>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        let Some(first) = self.get(py, timeout)? else {
+            return Ok(Vec::new());
+        };
+        let mut items = vec![first];
+        items.extend(self.take_ready(py, max_items.saturating_sub(1))?);
+        Ok(items)
+    }
+
+    /// Up to `max_items` items that are queued now (never waits). Raises the subscription's error,
+    /// or `ClosedError` once it has ended and everything was read.
     fn drain<'py>(&self, py: Python<'py>, max_items: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let items = self.route.queue.drain(max_items);
-        let mut out = Vec::with_capacity(items.len());
-        for item in items {
-            match item {
-                Item::Error(err) => {
-                    if out.is_empty() {
-                        return Err(session_error(py, &err));
-                    }
-                    self.route.queue.push_control(Item::Error(err));
-                    break;
-                }
-                other => out.push(item_to_py(py, other)?),
+        let out = self.take_ready(py, max_items)?;
+        if out.is_empty() {
+            match self.route.queue.try_pop() {
+                Pop::Item(Item::Error(err)) => return Err(session_error(py, &err)),
+                Pop::Item(other) => return Ok(vec![item_to_py(py, other)?]),
+                Pop::Closed => return Err(session_error(py, &SessionError::Closed)),
+                Pop::Timeout => {}
             }
-        }
-        if out.is_empty() && self.route.queue.is_closed() && self.route.queue.is_empty() {
-            return Err(session_error(py, &SessionError::Closed));
         }
         Ok(out)
     }
@@ -643,13 +671,14 @@ impl PySubscription {
                     break;
                 }
                 let wait = deadline.map_or(SIGNAL_CHECK, |d| (d - now).min(SIGNAL_CHECK));
-                match py.detach(|| queue.pop_wait(Some(wait))) {
-                    Pop::Item(item) => queue.push_front(item),
-                    Pop::Closed => {
+                let wanted = (max_rows - builder.len()).min(4096);
+                let ready = py.detach(|| queue.wait_for(wanted, BATCH_LINGER, wait));
+                if !ready {
+                    if queue.is_closed() && queue.is_empty() {
                         closed = true;
                         break;
                     }
-                    Pop::Timeout => py.check_signals()?,
+                    py.check_signals()?;
                 }
                 continue;
             }

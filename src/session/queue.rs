@@ -250,6 +250,36 @@ impl<T> Queue<T> {
         }
     }
 
+    /// Waits until `min_items` are queued, or `linger` has passed since the first one arrived, or
+    /// `timeout` has passed, or the queue is closed. Batch consumers use it to take whole chunks
+    /// instead of waking for every message. True when there is something to take.
+    pub fn wait_for(&self, min_items: usize, linger: Duration, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut first_seen: Option<Instant> = None;
+        let mut inner = self.lock();
+        loop {
+            let now = Instant::now();
+            if !inner.items.is_empty() {
+                let since = *first_seen.get_or_insert(now);
+                if inner.items.len() >= min_items || now >= since + linger || now >= deadline {
+                    return true;
+                }
+            }
+            if inner.closed {
+                return !inner.items.is_empty();
+            }
+            if now >= deadline {
+                return false;
+            }
+            let until = first_seen.map_or(deadline, |since| (since + linger).min(deadline));
+            inner = self
+                .readable
+                .wait_timeout(inner, until.saturating_duration_since(now))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
     /// Takes up to `max` items that are queued now, without waiting.
     pub fn drain(&self, max: usize) -> Vec<T> {
         let mut inner = self.lock();
