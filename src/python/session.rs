@@ -532,7 +532,11 @@ pub struct PySubscription {
 
 impl PySubscription {
     /// Converts up to `max_items` queued items, stopping before an error item (left for the next call).
-    fn take_ready<'py>(&self, py: Python<'py>, max_items: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    fn take_ready<'py>(
+        &self,
+        py: Python<'py>,
+        max_items: usize,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let mut items = self.route.queue.drain(max_items).into_iter();
         let mut out = Vec::with_capacity(items.len());
         while let Some(item) = items.next() {
@@ -612,7 +616,12 @@ impl PySubscription {
     /// `max_items` that are queued: consumers pay one wait per chunk, not per message. An empty list
     /// on timeout; raises `ClosedError` after the last item, and the subscription's error if it failed.
     #[pyo3(signature = (max_items, timeout = None))]
-    fn get_many<'py>(&self, py: Python<'py>, max_items: usize, timeout: Option<f64>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+    fn get_many<'py>(
+        &self,
+        py: Python<'py>,
+        max_items: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
         let Some(first) = self.get(py, timeout)? else {
             return Ok(Vec::new());
         };
