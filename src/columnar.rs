@@ -267,3 +267,318 @@ mod tests {
         assert_eq!(empty.num_rows(), 0);
     }
 }
+
+/// Turns the rows of record batches into measurement-level push payloads: one message per row, its
+/// fields from every column except the timestamp and tag columns.
+///
+/// Fields: integers, floats, booleans and strings (dictionary-encoded too). A null or a NaN leaves the
+/// field out of that row (pandas writes missing values that way); a row with no field left is skipped.
+/// Infinities and other column types are errors naming the column. Tags: any column, as text; a null
+/// leaves the tag out. The timestamp: a timestamp column (any unit; without a time zone it is UTC),
+/// epoch milliseconds as integers, or ISO 8601 strings; a null lets Capture stamp the row.
+#[derive(Debug)]
+pub struct FrameRows {
+    fields: Vec<(String, ArrayRef)>,
+    tags: Vec<(String, ArrayRef)>,
+    timestamp: Option<(String, ArrayRef)>,
+    rows: usize,
+}
+
+fn column_error(column: &str, why: impl std::fmt::Display) -> crate::payload::PayloadError {
+    crate::payload::PayloadError::in_field(column, format!("column {column:?}: {why}"))
+}
+
+impl FrameRows {
+    pub fn new(
+        batch: &RecordBatch,
+        timestamp_column: Option<&str>,
+        tag_columns: &[String],
+    ) -> Result<FrameRows, crate::payload::PayloadError> {
+        use arrow_cast::cast;
+        let schema = batch.schema();
+        // pandas hands its index over as `__index_level_0__`; a time index is the natural timestamp.
+        let index_time = schema
+            .fields()
+            .iter()
+            .find(|f| {
+                f.name() == "__index_level_0__"
+                    && matches!(f.data_type(), DataType::Timestamp(_, _))
+            })
+            .map(|f| f.name().clone());
+        let timestamp_name = timestamp_column.map(str::to_owned).or(index_time);
+        if let Some(name) = &timestamp_name {
+            if schema.index_of(name).is_err() {
+                return Err(column_error(name, "no such column (timestamp_column)"));
+            }
+        }
+        for tag in tag_columns {
+            if schema.index_of(tag).is_err() {
+                return Err(column_error(tag, "no such column (tag_columns)"));
+            }
+        }
+        let mut fields = Vec::new();
+        let mut tags = Vec::new();
+        let mut timestamp = None;
+        for (field, column) in schema.fields().iter().zip(batch.columns()) {
+            let name = field.name();
+            if Some(name) == timestamp_name.as_ref() {
+                let normalized = match field.data_type() {
+                    DataType::Timestamp(_, _) => cast(column, &DataType::Timestamp(TimeUnit::Nanosecond, None)),
+                    DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => cast(column, &DataType::Int64),
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => cast(column, &DataType::Utf8),
+                    other => {
+                        return Err(column_error(
+                            name,
+                            format!("a timestamp column must hold timestamps, epoch milliseconds or ISO 8601 text, not {other}"),
+                        ))
+                    }
+                }
+                .map_err(|e| column_error(name, e))?;
+                timestamp = Some((name.clone(), normalized));
+                continue;
+            }
+            if tag_columns.iter().any(|t| t == name) {
+                tags.push((
+                    name.clone(),
+                    cast(column, &DataType::Utf8).map_err(|e| column_error(name, e))?,
+                ));
+                continue;
+            }
+            if name.starts_with("__index_level_") {
+                continue;
+            }
+            let target = match field.data_type() {
+                DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => DataType::Int64,
+                DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => DataType::UInt64,
+                DataType::Float16 | DataType::Float32 | DataType::Float64 => DataType::Float64,
+                DataType::Boolean => DataType::Boolean,
+                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => DataType::Utf8,
+                DataType::Dictionary(_, value) if matches!(**value, DataType::Utf8 | DataType::LargeUtf8) => DataType::Utf8,
+                DataType::Null => continue,
+                other => {
+                    return Err(column_error(
+                        name,
+                        format!("Capture stores numbers, strings and booleans, not {other}: convert the column first"),
+                    ))
+                }
+            };
+            fields.push((
+                name.clone(),
+                cast(column, &target).map_err(|e| column_error(name, e))?,
+            ));
+        }
+        if fields.is_empty() {
+            return Err(crate::payload::PayloadError::in_field(
+                "Fields",
+                "the frame has no field columns besides the timestamp and tag columns",
+            ));
+        }
+        Ok(FrameRows {
+            fields,
+            tags,
+            timestamp,
+            rows: batch.num_rows(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows
+    }
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// The payload of row `row`, or None when the row has no field with a value.
+    pub fn payload(&self, row: usize) -> Result<Option<Vec<u8>>, crate::payload::PayloadError> {
+        use arrow_array::cast::AsArray;
+        use arrow_array::types::{Float64Type, Int64Type, TimestampNanosecondType, UInt64Type};
+        use arrow_array::Array;
+        let mut out = Vec::with_capacity(32 + 24 * self.fields.len());
+        out.extend_from_slice(b"{\"Fields\":{");
+        let mut written = 0;
+        for (name, column) in &self.fields {
+            if column.is_null(row) {
+                continue;
+            }
+            let mark = out.len();
+            if written > 0 {
+                out.push(b',');
+            }
+            let _ = serde_json::to_writer(&mut out, name);
+            out.push(b':');
+            match column.data_type() {
+                DataType::Int64 => out.extend_from_slice(
+                    column
+                        .as_primitive::<Int64Type>()
+                        .value(row)
+                        .to_string()
+                        .as_bytes(),
+                ),
+                DataType::UInt64 => out.extend_from_slice(
+                    column
+                        .as_primitive::<UInt64Type>()
+                        .value(row)
+                        .to_string()
+                        .as_bytes(),
+                ),
+                DataType::Float64 => {
+                    let value = column.as_primitive::<Float64Type>().value(row);
+                    if value.is_nan() {
+                        out.truncate(mark);
+                        continue;
+                    }
+                    if value.is_infinite() {
+                        return Err(column_error(
+                            name,
+                            format!("row {row} holds {value}, which JSON cannot carry"),
+                        ));
+                    }
+                    let _ = serde_json::to_writer(&mut out, &value);
+                }
+                DataType::Boolean => {
+                    out.extend_from_slice(if column.as_boolean().value(row) {
+                        b"true"
+                    } else {
+                        b"false"
+                    });
+                }
+                _ => {
+                    let _ = serde_json::to_writer(&mut out, column.as_string::<i32>().value(row));
+                }
+            }
+            written += 1;
+        }
+        if written == 0 {
+            return Ok(None);
+        }
+        out.extend_from_slice(b"},\"Tags\":{");
+        let mut first = true;
+        for (name, column) in &self.tags {
+            if column.is_null(row) {
+                continue;
+            }
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            let _ = serde_json::to_writer(&mut out, name);
+            out.push(b':');
+            let _ = serde_json::to_writer(&mut out, column.as_string::<i32>().value(row));
+        }
+        out.push(b'}');
+        if let Some((name, column)) = &self.timestamp {
+            if !column.is_null(row) {
+                let nanos = match column.data_type() {
+                    DataType::Timestamp(_, _) => {
+                        column.as_primitive::<TimestampNanosecondType>().value(row)
+                    }
+                    DataType::Int64 => crate::timestamp::check_epoch_ms(
+                        column.as_primitive::<Int64Type>().value(row),
+                    )
+                    .and_then(crate::timestamp::epoch_ms_to_nanos)
+                    .map_err(|e| column_error(name, format!("row {row}: {e}")))?,
+                    _ => crate::timestamp::parse_iso8601(column.as_string::<i32>().value(row))
+                        .map_err(|e| column_error(name, format!("row {row}: {e}")))?,
+                };
+                out.extend_from_slice(b",\"UtcTimestamp\":\"");
+                crate::timestamp::write_iso_millis(&mut out, nanos);
+                out.push(b'"');
+            }
+        }
+        out.push(b'}');
+        Ok(Some(out))
+    }
+}
+
+#[cfg(test)]
+mod frame_tests {
+    use super::*;
+    use crate::payload::parse_measurement;
+    use arrow_array::{
+        BooleanArray, Float64Array, Int32Array, StringArray, TimestampMillisecondArray,
+    };
+    use serde_json::json;
+
+    fn frame() -> RecordBatch {
+        RecordBatch::try_from_iter(vec![
+            (
+                "time",
+                Arc::new(TimestampMillisecondArray::from(vec![
+                    Some(1_731_061_326_260),
+                    None,
+                ])) as ArrayRef,
+            ),
+            (
+                "Temp",
+                Arc::new(Float64Array::from(vec![Some(55.5), Some(f64::NAN)])) as ArrayRef,
+            ),
+            (
+                "Count",
+                Arc::new(Int32Array::from(vec![Some(3), None])) as ArrayRef,
+            ),
+            (
+                "On",
+                Arc::new(BooleanArray::from(vec![Some(true), Some(false)])) as ArrayRef,
+            ),
+            (
+                "Machine",
+                Arc::new(StringArray::from(vec![Some("M1"), None])) as ArrayRef,
+            ),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn rows_become_measurement_payloads() {
+        let rows = FrameRows::new(&frame(), Some("time"), &["Machine".to_owned()]).unwrap();
+        assert_eq!(rows.len(), 2);
+        let first = parse_measurement(&rows.payload(0).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            first.fields,
+            vec![
+                ("Temp".to_owned(), json!(55.5)),
+                ("Count".to_owned(), json!(3)),
+                ("On".to_owned(), json!(true))
+            ]
+        );
+        assert_eq!(first.tags.0, vec![("Machine".to_owned(), "M1".to_owned())]);
+        assert_eq!(
+            first.timestamp,
+            Some(crate::payload::WireTimestamp::Iso(
+                1_731_061_326_260_000_000
+            ))
+        );
+        let second = parse_measurement(&rows.payload(1).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            second.fields,
+            vec![("On".to_owned(), json!(false))],
+            "NaN and null are left out"
+        );
+        assert!(second.tags.0.is_empty());
+        assert_eq!(
+            second.timestamp, None,
+            "a null timestamp lets Capture stamp it"
+        );
+    }
+
+    #[test]
+    fn bad_frames_name_the_column() {
+        assert!(FrameRows::new(&frame(), Some("nope"), &[])
+            .unwrap_err()
+            .message
+            .contains("\"nope\""));
+        let inf = RecordBatch::try_from_iter(vec![(
+            "X",
+            Arc::new(Float64Array::from(vec![f64::INFINITY])) as ArrayRef,
+        )])
+        .unwrap();
+        let rows = FrameRows::new(&inf, None, &[]).unwrap();
+        assert_eq!(rows.payload(0).unwrap_err().field.as_deref(), Some("X"));
+        let only_time = RecordBatch::try_from_iter(vec![(
+            "t",
+            Arc::new(TimestampMillisecondArray::from(vec![1])) as ArrayRef,
+        )])
+        .unwrap();
+        assert!(FrameRows::new(&only_time, Some("t"), &[]).is_err());
+    }
+}

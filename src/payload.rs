@@ -746,3 +746,113 @@ mod tests {
         assert_eq!(data_as_string(&json!(true)), "true");
     }
 }
+
+/// What Capture does with a source's push: the raw-tree messages it publishes for it, one per
+/// field, with `Connection_Tag` added to the tags, a missing timestamp filled in with `now` (ns), and
+/// epoch milliseconds turned into ISO 8601. `topic` is the push's `v1/sources/<id>/data/read/...` topic.
+pub fn to_raw(
+    company: &str,
+    topic: &str,
+    payload: &[u8],
+    now: i64,
+) -> Result<Vec<(String, Vec<u8>)>, PayloadError> {
+    let Ok(CaptureTopic::Data {
+        source_id,
+        connection_tag,
+        measurement,
+        key,
+    }) = crate::topic::parse_topic(topic)
+    else {
+        return Err(PayloadError::new(format!(
+            "{topic:?} is not a data push topic; expected v1/sources/<SourceID>/data/read/<ConnectionTag>/<Measurement>[/<Key>]"
+        )));
+    };
+    let (fields, mut tags, timestamp) = if let Some(key) = key {
+        let message = parse_field(payload)?;
+        (
+            vec![(key.to_owned(), message.value)],
+            message.tags,
+            message.timestamp,
+        )
+    } else {
+        let message = parse_measurement(payload)?;
+        (message.fields, message.tags, message.timestamp)
+    };
+    tags.0.retain(|(name, _)| name != "Connection_Tag");
+    tags.0
+        .insert(0, ("Connection_Tag".to_owned(), connection_tag.to_owned()));
+    let at = match timestamp {
+        Some(ts) => ts
+            .nanos()
+            .map_err(|e| PayloadError::in_field("UtcTimestamp", e.to_string()))?,
+        None => now,
+    };
+    let mut out = Vec::with_capacity(fields.len());
+    for (field, value) in fields {
+        let raw_topic =
+            crate::topic::raw_topic(company, source_id, connection_tag, measurement, &field)
+                .map_err(|e| PayloadError::in_field(field.clone(), e.to_string()))?;
+        let mut body = Vec::with_capacity(96);
+        body.extend_from_slice(b"{\"Value\":");
+        push_json_value(&mut body, &value);
+        write_tags_and_time(&mut body, &tags.0, PushTime::Iso(at));
+        out.push((raw_topic, body));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod to_raw_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn measurement_push_becomes_one_raw_message_per_field() {
+        let payload = br#"{"Fields":{"CPU_Temp":55,"CPU_Load":23.4},"Tags":{"MachineName":"M1"},"UtcTimestamp":1731061326260}"#;
+        let out = to_raw(
+            "AcmeCorp",
+            "v1/sources/S1/data/read/Conn/Monitoring",
+            payload,
+            7,
+        )
+        .unwrap();
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[0].0, "v1/raw/AcmeCorp/S1/Conn/Monitoring/CPU_Temp");
+        let point = parse_raw(&out[0].0, &out[0].1, 0).unwrap();
+        assert_eq!(point.value, json!(55));
+        assert_eq!(
+            point.tags.0,
+            vec![
+                ("Connection_Tag".to_owned(), "Conn".to_owned()),
+                ("MachineName".to_owned(), "M1".to_owned())
+            ]
+        );
+        assert_eq!(point.timestamp, 1_731_061_326_260_000_000);
+        assert!(std::str::from_utf8(&out[0].1)
+            .unwrap()
+            .contains("\"2024-11-08T10:22:06.260Z\""));
+    }
+
+    #[test]
+    fn field_push_without_timestamp_is_stamped() {
+        let out = to_raw(
+            "AcmeCorp",
+            "v1/sources/S1/data/read/Conn/M/Key",
+            br#"{"Value":"on"}"#,
+            42_000_000,
+        )
+        .unwrap();
+        assert_eq!(out.len(), 1);
+        let point = parse_raw(&out[0].0, &out[0].1, 0).unwrap();
+        assert_eq!(point.timestamp, 42_000_000);
+        assert_eq!(point.value, json!("on"));
+        assert!(to_raw("AcmeCorp", "v1/sources/S1/cmd/writedata", b"{}", 0).is_err());
+        assert!(to_raw(
+            "AcmeCorp",
+            "v1/sources/S1/data/read/C/M",
+            b"{\"Value\":1}",
+            0
+        )
+        .is_err());
+    }
+}

@@ -46,14 +46,17 @@ from .errors import (
     ClosedError,
     ConnectError,
     PayloadError,
+    QueueFullError,
     TimeoutError,  # noqa: A004 - the documented public name, also a builtins.TimeoutError
     TopicError,
 )
+from .source import AsyncSourceClient, SourceClient, load_auth_config
 
 _logging.start()
 
 __all__ = [
     "AsyncClient",
+    "AsyncSourceClient",
     "AsyncSubscription",
     "Auth",
     "AuthenticationError",
@@ -69,7 +72,9 @@ __all__ = [
     "MalformedMessage",
     "Message",
     "PayloadError",
+    "QueueFullError",
     "Reconnect",
+    "SourceClient",
     "Subscription",
     "TimeoutError",
     "TopicError",
@@ -81,6 +86,7 @@ __all__ = [
     "data_topic",
     "fetch_jwt",
     "field_payload",
+    "load_auth_config",
     "measurement_payload",
     "parse_command",
     "parse_raw",

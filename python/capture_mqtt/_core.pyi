@@ -20,6 +20,7 @@ __all__ = [
     "_logs_dropped",
     "_next_logs",
     "_now_ns",
+    "_to_raw",
     "command_payload",
     "command_topic",
     "data_topic",
@@ -237,6 +238,8 @@ class _Session:
         account_kind: str,
         max_packet_size: int,
         inflight: int,
+        offline: str,
+        max_queued: int,
     ) -> _Session: ...
     def connect(self) -> None: ...
     def connect_async(self) -> Awaitable[None]: ...
@@ -262,6 +265,16 @@ class _Session:
         wait: bool,
         timeout: float,
     ) -> _Subscription: ...
+    def push_frame(
+        self,
+        data: object,
+        topic: str,
+        *,
+        timestamp_column: str | None,
+        tag_columns: list[str],
+        qos: int,
+        timeout: float,
+    ) -> int: ...
     def publish(
         self,
         topic: str,
@@ -275,5 +288,6 @@ class _Session:
 
 def _jwt_expiry(token: str) -> int | None: ...
 def _now_ns() -> int: ...
+def _to_raw(company: str, topic: str, payload: bytes) -> list[tuple[str, bytes]]: ...
 def _next_logs(timeout: float) -> list[tuple[int, str, str]]: ...
 def _logs_dropped() -> int: ...

@@ -138,6 +138,8 @@ class _BaseClient:
         max_packet_size: int = 64 * 1024 * 1024,
         inflight: int = 512,
         account_kind: Literal["user", "source", "unknown"] = "user",
+        offline: Literal["block", "raise", "drop_oldest"] = "block",
+        max_queued: int = 10_000,
     ) -> None:
         if not isinstance(host, str) or not host:
             raise ValueError(f"host must be a non-empty str, got {host!r}")
@@ -194,6 +196,8 @@ class _BaseClient:
             account_kind=account_kind,
             max_packet_size=max_packet_size,
             inflight=inflight,
+            offline=offline,
+            max_queued=max_queued,
         )
         self._closed = False
         self._dispatcher = threading.Thread(
@@ -221,7 +225,8 @@ class _BaseClient:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Counters at this moment: published, acknowledged, received, unrouted, reconnects."""
+        """Counters at this moment: published, acknowledged, queued (offline), dropped (from the
+        offline queue), received, unrouted, duplicates, reconnects."""
         return dict(self._native.stats())
 
     def on_event(self, callback: Callable[[ConnectionEvent], object]) -> None:
@@ -529,6 +534,31 @@ class Client(_BaseClient):
                 value=topic,
             )
         return self._native.publish(topic, payload, qos=qos, retain=retain, wait=wait, timeout=timeout)
+
+    def send_command(
+        self,
+        source_id: str,
+        topic: str | tuple[str, str, str],
+        data: Any,
+        *,
+        mapping: str | None = None,
+        qos: int = 1,
+        data_as: Literal["string", "json"] = "string",
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> Any:
+        """Sends a ``writedata`` command to a source: ``topic`` is ``"Connection/Measurement/Variable"``
+        or a 3-tuple, ``data`` the value to write (sent as a JSON string, as Capture's template shows,
+        unless ``data_as="json"``), ``mapping`` the device-side address if needed. Checked before sending
+        (:class:`TopicError`, :class:`PayloadError`); returns once the broker acknowledged it.
+
+        >>> import capture_mqtt as cm
+        >>> cm.Client.send_command.__name__
+        'send_command'
+        """
+        command_topic = _core.command_topic(source_id)
+        payload = _core.command_payload(topic, data, mapping=mapping, data_as=data_as)
+        return self.publish(command_topic, payload, qos=qos, wait=wait, timeout=timeout)
 
 
 class AsyncClient(_BaseClient):

@@ -15,6 +15,7 @@ __all__ = [
     "ClosedError",
     "ConnectError",
     "PayloadError",
+    "QueueFullError",
     "TimeoutError",
     "TopicError",
 ]
@@ -129,5 +130,15 @@ class ClosedError(CaptureError):
 
     >>> import capture_mqtt as cm
     >>> issubclass(cm.ClosedError, cm.CaptureError)
+    True
+    """
+
+
+class QueueFullError(CaptureError):
+    """A publish could not be queued while offline: the offline queue was full with
+    ``offline="raise"``, or the message was dropped from it with ``offline="drop_oldest"``.
+
+    >>> import capture_mqtt as cm
+    >>> issubclass(cm.QueueFullError, cm.CaptureError)
     True
     """

@@ -62,7 +62,8 @@ pub fn timestamp_error(py: Python<'_>, field: &str, err: &TimestampError) -> PyE
     payload_error_in(py, field, &format!("{field}: {err}"))
 }
 
-static SESSION_ERRORS: [PyOnceLock<Py<PyType>>; 5] = [
+static SESSION_ERRORS: [PyOnceLock<Py<PyType>>; 6] = [
+    PyOnceLock::new(),
     PyOnceLock::new(),
     PyOnceLock::new(),
     PyOnceLock::new(),
@@ -111,5 +112,8 @@ pub fn session_error(py: Python<'_>, err: &SessionError) -> PyErr {
         }
         SessionError::Timeout(_) => raise(py, &SESSION_ERRORS[3], "TimeoutError", &message, &[]),
         SessionError::Closed => raise(py, &SESSION_ERRORS[4], "ClosedError", &message, &[]),
+        SessionError::QueueFull(_) => {
+            raise(py, &SESSION_ERRORS[5], "QueueFullError", &message, &[])
+        }
     }
 }

@@ -26,6 +26,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<session::PyMalformed>()?;
     m.add_function(wrap_pyfunction!(session::_jwt_expiry, m)?)?;
     m.add_function(wrap_pyfunction!(session::_now_ns, m)?)?;
+    m.add_function(wrap_pyfunction!(session::_to_raw, m)?)?;
     m.add_function(wrap_pyfunction!(logbridge::_next_logs, m)?)?;
     m.add_function(wrap_pyfunction!(logbridge::_logs_dropped, m)?)?;
     m.add_class::<model::PyDataPoint>()?;

@@ -7,8 +7,8 @@ use super::model::{PyCommand, PyDataPoint};
 use crate::columnar;
 use crate::session::{
     self, AccountKind, Credentials, CredentialsFuture, CredentialsProvider, Decode, Event, Item,
-    Overflow, Pop, Protocol, Queue, Reconnect, Route, Secret, Session, SessionConfig, SessionError,
-    StaticCredentials, TlsOptions, Transport,
+    OfflinePolicy, Overflow, Pop, Protocol, Queue, Reconnect, Route, Secret, Session,
+    SessionConfig, SessionError, StaticCredentials, TlsOptions, Transport,
 };
 use crate::timestamp;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -158,7 +158,7 @@ impl PySession {
     #[new]
     #[pyo3(signature = (host, *, transport, port, path, ca_pem, tls_insecure, client_id, clean_session, keepalive,
                         reconnect, min_delay, max_delay, jitter, connect_timeout, protocol, username, password,
-                        token_callable, account_kind, max_packet_size, inflight))]
+                        token_callable, account_kind, max_packet_size, inflight, offline, max_queued))]
     fn new(
         host: String,
         transport: &str,
@@ -181,6 +181,8 @@ impl PySession {
         account_kind: &str,
         max_packet_size: usize,
         inflight: u16,
+        offline: &str,
+        max_queued: usize,
     ) -> PyResult<Self> {
         let transport = Transport::parse(transport)
             .ok_or_else(|| PyValueError::new_err(format!("unknown transport {transport:?}")))?;
@@ -213,6 +215,12 @@ impl PySession {
         };
         config.max_packet_size = max_packet_size;
         config.inflight = inflight;
+        config.offline_policy = OfflinePolicy::parse(offline).ok_or_else(|| {
+            PyValueError::new_err(format!(
+                "offline must be \"block\", \"raise\" or \"drop_oldest\", not {offline:?}"
+            ))
+        })?;
+        config.offline_capacity = max_queued.max(1);
         let jobs: Arc<Queue<Job>> = Arc::new(Queue::new(4096, Overflow::DropOldest));
         if let Some(username) = username {
             config.account_name.clone_from(&username);
@@ -291,6 +299,8 @@ impl PySession {
         dict.set_item("unrouted", stats.unrouted.load(Ordering::Relaxed))?;
         dict.set_item("duplicates", stats.duplicates.load(Ordering::Relaxed))?;
         dict.set_item("reconnects", stats.reconnects.load(Ordering::Relaxed))?;
+        dict.set_item("queued", self.session.queued())?;
+        dict.set_item("dropped", stats.dropped.load(Ordering::Relaxed))?;
         Ok(dict)
     }
 
@@ -367,6 +377,75 @@ impl PySession {
         })
     }
 
+    /// Publishes every row of an Arrow stream (a pandas or Polars DataFrame, a pyarrow Table, ...) as
+    /// one measurement-level message to `topic`, in Rust; waits for the acknowledgements of QoS 1/2.
+    /// Returns how many messages were sent (rows without any value are skipped).
+    #[pyo3(signature = (data, topic, *, timestamp_column, tag_columns, qos, timeout))]
+    fn push_frame(
+        &self,
+        py: Python<'_>,
+        data: &Bound<'_, PyAny>,
+        topic: String,
+        timestamp_column: Option<String>,
+        tag_columns: Vec<String>,
+        qos: u8,
+        timeout: f64,
+    ) -> PyResult<usize> {
+        if !data.hasattr("__arrow_c_stream__")? {
+            return Err(PyTypeError::new_err(format!(
+                "push_frame takes a pandas or Polars DataFrame, a pyarrow Table, or anything with __arrow_c_stream__, not {}",
+                data.get_type().name()?
+            )));
+        }
+        let capsule = data.call_method1("__arrow_c_stream__", (py.None(),))?;
+        let reader = pyo3_arrow::PyRecordBatchReader::from_arrow_pycapsule(
+            capsule.cast::<pyo3::types::PyCapsule>()?,
+        )?
+        .into_reader()?;
+        // Read the stream here, holding the interpreter lock: a producer written in Python needs it.
+        let batches: Vec<arrow_array::RecordBatch> = reader
+            .collect::<Result<_, _>>()
+            .map_err(|e| PyValueError::new_err(format!("reading the frame failed: {e}")))?;
+        let session = self.session.clone();
+        let limit = Duration::from_secs_f64(timeout.max(0.0));
+        let outcome = block_on(py, async move {
+            let mut sent = 0usize;
+            let mut waiting = std::collections::VecDeque::new();
+            for batch in batches {
+                let rows =
+                    columnar::FrameRows::new(&batch, timestamp_column.as_deref(), &tag_columns)
+                        .map_err(FrameError::Payload)?;
+                for row in 0..rows.len() {
+                    let Some(payload) = rows.payload(row).map_err(FrameError::Payload)? else {
+                        continue;
+                    };
+                    let token = session
+                        .publish(topic.clone(), bytes::Bytes::from(payload), qos, false)
+                        .await
+                        .map_err(FrameError::Session)?;
+                    sent += 1;
+                    if qos > 0 {
+                        waiting.push_back(token);
+                        // Keep memory flat: wait for the oldest acknowledgements as we go.
+                        while waiting.len() > 8192 {
+                            if let Some(token) = waiting.pop_front() {
+                                wait_token(token, limit).await?;
+                            }
+                        }
+                    }
+                }
+            }
+            for token in waiting {
+                wait_token(token, limit).await?;
+            }
+            Ok::<usize, FrameError>(sent)
+        })?;
+        outcome.map_err(|e| match e {
+            FrameError::Payload(err) => super::errors::payload_error(py, &err),
+            FrameError::Session(err) => session_error(py, &err),
+        })
+    }
+
     /// Publishes; with `wait`, blocks until acknowledged (QoS 1/2) or written (QoS 0).
     #[pyo3(signature = (topic, payload, *, qos, retain, wait, timeout))]
     fn publish(
@@ -394,6 +473,21 @@ impl PySession {
             return Ok(None);
         }
         Ok(Some(handle))
+    }
+}
+
+enum FrameError {
+    Payload(crate::payload::PayloadError),
+    Session(SessionError),
+}
+
+async fn wait_token(token: session::PublishToken, limit: Duration) -> Result<(), FrameError> {
+    match tokio::time::timeout(limit, token.wait()).await {
+        Ok(result) => result.map_err(FrameError::Session),
+        Err(_) => Err(FrameError::Session(SessionError::Timeout(format!(
+            "the broker did not acknowledge a row within {:.1} s",
+            limit.as_secs_f64()
+        )))),
     }
 }
 
@@ -759,6 +853,23 @@ impl PySubscription {
 #[pyfunction]
 pub fn _jwt_expiry(token: &str) -> Option<i64> {
     session::jwt::expiry(token)
+}
+
+/// What Capture publishes on the raw tree for a source's push (`topic` under `data/read`):
+/// a list of (raw topic, payload). Used by the local emulator and test pipelines.
+#[pyfunction]
+pub fn _to_raw(
+    py: Python<'_>,
+    company: &str,
+    topic: &str,
+    payload: &[u8],
+) -> PyResult<Vec<(String, Py<pyo3::types::PyBytes>)>> {
+    let out = crate::payload::to_raw(company, topic, payload, timestamp::now_nanos())
+        .map_err(|e| super::errors::payload_error(py, &e))?;
+    Ok(out
+        .into_iter()
+        .map(|(topic, body)| (topic, pyo3::types::PyBytes::new(py, &body).unbind()))
+        .collect())
 }
 
 /// Nanoseconds since the epoch now (the clock the core stamps messages with).

@@ -147,6 +147,28 @@ impl Reconnect {
     }
 }
 
+/// What a publish does when the client is offline and its offline queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfflinePolicy {
+    /// Wait for room (the queue empties once the connection is back).
+    Block,
+    /// Fail at once with `QueueFull`.
+    Raise,
+    /// Drop the oldest queued message (its waiter fails with `QueueFull`), counted.
+    DropOldest,
+}
+
+impl OfflinePolicy {
+    pub fn parse(name: &str) -> Option<OfflinePolicy> {
+        match name {
+            "block" => Some(OfflinePolicy::Block),
+            "raise" => Some(OfflinePolicy::Raise),
+            "drop_oldest" => Some(OfflinePolicy::DropOldest),
+            _ => None,
+        }
+    }
+}
+
 /// The MQTT protocol version.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
@@ -186,6 +208,9 @@ pub struct SessionConfig {
     pub max_packet_size: usize,
     /// Most unacknowledged QoS 1/2 publishes at once.
     pub inflight: u16,
+    /// How many publishes wait while offline, and what happens beyond that.
+    pub offline_capacity: usize,
+    pub offline_policy: OfflinePolicy,
 }
 
 impl fmt::Debug for SessionConfig {
@@ -220,6 +245,8 @@ impl SessionConfig {
             account_kind: AccountKind::Unknown,
             max_packet_size: 64 * 1024 * 1024,
             inflight: 512,
+            offline_capacity: 10_000,
+            offline_policy: OfflinePolicy::Block,
         }
     }
 

@@ -418,6 +418,8 @@ fn on_connack(
 ) {
     requeue(shared, link, carried, session_present);
     shared.connected.store(true, Ordering::Release);
+    // What was published offline goes out first (by the flusher), then publishes go straight out.
+    shared.flush_signal.notify_one();
     log::info!(
         "connected to {} as {:?} (session present: {session_present})",
         shared.config.address(),
@@ -494,6 +496,7 @@ impl Driver {
         self.renew_at = None;
         self.link.drop_connection();
         self.shared.connected.store(false, Ordering::Release);
+        self.shared.book().online = false;
         self.shared.emit(Event::Disconnected {
             reason: "renewing the token before it expires".to_owned(),
         });
@@ -556,6 +559,7 @@ impl Driver {
         self.connecting = true;
         let shared = &self.shared;
         let was_connected = shared.connected.swap(false, Ordering::AcqRel);
+        shared.book().online = false;
         if shared.closed.load(Ordering::Acquire) {
             return false;
         }
@@ -680,7 +684,12 @@ pub(super) fn finish(shared: &Shared) {
     }
     book.inflight.clear();
     book.fifo.clear();
+    book.outbox.clear();
+    book.online = false;
     drop(book);
+    shared.outbox_space.notify_waiters();
+    shared.flush_signal.notify_one();
+    shared.window.close();
     if !shared.events.is_closed() {
         log::debug!("session with {} closed", shared.config.address());
         shared.emit(Event::Closed);

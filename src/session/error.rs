@@ -26,6 +26,8 @@ pub enum SessionError {
     },
     /// An operation did not finish in time.
     Timeout(String),
+    /// The offline queue was full (policy `raise`), or the message was dropped from it (`drop_oldest`).
+    QueueFull(String),
     /// The session was closed.
     Closed,
 }
@@ -78,7 +80,7 @@ impl fmt::Display for SessionError {
                     SessionError::scope_rule(*kind)
                 )
             }
-            SessionError::Timeout(what) => f.write_str(what),
+            SessionError::Timeout(what) | SessionError::QueueFull(what) => f.write_str(what),
             SessionError::Closed => f.write_str("the client is closed"),
         }
     }

@@ -19,8 +19,8 @@ pub mod tls;
 mod tests;
 
 pub use config::{
-    AccountKind, Credentials, CredentialsFuture, CredentialsProvider, Protocol, Reconnect, Secret,
-    SessionConfig, StaticCredentials, TlsOptions, Transport,
+    AccountKind, Credentials, CredentialsFuture, CredentialsProvider, OfflinePolicy, Protocol,
+    Reconnect, Secret, SessionConfig, StaticCredentials, TlsOptions, Transport,
 };
 pub use error::{Action, SessionError};
 pub use queue::{Overflow, Pop, Queue};
@@ -190,8 +190,21 @@ struct InFlight {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
+/// A publish made while offline, waiting for the connection.
+#[derive(Debug)]
+struct Queued {
+    id: u64,
+    topic: String,
+    payload: Bytes,
+    qos: u8,
+    retain: bool,
+}
+
 #[derive(Debug, Default)]
 struct Book {
+    /// Connected and done sending what was queued offline: publishes go straight out.
+    online: bool,
+    outbox: VecDeque<Queued>,
     fifo: VecDeque<Sent>,
     /// Subscribes on the wire by packet id, with when they were sent.
     subscribes: HashMap<u16, (Vec<String>, Instant)>,
@@ -212,6 +225,8 @@ pub struct Stats {
     pub duplicates: AtomicU64,
     pub reconnects: AtomicU64,
     pub events_dropped: AtomicU64,
+    /// Publishes dropped from the offline queue (`drop_oldest`).
+    pub dropped: AtomicU64,
 }
 
 /// Receives every event as it happens (it must not block: it runs on the network task).
@@ -229,6 +244,10 @@ pub(crate) struct Shared {
     connected: AtomicBool,
     closed: AtomicBool,
     close_signal: Notify,
+    /// Wakes the flusher when the connection is up.
+    flush_signal: Notify,
+    /// Wakes publishers waiting for room in the offline queue.
+    outbox_space: Notify,
     window: Arc<Semaphore>,
     next_id: AtomicU64,
     /// MQTT 5 subscription identifiers, one per distinct filter.
@@ -279,6 +298,138 @@ impl PublishToken {
     }
 }
 
+/// Sends one publish into rumqttc's channel, recorded in the book. Waits for room in the in-flight
+/// window (QoS 1/2) first.
+async fn send_now(
+    shared: &Shared,
+    id: u64,
+    tx: oneshot::Sender<Result<(), SessionError>>,
+    topic: String,
+    payload: Bytes,
+    qos: u8,
+    retain: bool,
+) -> Result<(), SessionError> {
+    let permit = if qos > 0 {
+        Some(
+            Arc::clone(&shared.window)
+                .acquire_owned()
+                .await
+                .map_err(|_| SessionError::Closed)?,
+        )
+    } else {
+        None
+    };
+    let _guard = shared.send_lock.lock().await;
+    send_locked(shared, id, tx, topic, payload, qos, retain, permit).await
+}
+
+/// `send_now` for a caller that holds `send_lock` already.
+#[allow(clippy::too_many_arguments)]
+async fn send_locked(
+    shared: &Shared,
+    id: u64,
+    tx: oneshot::Sender<Result<(), SessionError>>,
+    topic: String,
+    payload: Bytes,
+    qos: u8,
+    retain: bool,
+    permit: Option<OwnedSemaphorePermit>,
+) -> Result<(), SessionError> {
+    {
+        let mut book = shared.book();
+        book.acks.insert(id, tx);
+        book.fifo.push_back(Sent::Publish {
+            id,
+            qos,
+            topic: topic.clone(),
+            permit,
+        });
+    }
+    if shared
+        .client
+        .publish(topic, qos, retain, payload)
+        .await
+        .is_err()
+    {
+        let mut book = shared.book();
+        book.fifo.pop_back();
+        book.acks.remove(&id);
+        return Err(SessionError::Closed);
+    }
+    Ok(())
+}
+
+/// Sends what was queued offline, in order, each time the connection comes up; then publishes go
+/// straight out again. It runs beside the polling task, which must never wait on the channel.
+async fn flusher(shared: Arc<Shared>) {
+    loop {
+        let signal = shared.flush_signal.notified();
+        if shared.closed.load(Ordering::Acquire) {
+            return;
+        }
+        loop {
+            // Holding send_lock while taking the next message keeps the order: a direct publish
+            // can only go out after everything queued before it.
+            let permit_needed = shared.book().outbox.front().map(|q| q.qos > 0);
+            let Some(needs_permit) = permit_needed else {
+                let mut book = shared.book();
+                if book.outbox.is_empty() && shared.connected.load(Ordering::Acquire) {
+                    book.online = true;
+                }
+                break;
+            };
+            let permit = if needs_permit {
+                match Arc::clone(&shared.window).acquire_owned().await {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return,
+                }
+            } else {
+                None
+            };
+            let _guard = shared.send_lock.lock().await;
+            let next = {
+                let mut book = shared.book();
+                if shared.connected.load(Ordering::Acquire) {
+                    book.outbox.pop_front()
+                } else {
+                    None
+                }
+            };
+            let Some(queued) = next else {
+                break;
+            };
+            shared.outbox_space.notify_waiters();
+            let tx = shared.book().acks.remove(&queued.id);
+            let Some(tx) = tx else {
+                continue; // dropped meanwhile
+            };
+            let Queued {
+                id,
+                topic,
+                payload,
+                qos,
+                retain,
+            } = queued;
+            let permit = match (qos > 0, permit) {
+                (false, _) => None,
+                (true, Some(permit)) => Some(permit),
+                // The front changed under us (drop_oldest): take the window's room now.
+                (true, None) => match Arc::clone(&shared.window).acquire_owned().await {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return,
+                },
+            };
+            if send_locked(&shared, id, tx, topic, payload, qos, retain, permit)
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        signal.await;
+    }
+}
+
 /// A session with one broker. Cheap to share between threads (`Arc` inside).
 #[derive(Clone)]
 pub struct Session {
@@ -312,6 +463,8 @@ impl Session {
             connected: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             close_signal: Notify::new(),
+            flush_signal: Notify::new(),
+            outbox_space: Notify::new(),
             next_id: AtomicU64::new(1),
             filter_ids: Mutex::new(HashMap::new()),
             generation: Arc::new(AtomicU64::new(0)),
@@ -355,6 +508,7 @@ impl Session {
             .ok_or_else(|| {
                 SessionError::Connect("connect() was already called on this client".to_owned())
             })?;
+        runtime().spawn(flusher(Arc::clone(&self.shared)));
         let (first_tx, first_rx) = oneshot::channel();
         let handle = runtime().spawn(driver::run(Arc::clone(&self.shared), eventloop, first_tx));
         *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
@@ -456,8 +610,11 @@ impl Session {
         }
     }
 
-    /// Publishes a message. Waits for room in the in-flight window (QoS 1/2) and in the request
-    /// channel; returns a token that resolves on the broker's acknowledgement.
+    /// Publishes a message and returns a token that resolves on the broker's acknowledgement.
+    ///
+    /// While the client is offline (and until what was queued then has gone out) the message waits
+    /// in the offline queue, whose policy decides what happens when it is full. Online, it waits for
+    /// room in the in-flight window (QoS 1/2) and in the request channel.
     pub async fn publish(
         &self,
         topic: String,
@@ -465,45 +622,79 @@ impl Session {
         qos: u8,
         retain: bool,
     ) -> Result<PublishToken, SessionError> {
-        if self.is_closed() {
-            return Err(SessionError::Closed);
-        }
         let qos = qos.min(2);
-        let permit = if qos > 0 {
-            Some(
-                Arc::clone(&self.shared.window)
-                    .acquire_owned()
-                    .await
-                    .map_err(|_| SessionError::Closed)?,
-            )
-        } else {
-            None
-        };
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        let _guard = self.shared.send_lock.lock().await;
-        {
-            let mut book = self.shared.book();
-            book.acks.insert(id, tx);
-            book.fifo.push_back(Sent::Publish {
-                id,
-                qos,
-                topic: topic.clone(),
-                permit,
-            });
+        let mut tx = Some(tx);
+        loop {
+            if self.is_closed() {
+                return Err(SessionError::Closed);
+            }
+            let space = self.shared.outbox_space.notified();
+            // Decided under the lock, acted on after it: a std lock guard must not live across an await.
+            let wait_for_room = {
+                let mut book = self.shared.book();
+                if book.online && book.outbox.is_empty() {
+                    break;
+                }
+                let config = &self.shared.config;
+                let full = book.outbox.len() >= config.offline_capacity.max(1);
+                if full && config.offline_policy == OfflinePolicy::Block {
+                    true
+                } else {
+                    if full {
+                        self.make_room(&mut book)?;
+                    }
+                    if let Some(tx) = tx.take() {
+                        book.acks.insert(id, tx);
+                    }
+                    book.outbox.push_back(Queued {
+                        id,
+                        topic,
+                        payload,
+                        qos,
+                        retain,
+                    });
+                    return Ok(PublishToken { rx });
+                }
+            };
+            if wait_for_room {
+                space.await;
+            }
         }
-        let sent = self
-            .shared
-            .client
-            .publish(topic, qos, retain, payload)
-            .await;
-        if sent.is_err() {
-            let mut book = self.shared.book();
-            book.fifo.pop_back();
-            book.acks.remove(&id);
+        let Some(tx) = tx else {
             return Err(SessionError::Closed);
-        }
+        };
+        send_now(&self.shared, id, tx, topic, payload, qos, retain).await?;
         Ok(PublishToken { rx })
+    }
+
+    /// The offline queue is full: fail (`raise`) or drop its oldest message (`drop_oldest`).
+    fn make_room(&self, book: &mut Book) -> Result<(), SessionError> {
+        let config = &self.shared.config;
+        if config.offline_policy == OfflinePolicy::Raise {
+            return Err(SessionError::QueueFull(format!(
+                "the client is offline and its queue of {} messages is full (offline=\"raise\"); wait for \
+                 the connection, or choose offline=\"block\" or a larger max_queued",
+                config.offline_capacity
+            )));
+        }
+        if let Some(old) = book.outbox.pop_front() {
+            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            let error = SessionError::QueueFull(format!(
+                "the message to {:?} was dropped from the full offline queue (offline=\"drop_oldest\")",
+                old.topic
+            ));
+            if let Some(waiter) = book.acks.remove(&old.id) {
+                let _ = waiter.send(Err(error));
+            }
+        }
+        Ok(())
+    }
+
+    /// Messages waiting in the offline queue.
+    pub fn queued(&self) -> usize {
+        self.shared.book().outbox.len()
     }
 
     /// Closes the session: a clean DISCONNECT when connected, then the task ends, every queue ends

@@ -1,0 +1,390 @@
+"""``SourceClient``: a source (device) account pushing data into Capture and receiving commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+from . import _core
+from .client import AsyncClient, AsyncSubscription, Client, Subscription, _BaseClient
+from .errors import TopicError
+
+__all__ = ["AsyncSourceClient", "SourceClient", "load_auth_config"]
+
+SCOPE_RULE = (
+    "a source account can only publish and subscribe within its own v1/sources/<SourceID>/... subtree; "
+    "it cannot access other sources or the raw tree"
+)
+Timestamp = Any  # datetime (naive = UTC), epoch milliseconds (int), ISO 8601 str, or None
+
+_ALIASES = {
+    "source_id": ("sourceid", "source", "id", "clientid"),
+    "username": ("username", "user", "login"),
+    "password": ("password", "secret", "pass", "pwd", "token"),
+    "host": ("host", "hostname", "broker", "server", "address"),
+    "port": ("port",),
+}
+
+
+def _flatten(data: Mapping[str, Any], into: dict[str, Any]) -> dict[str, Any]:
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            _flatten(value, into)
+        else:
+            into.setdefault(re.sub(r"[^a-z0-9]", "", str(key).lower()), value)
+    return into
+
+
+def load_auth_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Reads a source's auth config as downloaded from the Capture portal.
+
+    Its format is not documented, so keys are matched without regard to case or separators, nested
+    objects are searched, and common names are understood: ``SourceId``/``Id``, ``Username``/``UserName``,
+    ``Password``/``Secret``, ``Host``/``Broker``, ``Port``. Returns ``source_id``, ``username``,
+    ``password`` and, when present, ``host`` and ``port``. A clear error names what is missing.
+
+    >>> import capture_mqtt as cm, json, tempfile
+    >>> with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+    ...     json.dump({"SourceId": "6d1a", "Secret": "s3cret"}, f)
+    >>> config = cm.load_auth_config(f.name)
+    >>> config["source_id"], config["username"]
+    ('6d1a', '6d1a')
+    """
+    file = Path(path)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8-sig"))
+    except OSError as err:
+        raise ValueError(f"the auth config {str(file)!r} cannot be read: {err.strerror}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"the auth config {str(file)!r} is not JSON: {err.msg} at line {err.lineno}") from None
+    if not isinstance(data, Mapping):
+        # The file's content is wrong, not an argument's type.
+        raise ValueError(f"the auth config {str(file)!r} must be a JSON object")  # noqa: TRY004
+    flat = _flatten(data, {})
+    found: dict[str, Any] = {}
+    for name, aliases in _ALIASES.items():
+        for alias in aliases:
+            if flat.get(alias) not in (None, ""):
+                found[name] = flat[alias]
+                break
+    found.setdefault("source_id", found.get("username"))
+    found.setdefault("username", found.get("source_id"))
+    for required in ("source_id", "password"):
+        if found.get(required) in (None, ""):
+            tried = ", ".join(_ALIASES[required] + (("username",) if required == "source_id" else ()))
+            raise ValueError(
+                f"the auth config {str(file)!r} has no {required} (looked for keys like {tried}; "
+                f"the file has: {', '.join(sorted(flat)) or 'nothing'})"
+            )
+    return {key: str(value) if key != "port" else int(value) for key, value in found.items()}
+
+
+def _check_scope(source_id: str, topic: str, action: str) -> None:
+    prefix = f"v1/sources/{source_id}/"
+    if not topic.startswith(prefix):
+        raise TopicError(
+            f"cannot {action} {topic!r} as source {source_id!r}: {SCOPE_RULE}",
+            segment="topic",
+            value=topic,
+        )
+
+
+class _SourceMixin(_BaseClient):
+    source_id: str
+
+    def _setup_source(self, source_id: str) -> None:
+        if not isinstance(source_id, str) or not source_id or any(c in source_id for c in "/+#\0"):
+            raise TopicError(
+                f"invalid source_id {source_id!r}: give the source's GUID (no '/', '+', '#')",
+                segment="source_id",
+                value=str(source_id),
+            )
+        self.source_id = source_id
+
+    def _push_message(
+        self,
+        connection: str,
+        measurement: str,
+        fields: Mapping[str, Any],
+        tags: Mapping[str, str] | None,
+        timestamp: Timestamp,
+    ) -> tuple[str, bytes]:
+        topic = _core.data_topic(self.source_id, connection, measurement)
+        return topic, _core.measurement_payload(dict(fields), tags=dict(tags) if tags else None, timestamp=timestamp)
+
+    def _field_message(
+        self,
+        connection: str,
+        measurement: str,
+        key: str,
+        value: Any,
+        tags: Mapping[str, str] | None,
+        timestamp: Timestamp,
+    ) -> tuple[str, bytes]:
+        topic = _core.data_topic(self.source_id, connection, measurement, key)
+        return topic, _core.field_payload(value, tags=dict(tags) if tags else None, timestamp=timestamp)
+
+    def _command_filter(self, verb: str) -> str:
+        if verb != "+":
+            _core.command_topic(self.source_id, verb)
+        return f"v1/sources/{self.source_id}/cmd/{verb}"
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("connected" if self.is_connected else "not connected")
+        return f"{type(self).__name__}(address={self.address!r}, source_id={self.source_id!r}, {state})"
+
+
+class SourceClient(_SourceMixin, Client):
+    """A source (device) account: pushes data to Capture and receives commands.
+
+    Same connection options as :class:`Client`; the username is the source id. It only ever builds
+    topics under ``v1/sources/<source_id>/``, and refuses others with :class:`TopicError`.
+
+    >>> import capture_mqtt as cm
+    >>> src = cm.SourceClient("broker.example", source_id="6d1a", password="s3cret", connect=False)
+    >>> src
+    SourceClient(address='mqtts://broker.example:8883', source_id='6d1a', not connected)
+    >>> src.close()
+    """
+
+    def __init__(
+        self, host: str, *, source_id: str, password: str, username: str | None = None, **options: Any
+    ) -> None:
+        self._setup_source(source_id)
+        options.setdefault("account_kind", "source")
+        super().__init__(host, username=username or source_id, password=password, **options)
+
+    @classmethod
+    def from_auth_config(cls, path: str | os.PathLike[str], host: str | None = None, **options: Any) -> Self:
+        """A source client from the auth config file downloaded from the source's page in the portal;
+        ``host`` (and ``port``) override what the file says. See :func:`load_auth_config`.
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.from_auth_config.__name__
+        'from_auth_config'
+        """
+        config = load_auth_config(path)
+        host = host or config.get("host")
+        if not host:
+            raise ValueError(f"the auth config {str(path)!r} names no host: pass host=... (ask the Capture team)")
+        if "port" in config:
+            options.setdefault("port", config["port"])
+        return cls(
+            host, source_id=config["source_id"], username=config["username"], password=config["password"], **options
+        )
+
+    def push(
+        self,
+        connection: str,
+        measurement: str,
+        fields: Mapping[str, Any],
+        *,
+        tags: Mapping[str, str] | None = None,
+        timestamp: Timestamp = None,
+        qos: int = 1,
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> Any:
+        """Pushes one measurement-level message (several fields). ``timestamp``: a datetime (naive
+        means UTC), epoch milliseconds, an ISO 8601 string, or None to let Capture stamp it. With QoS
+        1 or 2 (and ``wait``) returns once the broker acknowledged it; bad values raise
+        :class:`PayloadError` before anything is sent.
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.push.__name__
+        'push'
+        """
+        topic, payload = self._push_message(connection, measurement, fields, tags, timestamp)
+        return self.publish(topic, payload, qos=qos, wait=wait, timeout=timeout)
+
+    def push_field(
+        self,
+        connection: str,
+        measurement: str,
+        key: str,
+        value: Any,
+        *,
+        tags: Mapping[str, str] | None = None,
+        timestamp: Timestamp = None,
+        qos: int = 1,
+        wait: bool = True,
+        timeout: float = 30.0,
+    ) -> Any:
+        """Pushes one field-level message (one value).
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.push_field.__name__
+        'push_field'
+        """
+        topic, payload = self._field_message(connection, measurement, key, value, tags=tags, timestamp=timestamp)
+        return self.publish(topic, payload, qos=qos, wait=wait, timeout=timeout)
+
+    def push_frame(
+        self,
+        frame: Any,
+        *,
+        connection: str,
+        measurement: str,
+        timestamp_column: str | None = None,
+        tag_columns: Sequence[str] = (),
+        qos: int = 1,
+        timeout: float = 60.0,
+    ) -> int:
+        """Pushes every row of a DataFrame (pandas or Polars, a pyarrow Table, anything with
+        ``__arrow_c_stream__``) as one measurement-level message, converted in Rust. Columns become
+        fields, except ``timestamp_column`` (a time index is used when there is one) and ``tag_columns``;
+        a missing value (None, NaN) leaves that field out of the row. Returns the messages sent, once
+        all were acknowledged.
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.push_frame.__name__
+        'push_frame'
+        """
+        topic = _core.data_topic(self.source_id, connection, measurement)
+        return int(
+            self._native.push_frame(
+                frame,
+                topic,
+                timestamp_column=timestamp_column,
+                tag_columns=list(tag_columns),
+                qos=qos,
+                timeout=timeout,
+            )
+        )
+
+    def publish(self, topic: str, payload: bytes | str, **options: Any) -> Any:
+        """Publishes within the source's own subtree; anything else is a :class:`TopicError`.
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.publish.__name__
+        'publish'
+        """
+        _check_scope(self.source_id, topic, "publish to")
+        return super().publish(topic, payload, **options)
+
+    def subscribe(self, filter: str, **options: Any) -> Subscription:
+        """Subscribes within the source's own subtree; anything else is a :class:`TopicError`.
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.subscribe.__name__
+        'subscribe'
+        """
+        _check_scope(self.source_id, filter, "subscribe to")
+        return super().subscribe(filter, **options)
+
+    def subscribe_raw(self, *args: Any, **kwargs: Any) -> Subscription:
+        """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`)."""
+        raise TopicError(f"a source cannot subscribe to the raw tree: {SCOPE_RULE}", segment="topic", value="v1/raw")
+
+    def commands(self, verb: str = "+", **options: Any) -> Subscription:
+        """The commands sent to this source (``v1/sources/<id>/cmd/+``), as :class:`Command` objects:
+        ``for cmd in src.commands(): ...``.
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.commands.__name__
+        'commands'
+        """
+        options.setdefault("qos", 1)
+        return self.subscribe(self._command_filter(verb), decode="command", **options)
+
+    def on_command(self, callback: Callable[[Any], object], verb: str = "+", **options: Any) -> Subscription:
+        """Calls ``callback(command)`` for every command, on a dispatcher thread.
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.on_command.__name__
+        'on_command'
+        """
+        return self.commands(verb, callback=callback, **options)
+
+
+class AsyncSourceClient(_SourceMixin, AsyncClient):
+    """The asyncio source client: ``await src.push(...)``, ``async for cmd in await src.commands()``.
+
+    >>> import capture_mqtt as cm
+    >>> cm.AsyncSourceClient("broker.example", source_id="6d1a", password="s3cret")
+    AsyncSourceClient(address='mqtts://broker.example:8883', source_id='6d1a', not connected)
+    """
+
+    def __init__(
+        self, host: str, *, source_id: str, password: str, username: str | None = None, **options: Any
+    ) -> None:
+        self._setup_source(source_id)
+        options.setdefault("account_kind", "source")
+        super().__init__(host, username=username or source_id, password=password, **options)
+
+    async def push(
+        self,
+        connection: str,
+        measurement: str,
+        fields: Mapping[str, Any],
+        *,
+        tags: Mapping[str, str] | None = None,
+        timestamp: Timestamp = None,
+        qos: int = 1,
+        timeout: float = 30.0,
+    ) -> None:
+        """Like :meth:`SourceClient.push`, awaitable.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncSourceClient.push.__name__
+        'push'
+        """
+        topic, payload = self._push_message(connection, measurement, fields, tags, timestamp)
+        await self.publish(topic, payload, qos=qos, timeout=timeout)
+
+    async def push_field(
+        self,
+        connection: str,
+        measurement: str,
+        key: str,
+        value: Any,
+        *,
+        tags: Mapping[str, str] | None = None,
+        timestamp: Timestamp = None,
+        qos: int = 1,
+        timeout: float = 30.0,
+    ) -> None:
+        """Like :meth:`SourceClient.push_field`, awaitable.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncSourceClient.push_field.__name__
+        'push_field'
+        """
+        topic, payload = self._field_message(connection, measurement, key, value, tags=tags, timestamp=timestamp)
+        await self.publish(topic, payload, qos=qos, timeout=timeout)
+
+    async def publish(
+        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, timeout: float = 30.0
+    ) -> None:
+        """Publishes within the source's own subtree; anything else is a :class:`TopicError`.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncSourceClient.publish.__name__
+        'publish'
+        """
+        _check_scope(self.source_id, topic, "publish to")
+        await super().publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
+
+    async def commands(self, verb: str = "+", **options: Any) -> AsyncSubscription:
+        """The commands sent to this source: ``async for cmd in await src.commands(): ...``.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncSourceClient.commands.__name__
+        'commands'
+        """
+        options.setdefault("qos", 1)
+        return await self.subscribe(self._command_filter(verb), decode="command", **options)
+
+    async def subscribe(self, filter: str, **options: Any) -> AsyncSubscription:
+        """Subscribes within the source's own subtree; anything else is a :class:`TopicError`.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncSourceClient.subscribe.__name__
+        'subscribe'
+        """
+        _check_scope(self.source_id, filter, "subscribe to")
+        return await super().subscribe(filter, **options)
