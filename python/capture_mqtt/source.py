@@ -122,6 +122,7 @@ class _SourceMixin(_BaseClient):
         measurement: str,
         key: str,
         value: Any,
+        *,
         tags: Mapping[str, str] | None,
         timestamp: Timestamp,
     ) -> tuple[str, bytes]:
