@@ -268,6 +268,29 @@ mod tests {
     }
 }
 
+/// pandas hands its index over as a column, listed in the schema's "pandas" metadata (or named
+/// `__index_level_N__`): a time index is the natural timestamp; other index columns are not fields.
+fn pandas_index_columns(schema: &Schema) -> Vec<String> {
+    let mut columns: Vec<String> = schema
+        .metadata()
+        .get("pandas")
+        .and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok())
+        .and_then(|meta| meta.get("index_columns").cloned())
+        .and_then(|columns| columns.as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| c.as_str().map(str::to_owned))
+        .collect();
+    columns.extend(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| n.starts_with("__index_level_")),
+    );
+    columns
+}
+
 /// Turns the rows of record batches into measurement-level push payloads: one message per row, its
 /// fields from every column except the timestamp and tag columns.
 ///
@@ -296,12 +319,12 @@ impl FrameRows {
     ) -> Result<FrameRows, crate::payload::PayloadError> {
         use arrow_cast::cast;
         let schema = batch.schema();
-        // pandas hands its index over as `__index_level_0__`; a time index is the natural timestamp.
+        let index_columns = pandas_index_columns(&schema);
         let index_time = schema
             .fields()
             .iter()
             .find(|f| {
-                f.name() == "__index_level_0__"
+                index_columns.contains(f.name())
                     && matches!(f.data_type(), DataType::Timestamp(_, _))
             })
             .map(|f| f.name().clone());
@@ -344,7 +367,7 @@ impl FrameRows {
                 ));
                 continue;
             }
-            if name.starts_with("__index_level_") {
+            if index_columns.contains(name) {
                 continue;
             }
             let target = match field.data_type() {

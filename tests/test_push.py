@@ -1,0 +1,339 @@
+"""Pushing data as a source and sending commands, end to end against a real Mosquitto with Capture-like
+scopes. A test pipeline plays Capture's server side: every push to data/read is republished on the raw
+tree by the core's own codec (one message per field, Connection_Tag added, a missing timestamp filled)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import capture_mqtt as cm
+from capture_mqtt import _core
+from capture_mqtt.testing import Mosquitto
+
+from .conftest import COMPANY, PASSWORDS, SOURCE_ID, capture_accounts, connect
+from .test_connect import wait_until
+
+STAMP = datetime(2024, 11, 8, 10, 22, 6, 260000, tzinfo=UTC)
+
+
+class Pipeline:
+    """Capture's server side: republishes every push on the raw tree."""
+
+    def __init__(self, broker: Mosquitto, **options: Any) -> None:
+        self.client = connect(broker, "pipeline", **options)
+        self.sub = self.client.subscribe("v1/sources/+/data/read/#", qos=1, callback=self._republish)
+
+    def _republish(self, message: cm.Message) -> None:
+        for topic, payload in _core._to_raw(COMPANY, message.topic, message.payload):
+            self.client.publish(topic, payload, qos=1)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def pipeline(broker: Mosquitto) -> Iterator[Pipeline]:
+    running = Pipeline(broker)
+    yield running
+    running.close()
+
+
+def source(broker: Mosquitto, **options: Any) -> cm.SourceClient:
+    options.setdefault("connect_timeout", 5)
+    return cm.SourceClient(
+        broker.host,
+        transport="mqtt",
+        port=broker.mqtt_port,
+        source_id=SOURCE_ID,
+        password=PASSWORDS[SOURCE_ID],
+        **options,
+    )
+
+
+def receive(sub: cm.Subscription, count: int, timeout: float = 10) -> list[Any]:
+    got: list[Any] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count:
+        item = sub.get(timeout=max(0.0, deadline - time.monotonic()))
+        assert item is not None, f"only {len(got)} of {count} arrived"
+        got.append(item)
+    return got
+
+
+def test_pushes_at_every_level_and_timestamp_form_arrive_on_the_raw_tree(broker: Mosquitto, pipeline: Pipeline) -> None:
+    with source(broker) as src, connect(broker) as user, user.subscribe_raw(qos=1) as raw:
+        src.push("Conn", "Monitoring", {"CPU_Temp": 55, "CPU_Load": 23.4}, tags={"MachineName": "M1"}, timestamp=STAMP)
+        src.push_field("Conn", "Line", "State", "Läuft ✓", timestamp=STAMP.replace(tzinfo=None))  # naive is UTC
+        src.push_field("Conn", "Line", "Running", True, timestamp=1731061326260)
+        src.push_field("Conn", "Line", "Speed", 1.5, timestamp="2024-11-08T11:22:06.26+01:00")
+        src.push_field("Conn", "Line", "Count", 2**53 + 1, timestamp=STAMP.astimezone(timezone(timedelta(hours=-5))))
+        before = datetime.now(UTC)
+        src.push_field("Conn", "Line", "Stamped", 0)
+        points = {p.key: p for p in receive(raw, 7)}
+    assert points["CPU_Temp"].value == 55 and type(points["CPU_Temp"].value) is int
+    assert points["CPU_Load"].value == 23.4
+    assert points["CPU_Temp"].tags == {"Connection_Tag": "Conn", "MachineName": "M1"}
+    assert points["CPU_Temp"].source_id == SOURCE_ID
+    assert points["CPU_Temp"].company == COMPANY
+    assert points["State"].value == "Läuft ✓"
+    assert points["Running"].value is True
+    assert points["Count"].value == 2**53 + 1
+    for key in ("CPU_Temp", "CPU_Load", "State", "Running", "Speed", "Count"):
+        assert points[key].timestamp == STAMP, key
+    assert before - timedelta(seconds=1) <= points["Stamped"].timestamp <= datetime.now(UTC)
+
+
+def test_push_frame_sends_every_row_from_pandas_and_polars(broker: Mosquitto, pipeline: Pipeline) -> None:
+    import pandas as pd
+    import polars as pl
+
+    frame = pd.DataFrame(
+        {
+            "time": pd.date_range("2024-11-08 10:22:06.260", periods=4, freq="s", tz="UTC"),
+            "Temp": [55.5, math.nan, 57.0, 58.0],
+            "Count": [1, 2, 3, 4],
+            "Machine": ["M1", "M2", None, "M1"],
+        }
+    )
+    with source(broker) as src, connect(broker) as user, user.subscribe_raw(qos=1) as raw:
+        sent = src.push_frame(
+            frame, connection="Conn", measurement="Press", timestamp_column="time", tag_columns=["Machine"]
+        )
+        assert sent == 4
+        points = receive(raw, 7)  # 4 rows x 2 fields, less the NaN
+        assert raw.get(timeout=0.3) is None
+        by = {(p.key, p.timestamp): p for p in points}
+        assert by[("Temp", STAMP)].value == 55.5
+        assert by[("Temp", STAMP)].tags == {"Connection_Tag": "Conn", "Machine": "M1"}
+        assert ("Temp", STAMP + timedelta(seconds=1)) not in by, "NaN is a missing value"
+        assert by[("Count", STAMP + timedelta(seconds=2))].tags == {"Connection_Tag": "Conn"}
+        assert type(by[("Count", STAMP)].value) is int
+        indexed = frame.set_index("time")[["Count"]]
+        assert src.push_frame(indexed, connection="Conn", measurement="Indexed") == 4
+        assert {p.timestamp for p in receive(raw, 4)} == {STAMP + timedelta(seconds=i) for i in range(4)}
+        assert src.push_frame(pl.from_pandas(frame[["Count", "Machine"]]), connection="Conn", measurement="Polars") == 4
+        assert len(receive(raw, 4)) == 4
+        with pytest.raises(cm.PayloadError, match='column "When"'):
+            src.push_frame(frame, connection="Conn", measurement="M", timestamp_column="When")
+        with pytest.raises(TypeError, match="__arrow_c_stream__"):
+            src.push_frame([1, 2], connection="Conn", measurement="M")
+
+
+def test_commands_reach_the_source(broker: Mosquitto) -> None:
+    got: list[cm.Command] = []
+    with source(broker) as src, connect(broker) as user:
+        src.on_command(got.append)
+        time.sleep(0.2)
+        user.send_command(SOURCE_ID, "Conn/Meas/Setpoint", 42, mapping="ns=2;s=SP")
+        user.send_command(SOURCE_ID, ("Conn", "Meas", "Mode"), {"auto": True}, data_as="json")
+        wait_until(lambda: len(got) == 2, what="both commands")
+    first, second = got
+    assert (first.source_id, first.verb, first.connection, first.measurement, first.variable) == (
+        SOURCE_ID,
+        "writedata",
+        "Conn",
+        "Meas",
+        "Setpoint",
+    )
+    assert (first.mapping, first.data) == ("ns=2;s=SP", "42")
+    assert json.loads(first.raw) == {"Topic": "Conn/Meas/Setpoint", "Mapping": "ns=2;s=SP", "Data": "42"}
+    assert second.data == {"auto": True}
+    assert second.mapping is None
+
+
+def test_commands_iterator_and_async_variant(broker: Mosquitto) -> None:
+    with source(broker) as src, connect(broker) as user, src.commands() as commands:
+        user.send_command(SOURCE_ID, ("C", "M", "V"), 1)
+        command = commands.get(timeout=5)
+        assert isinstance(command, cm.Command) and command.variable == "V"
+
+    async def main() -> Any:
+        async with cm.AsyncSourceClient(
+            broker.host, transport="mqtt", port=broker.mqtt_port, source_id=SOURCE_ID, password=PASSWORDS[SOURCE_ID]
+        ) as src:
+            commands = await src.commands()
+            await asyncio.to_thread(lambda: connect(broker).send_command(SOURCE_ID, ("C", "M", "X"), 2))
+            async for command in commands:
+                await src.push_field("C", "M", "Ack", 1)
+                return command
+            return None
+
+    assert asyncio.run(main()).variable == "X"
+
+
+@pytest.mark.parametrize(
+    ("call", "error"),
+    [
+        (lambda c: c.send_command("", ("C", "M", "V"), 1), cm.TopicError),
+        (lambda c: c.send_command("S/1", ("C", "M", "V"), 1), cm.TopicError),
+        (lambda c: c.send_command("S1", ("C", "M+", "V"), 1), cm.TopicError),
+        (lambda c: c.send_command("S1", "C/M", 1), cm.TopicError),
+        (lambda c: c.send_command("S1", ("C", "M", "V"), math.nan), cm.PayloadError),
+    ],
+)
+def test_bad_commands_are_refused_before_sending(broker: Mosquitto, call: Any, error: type[Exception]) -> None:
+    with connect(broker) as user:
+        with pytest.raises(error):
+            call(user)
+        assert user.stats["published"] == 0
+
+
+def test_bad_pushes_name_the_field_and_send_nothing(broker: Mosquitto) -> None:
+    with source(broker) as src:
+        with pytest.raises(cm.PayloadError, match="Temp") as info:
+            src.push("Conn", "M", {"Ok": 1, "Temp": math.inf})
+        assert info.value.field == "Temp"
+        with pytest.raises(cm.PayloadError, match="has type object"):
+            src.push_field("Conn", "M", "K", object())
+        with pytest.raises(cm.TopicError):
+            src.push("Conn/x", "M", {"a": 1})
+        with pytest.raises(cm.TopicError, match="own v1/sources/<SourceID>"):
+            src.subscribe("v1/sources/other-source/cmd/+")
+        with pytest.raises(cm.TopicError, match="raw tree"):
+            src.subscribe_raw()
+        with pytest.raises(cm.TopicError, match="cannot access other sources"):
+            src.publish("v1/sources/other-source/data/read/C/M", b"{}")
+        assert src.stats["published"] == 0
+
+
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_every_qos_and_handles(broker: Mosquitto, pipeline: Pipeline, qos: int) -> None:
+    with source(broker) as src, connect(broker) as user, user.subscribe_raw(qos=1) as raw:
+        handles = [src.push_field("Conn", "Q", "V", i, qos=qos, wait=False) for i in range(20)]
+        for handle in handles:
+            handle.wait(10)
+        assert sorted(p.value for p in receive(raw, 20)) == list(range(20))
+        if qos:
+            assert src.stats["acknowledged"] == 20
+
+
+def test_auth_config_is_read_tolerantly(broker: Mosquitto, tmp_path: Path) -> None:
+    config = tmp_path / "auth.json"
+    config.write_text(
+        json.dumps({"Source": {"SourceID": SOURCE_ID, "SECRET": PASSWORDS[SOURCE_ID]}, "Broker": "127.0.0.1"})
+    )
+    with cm.SourceClient.from_auth_config(config, transport="mqtt", port=broker.mqtt_port) as src:
+        assert src.is_connected and src.source_id == SOURCE_ID
+    assert cm.load_auth_config(config)["host"] == "127.0.0.1"
+    variants = [
+        {"UserName": "u1", "Password": "p", "Id": "s1", "Port": "8883"},
+        {"username": "s1", "password": "p"},
+        {"source_id": "s1", "secret": "p", "host": "h"},
+    ]
+    for data in variants:
+        config.write_text(json.dumps(data))
+        loaded = cm.load_auth_config(config)
+        assert loaded["source_id"] == "s1" and loaded["password"] == "p"
+    config.write_text(json.dumps({"SourceId": "s1", "Name": "Press 1"}))
+    with pytest.raises(ValueError, match="no password") as info:
+        cm.load_auth_config(config)
+    assert "sourceid" in str(info.value) and "name" in str(info.value)
+    config.write_text("not json")
+    with pytest.raises(ValueError, match="not JSON"):
+        cm.load_auth_config(config)
+
+
+def test_pushes_made_offline_wait_and_go_out_in_order() -> None:
+    # A broker that keeps its sessions over a restart, so that the listener misses nothing.
+    fresh_broker = Mosquitto(accounts=capture_accounts(), tls=False, websockets=False, persistence=True).start()
+    with fresh_broker, source(fresh_broker, reconnect=cm.Reconnect(min_delay=0.05, max_delay=0.2)) as src:
+        listener = connect(fresh_broker, "pipeline", client_id="offline-listener", clean_session=False, connect=False)
+        sub = listener.subscribe(f"v1/sources/{SOURCE_ID}/data/read/#", qos=1)
+        listener.connect()
+        fresh_broker.stop()
+        wait_until(lambda: not src.is_connected, what="the source to notice")
+        handles = [src.push_field("Conn", "Offline", "V", i, wait=False) for i in range(300)]
+        assert src.stats["queued"] == 300
+        fresh_broker.start()
+        for handle in handles:
+            handle.wait(15)
+        values = [json.loads(m.payload)["Value"] for m in receive(sub, 300, timeout=15)]
+        assert values == list(range(300))
+        listener.close()
+
+
+@pytest.mark.parametrize("policy", ["raise", "drop_oldest"])
+def test_a_full_offline_queue_raises_or_drops_the_oldest(fresh_broker: Mosquitto, policy: str) -> None:
+    with source(
+        fresh_broker, offline=policy, max_queued=10, reconnect=cm.Reconnect(min_delay=0.05, max_delay=0.2)
+    ) as src:
+        fresh_broker.stop()
+        wait_until(lambda: not src.is_connected, what="the source to notice")
+        handles = [src.push_field("Conn", "M", "V", i, wait=False) for i in range(10)]
+        if policy == "raise":
+            with pytest.raises(cm.QueueFullError, match="offline"):
+                src.push_field("Conn", "M", "V", 10, wait=False)
+            assert src.stats["dropped"] == 0
+        else:
+            handles += [src.push_field("Conn", "M", "V", i, wait=False) for i in range(10, 15)]
+            assert src.stats["dropped"] == 5
+            with pytest.raises(cm.QueueFullError, match="dropped"):
+                handles[0].wait(1)
+        assert src.stats["queued"] == 10
+        fresh_broker.start()
+        for handle in handles[5 if policy == "drop_oldest" else 0 :]:
+            handle.wait(15)
+
+
+def test_a_broker_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
+    total = 50_000
+    with Mosquitto(accounts=capture_accounts(), tls=False, websockets=False, persistence=True) as broker:
+        listener = connect(broker, "pipeline", client_id="restart-listener", clean_session=False, connect=False)
+        sub = listener.subscribe(f"v1/sources/{SOURCE_ID}/data/read/#", qos=1, queue_size=100_000)
+        listener.connect()
+        events: list[str] = []
+        src = source(
+            broker, reconnect=cm.Reconnect(min_delay=0.05, max_delay=0.3), on_event=lambda e: events.append(e.kind)
+        )
+        restarted = threading.Event()
+
+        def restart() -> None:
+            time.sleep(0.5)
+            broker.stop()  # graceful: Mosquitto saves what it holds, as a real broker's storage would
+            time.sleep(0.3)
+            broker.start()
+            restarted.set()
+
+        threading.Thread(target=restart, daemon=True).start()
+        handles = [src.push_field("Conn", "Stream", "V", i, wait=False) for i in range(total)]
+        for handle in handles:
+            handle.wait(60)
+        assert restarted.wait(10)
+        seen: Counter[int] = Counter()
+        deadline = time.monotonic() + 60
+        while len(seen) < total and time.monotonic() < deadline:
+            for message in sub._native.get_many(10_000, 0.5):
+                seen[json.loads(message.payload)["Value"]] += 1
+        duplicates = sum(seen.values()) - len(seen)
+        print(f"restart mid-stream: {total} pushed, {len(seen)} distinct arrived, {duplicates} duplicates")
+        assert sorted(seen) == list(range(total)), f"lost {total - len(seen)}"
+        assert "disconnected" in events and events.count("connected") >= 2
+        src.close()
+        listener.close()
+
+
+def test_more_than_65535_in_flight_pushes_all_arrive(broker: Mosquitto) -> None:
+    total = 70_000
+    with source(broker) as src, connect(broker, "pipeline") as listener:
+        sub = listener.subscribe(f"v1/sources/{SOURCE_ID}/data/read/#", qos=1, queue_size=100_000)
+        handles = [src.push_field("Conn", "Burst", "V", i, wait=False) for i in range(total)]
+        for handle in handles:
+            handle.wait(60)
+        seen: set[int] = set()
+        deadline = time.monotonic() + 60
+        while len(seen) < total and time.monotonic() < deadline:
+            for message in sub._native.get_many(10_000, 0.5):
+                seen.add(json.loads(message.payload)["Value"])
+        assert len(seen) == total
+        assert src.stats["acknowledged"] == total
