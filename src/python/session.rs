@@ -26,31 +26,19 @@ const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 /// How long a batch waits for more rows after the first one arrives, to take them in chunks.
 const BATCH_LINGER: Duration = Duration::from_millis(2);
 
-/// Runs `future` on the network runtime while the calling thread waits with the interpreter lock
-/// released, waking regularly so that Ctrl-C raises `KeyboardInterrupt` (the work is then cancelled).
-pub fn block_on<T: Send + 'static>(
-    py: Python<'_>,
-    future: impl Future<Output = T> + Send + 'static,
-) -> PyResult<T> {
-    let mut handle = session::runtime().spawn(future);
+/// Runs `future` to completion on the calling thread (the network runtime drives its I/O) with the
+/// interpreter lock released, waking every 100 ms so that Ctrl-C raises `KeyboardInterrupt` (the
+/// work is then dropped). No task is spawned: a wait costs no thread hop.
+pub fn block_on<T: Send>(py: Python<'_>, future: impl Future<Output = T> + Send) -> PyResult<T> {
+    let mut future = Box::pin(future);
     loop {
         let step = py.detach(|| {
             session::runtime()
-                .block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut handle).await })
+                .block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut future).await })
         });
         match step {
-            Ok(Ok(value)) => return Ok(value),
-            Ok(Err(join_error)) => {
-                return Err(pyo3::exceptions::PyRuntimeError::new_err(format!(
-                    "internal task failed: {join_error}"
-                )))
-            }
-            Err(_elapsed) => {
-                if let Err(interrupt) = py.check_signals() {
-                    handle.abort();
-                    return Err(interrupt);
-                }
-            }
+            Ok(value) => return Ok(value),
+            Err(_elapsed) => py.check_signals()?,
         }
     }
 }
@@ -360,7 +348,7 @@ impl PySession {
             let route = session
                 .subscribe(&filter, qos, decode, queue_size, overflow)
                 .await?;
-            if wait && session.is_connected() {
+            if wait && route.was_requested() {
                 if let Err(err) = session.wait_granted(&route, timeout).await {
                     if !matches!(err, SessionError::Authorization { .. }) {
                         session.unsubscribe(&route).await;

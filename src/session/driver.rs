@@ -251,7 +251,12 @@ fn on_outgoing(shared: &Shared, outgoing: &Outgoing) {
                 "request bookkeeping is out of step: subscribe {pkid} matched {other:?}"
             ),
         },
-        Outgoing::Unsubscribe(_) | Outgoing::Disconnect => {
+        Outgoing::Unsubscribe(pkid) => {
+            if let Some(Sent::Unsubscribe { done }) = book.fifo.pop_front() {
+                book.unsubscribes.insert(*pkid, done);
+            }
+        }
+        Outgoing::Disconnect => {
             book.fifo.pop_front();
         }
         _ => {}
@@ -419,6 +424,12 @@ fn on_connack(
     requeue(shared, link, carried, session_present);
     shared.connected.store(true, Ordering::Release);
     // What was published offline goes out first (by the flusher), then publishes go straight out.
+    {
+        let mut book = shared.book();
+        if book.outbox.is_empty() {
+            book.online = true;
+        }
+    }
     shared.flush_signal.notify_one();
     log::info!(
         "connected to {} as {:?} (session present: {session_present})",
@@ -543,6 +554,11 @@ impl Driver {
             NetEvent::Acked { pkid, refused } => on_acked(shared, pkid, refused),
             NetEvent::Refused { pkid, reason } => on_acked(shared, pkid, Some(reason)),
             NetEvent::SubAck { pkid, codes } => on_suback(shared, pkid, &codes),
+            NetEvent::UnsubAck { pkid } => {
+                if let Some(done) = shared.book().unsubscribes.remove(&pkid) {
+                    let _ = done.send(());
+                }
+            }
             NetEvent::Outgoing(outgoing) => {
                 on_outgoing(shared, &outgoing);
                 if outgoing == Outgoing::Disconnect && shared.closed.load(Ordering::Acquire) {

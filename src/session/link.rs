@@ -59,6 +59,10 @@ pub(super) enum NetEvent {
         pkid: u16,
         codes: Vec<Option<String>>,
     },
+    /// UNSUBACK: the broker stopped sending for that filter.
+    UnsubAck {
+        pkid: u16,
+    },
     Outgoing(Outgoing),
     Other,
 }
@@ -164,6 +168,18 @@ impl LinkClient {
                 .map_err(drop),
         }
     }
+    /// Publishes without waiting; false when the request channel is full.
+    pub(super) fn try_publish(&self, topic: &str, qos: u8, retain: bool, payload: &Bytes) -> bool {
+        match self {
+            LinkClient::V4(c) => c
+                .try_publish(topic, qos_of(qos), retain, payload.to_vec())
+                .is_ok(),
+            LinkClient::V5(c) => c
+                .try_publish(topic, qos5_of(qos), retain, payload.clone())
+                .is_ok(),
+        }
+    }
+
     pub(super) fn try_disconnect(&self) -> Result<(), ()> {
         match self {
             LinkClient::V4(c) => c.try_disconnect().map_err(drop),
@@ -318,9 +334,11 @@ fn describe_v4(
             };
             (refused_login(config, username, &words, credentials), false)
         }
-        ConnectionError::Io(e) | ConnectionError::MqttState(StateError::Io(e)) => {
-            describe_io(config, e)
-        }
+        // A write to a closed socket comes back wrapped as a (de)serialization error.
+        ConnectionError::Io(e)
+        | ConnectionError::MqttState(
+            StateError::Io(e) | StateError::Deserialization(rumqttc::Error::Io(e)),
+        ) => describe_io(config, e),
         ConnectionError::MqttState(StateError::ConnectionAborted) => (
             SessionError::Connect(format!("the broker at {address} closed the connection")),
             true,
@@ -370,9 +388,10 @@ fn describe_v5(
                 false,
             )
         }
-        ConnectionError::Io(e) | ConnectionError::MqttState(StateError::Io(e)) => {
-            describe_io(config, e)
-        }
+        ConnectionError::Io(e)
+        | ConnectionError::MqttState(
+            StateError::Io(e) | StateError::Deserialization(v5::mqttbytes::Error::Io(e)),
+        ) => describe_io(config, e),
         ConnectionError::MqttState(StateError::ConnectionAborted) => (
             SessionError::Connect(format!("the broker at {address} closed the connection")),
             true,
@@ -443,6 +462,7 @@ fn v4_event(event: rumqttc::Event) -> NetEvent {
                 pkid: comp.pkid,
                 refused: None,
             },
+            Incoming::UnsubAck(ack) => NetEvent::UnsubAck { pkid: ack.pkid },
             Incoming::SubAck(ack) => NetEvent::SubAck {
                 pkid: ack.pkid,
                 codes: ack
@@ -499,6 +519,7 @@ fn v5_event(event: v5::Event) -> NetEvent {
                 pkid: comp.pkid,
                 refused: None,
             },
+            Packet::UnsubAck(ack) => NetEvent::UnsubAck { pkid: ack.pkid },
             Packet::SubAck(ack) => NetEvent::SubAck {
                 pkid: ack.pkid,
                 codes: ack

@@ -149,9 +149,16 @@ pub struct Route {
     pub queue: Arc<Queue<Item>>,
     state: Mutex<RouteState>,
     settled: Notify,
+    /// The SUBSCRIBE went out when the subscription was made (the client was connected).
+    requested: AtomicBool,
 }
 
 impl Route {
+    /// Whether the SUBSCRIBE was sent when the subscription was made; the broker's answer is then
+    /// worth waiting for, even if the connection drops meanwhile (Capture drops it to refuse).
+    pub fn was_requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
     fn state(&self) -> MutexGuard<'_, RouteState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -177,7 +184,9 @@ enum Sent {
     Subscribe {
         filters: Vec<String>,
     },
-    Unsubscribe,
+    Unsubscribe {
+        done: oneshot::Sender<()>,
+    },
     Disconnect,
 }
 
@@ -208,6 +217,8 @@ struct Book {
     fifo: VecDeque<Sent>,
     /// Subscribes on the wire by packet id, with when they were sent.
     subscribes: HashMap<u16, (Vec<String>, Instant)>,
+    /// Unsubscribes on the wire by packet id, with who waits for the UNSUBACK.
+    unsubscribes: HashMap<u16, oneshot::Sender<()>>,
     inflight: HashMap<u16, VecDeque<InFlight>>,
     acks: HashMap<u64, oneshot::Sender<Result<(), SessionError>>>,
     /// The latest publish written, to attribute a disconnect right after it.
@@ -539,6 +550,7 @@ impl Session {
             queue: Arc::new(Queue::new(capacity, overflow)),
             state: Mutex::new(RouteState::Pending),
             settled: Notify::new(),
+            requested: AtomicBool::new(false),
         });
         self.shared.routes().push(Arc::clone(&route));
         if self.is_connected() {
@@ -560,6 +572,7 @@ impl Session {
                 self.shared.book().fifo.pop_back();
                 return Err(SessionError::Closed);
             }
+            route.requested.store(true, Ordering::Release);
         }
         Ok(route)
     }
@@ -596,17 +609,26 @@ impl Session {
             routes.iter().any(|r| r.filter == route.filter)
         };
         if !still_used && self.is_connected() {
-            let _guard = self.shared.send_lock.lock().await;
-            self.shared.book().fifo.push_back(Sent::Unsubscribe);
-            if self
-                .shared
-                .client
-                .unsubscribe(route.filter.clone())
-                .await
-                .is_err()
+            let (done, acked) = oneshot::channel();
             {
-                self.shared.book().fifo.pop_back();
+                let _guard = self.shared.send_lock.lock().await;
+                self.shared
+                    .book()
+                    .fifo
+                    .push_back(Sent::Unsubscribe { done });
+                if self
+                    .shared
+                    .client
+                    .unsubscribe(route.filter.clone())
+                    .await
+                    .is_err()
+                {
+                    self.shared.book().fifo.pop_back();
+                    return;
+                }
             }
+            // Once the broker confirms, nothing more arrives for this filter.
+            let _ = tokio::time::timeout(Duration::from_secs(5), acked).await;
         }
     }
 
@@ -667,6 +689,76 @@ impl Session {
         };
         send_now(&self.shared, id, tx, topic, payload, qos, retain).await?;
         Ok(PublishToken { rx })
+    }
+
+    /// Publishes without waiting when nothing stands in the way: straight out when online with room
+    /// in the in-flight window and the request channel, or into the offline queue when offline (under
+    /// its policy). No task and no thread hop. `Ok(None)` when the caller must wait with `publish`.
+    pub fn try_publish(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        qos: u8,
+        retain: bool,
+    ) -> Result<Option<PublishToken>, SessionError> {
+        let qos = qos.min(2);
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        {
+            let mut book = self.shared.book();
+            if !(book.online && book.outbox.is_empty()) {
+                let config = &self.shared.config;
+                if book.outbox.len() >= config.offline_capacity.max(1) {
+                    if config.offline_policy == OfflinePolicy::Block {
+                        return Ok(None);
+                    }
+                    self.make_room(&mut book)?;
+                }
+                let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+                let (tx, rx) = oneshot::channel();
+                book.acks.insert(id, tx);
+                book.outbox.push_back(Queued {
+                    id,
+                    topic: topic.to_owned(),
+                    payload: payload.clone(),
+                    qos,
+                    retain,
+                });
+                return Ok(Some(PublishToken { rx }));
+            }
+        }
+        let permit = if qos > 0 {
+            match Arc::clone(&self.shared.window).try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => return Ok(None),
+            }
+        } else {
+            None
+        };
+        let Ok(_guard) = self.shared.send_lock.try_lock() else {
+            return Ok(None);
+        };
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut book = self.shared.book();
+            book.acks.insert(id, tx);
+            book.fifo.push_back(Sent::Publish {
+                id,
+                qos,
+                topic: topic.to_owned(),
+                permit,
+            });
+        }
+        if self.shared.client.try_publish(topic, qos, retain, payload) {
+            Ok(Some(PublishToken { rx }))
+        } else {
+            let mut book = self.shared.book();
+            book.fifo.pop_back();
+            book.acks.remove(&id);
+            Ok(None)
+        }
     }
 
     /// The offline queue is full: fail (`raise`) or drop its oldest message (`drop_oldest`).
