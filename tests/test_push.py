@@ -251,7 +251,7 @@ def test_pushes_made_offline_wait_and_go_out_in_order() -> None:
         listener = connect(fresh_broker, "pipeline", client_id="offline-listener", clean_session=False, connect=False)
         sub = listener.subscribe(f"v1/sources/{SOURCE_ID}/data/read/#", qos=1)
         listener.connect()
-        wait_until(lambda: sub._native.is_active, what="the listener's subscription")  # noqa: SLF001
+        wait_until(lambda: sub._native.is_active, what="the listener's subscription")
         fresh_broker.stop()
         wait_until(lambda: not src.is_connected, what="the source to notice")
         handles = [src.push_field("Conn", "Offline", "V", i, wait=False) for i in range(300)]
@@ -293,7 +293,7 @@ def test_a_broker_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
         listener = connect(broker, "pipeline", client_id="restart-listener", clean_session=False, connect=False)
         sub = listener.subscribe(f"v1/sources/{SOURCE_ID}/data/read/#", qos=1, queue_size=100_000)
         listener.connect()
-        wait_until(lambda: sub._native.is_active, what="the listener's subscription")  # noqa: SLF001
+        wait_until(lambda: sub._native.is_active, what="the listener's subscription")
         events: list[str] = []
         src = source(
             broker, reconnect=cm.Reconnect(min_delay=0.05, max_delay=0.3), on_event=lambda e: events.append(e.kind)
