@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import os
 import re
 import threading
 from collections.abc import Iterator
@@ -26,8 +27,9 @@ def readme_broker() -> Iterator[str]:
     from capture_mqtt.testing import Account, Mosquitto
 
     accounts = [
-        Account("alice", "alice-pw", [("read", "v1/raw/AcmeCorp/#")]),
+        Account("alice", "alice-pw", [("read", "v1/raw/AcmeCorp/#"), ("write", "v1/sources/+/cmd/writedata")]),
         Account("pipeline", "pipeline-pw", [("readwrite", "#")]),
+        Account("src-1", "src-pw", [("readwrite", "v1/sources/src-1/#")]),
     ]
     with Mosquitto(accounts=accounts, tls=False, websockets=False) as broker:
         stop = threading.Event()
@@ -41,7 +43,9 @@ def readme_broker() -> Iterator[str]:
 
         thread = threading.Thread(target=stream, daemon=True)
         thread.start()
+        os.environ["README_SOURCE_URL"] = f"mqtt://src-1:src-pw@127.0.0.1:{broker.mqtt_port}"
         yield f"mqtt://alice:alice-pw@127.0.0.1:{broker.mqtt_port}?company=AcmeCorp"
+        del os.environ["README_SOURCE_URL"]
         stop.set()
         thread.join(timeout=5)
 

@@ -346,3 +346,39 @@ def test_plain_mqtt_filters_deliver_messages(broker: Mosquitto) -> None:
         message = sub.get(timeout=5)
         assert isinstance(message, cm.Message)
         assert (message.topic, json.loads(message.payload), message.qos) == ("plant/line1/status", {"ok": True}, 0)
+
+
+def test_collect_stops_on_ctrl_c_and_keeps_what_arrived(broker: Mosquitto, tmp_path: Any) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "collect.py"
+    script.write_text(
+        "import capture_mqtt as cm\n"
+        f"c = cm.Client('127.0.0.1', transport='mqtt', port={broker.mqtt_port}, username='alice',"
+        f" password={PASSWORDS['alice']!r}, company={COMPANY!r})\n"
+        "print('ready', flush=True)\n"
+        "batch = cm.collect(c, seconds=60, progress=False)\n"
+        "print('rows', len(batch), flush=True)\n"
+    )
+    with connect(broker, "pipeline") as pipeline:
+        process = subprocess.Popen(
+            [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=dict(os.environ)
+        )
+        assert process.stdout is not None
+        assert process.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 1.5
+        i = 0
+        while time.monotonic() < deadline:
+            pipeline.publish(TOPIC, cm.field_payload(i), qos=0)
+            i += 1
+            time.sleep(0.002)
+        started = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=20)
+    assert process.returncode == 0
+    assert time.monotonic() - started < 10
+    rows = int(out.split()[-1])
+    assert 0 < rows <= i
