@@ -71,6 +71,17 @@ fn decode(route: &Route, publish: &Incoming, received_at: i64, ack: Option<&Arc<
         received_at,
         ack: ack.cloned(),
     };
+    let malformed = |reason: String| {
+        route
+            .queue
+            .counters
+            .malformed
+            .fetch_add(1, Ordering::Relaxed);
+        Item::Malformed {
+            message: message(),
+            reason,
+        }
+    };
     match route.decode {
         Decode::Bytes => Item::Message(message()),
         Decode::Raw => match payload::parse_raw(&publish.topic, &publish.payload, received_at) {
@@ -80,17 +91,7 @@ fn decode(route: &Route, publish: &Incoming, received_at: i64, ack: Option<&Arc<
                 retain: publish.retain,
                 ack: ack.cloned(),
             },
-            Err(err) => {
-                route
-                    .queue
-                    .counters
-                    .malformed
-                    .fetch_add(1, Ordering::Relaxed);
-                Item::Malformed {
-                    message: message(),
-                    reason: err.message,
-                }
-            }
+            Err(err) => malformed(err.message),
         },
         Decode::Command => match payload::parse_command(&publish.topic, &publish.payload) {
             Ok(command) => Item::Command {
@@ -98,17 +99,7 @@ fn decode(route: &Route, publish: &Incoming, received_at: i64, ack: Option<&Arc<
                 raw: publish.payload.clone(),
                 ack: ack.cloned(),
             },
-            Err(err) => {
-                route
-                    .queue
-                    .counters
-                    .malformed
-                    .fetch_add(1, Ordering::Relaxed);
-                Item::Malformed {
-                    message: message(),
-                    reason: err.message,
-                }
-            }
+            Err(err) => malformed(err.message),
         },
     }
 }
@@ -209,12 +200,16 @@ fn on_outgoing(shared: &Shared, outgoing: &Outgoing) {
             let awaiting = matches!(outgoing, Outgoing::AwaitAck(_));
             if pkid != 0 {
                 if let Some(front) = book.inflight.get_mut(&pkid).and_then(|q| q.front_mut()) {
+                    let sent = (Instant::now(), front.id, front.topic.clone());
                     if !front.on_wire {
                         front.on_wire = !awaiting;
+                        book.last_publish = Some(sent);
                         return;
                     }
                     if !awaiting {
-                        return; // a retransmission of a publish already on the wire
+                        // A retransmission of a publish already on the wire (after a reconnect).
+                        book.last_publish = Some(sent);
+                        return;
                     }
                 }
             }
@@ -273,6 +268,9 @@ fn on_acked(shared: &Shared, pkid: u16, refused: Option<String>) {
     let Some(done) = done else {
         return;
     };
+    if book.suspect_publish == Some(done.id) {
+        book.suspect_publish = None;
+    }
     match refused {
         None => {
             shared.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
@@ -293,6 +291,7 @@ fn on_suback(shared: &Shared, pkid: u16, codes: &[Option<String>]) {
     for (filter, code) in filters.iter().zip(codes) {
         match code {
             None => {
+                shared.book().suspect_filters.remove(filter);
                 for route in shared.routes().iter().filter(|r| &r.filter == filter) {
                     if *route.state() == RouteState::Pending {
                         route.settle(RouteState::Active);
@@ -309,6 +308,9 @@ fn on_suback(shared: &Shared, pkid: u16, codes: &[Option<String>]) {
 
 /// After the broker hung up: was it refusing a subscribe or publish sent just before?
 fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<LinkRequest>) {
+    // Capture refuses by hanging up, but so does a broker that restarts. A refusal repeats: the
+    // first hang-up right after an unanswered request only makes it a suspect, and it is sent again;
+    // a second hang-up right after the same request is the refusal.
     let now = Instant::now();
     let recent_subscribes: Vec<String> = {
         let book = shared.book();
@@ -319,12 +321,29 @@ fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<LinkRequest>) {
             .collect()
     };
     if !recent_subscribes.is_empty() {
-        for filter in recent_subscribes {
+        let refused: Vec<String> = {
+            let mut book = shared.book();
+            let refused: Vec<String> = recent_subscribes
+                .iter()
+                .filter(|f| book.suspect_filters.contains(*f))
+                .cloned()
+                .collect();
+            book.suspect_filters = if refused.is_empty() {
+                recent_subscribes.iter().cloned().collect()
+            } else {
+                std::collections::HashSet::new()
+            };
+            refused
+        };
+        if refused.is_empty() {
+            log::info!("the broker hung up right after subscribing to {recent_subscribes:?}: sending it again to tell a refusal from a restart");
+        }
+        for filter in refused {
             let error = authorization(
                 shared,
                 Action::Subscribe,
                 &filter,
-                "the broker closed the connection right after the SUBSCRIBE, as Capture does",
+                "the broker closed the connection right after the SUBSCRIBE, twice, as Capture does",
             );
             refuse_filter(shared, &filter, &error);
         }
@@ -334,14 +353,21 @@ fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<LinkRequest>) {
     let Some((at, id, topic)) = book.last_publish.take() else {
         return;
     };
-    if now.duration_since(at) >= REFUSAL_WINDOW {
+    let unanswered = book.inflight.values().any(|q| q.iter().any(|f| f.id == id));
+    if now.duration_since(at) >= REFUSAL_WINDOW || !unanswered {
         return;
     }
+    if book.suspect_publish != Some(id) {
+        log::info!("the broker hung up right after a publish to {topic:?}: sending it again to tell a refusal from a restart");
+        book.suspect_publish = Some(id);
+        return;
+    }
+    book.suspect_publish = None;
     let error = authorization(
         shared,
         Action::Publish,
         &topic,
-        "the broker closed the connection right after the PUBLISH, as Capture does",
+        "the broker closed the connection right after the PUBLISH, twice, as Capture does",
     );
     log::warn!("{error}");
     // Do not send it again: the same refusal would follow.

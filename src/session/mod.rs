@@ -223,6 +223,9 @@ struct Book {
     acks: HashMap<u64, oneshot::Sender<Result<(), SessionError>>>,
     /// The latest publish written, to attribute a disconnect right after it.
     last_publish: Option<(Instant, u64, String)>,
+    /// Requests the broker hung up right after once: a second time makes it a refusal.
+    suspect_filters: std::collections::HashSet<String>,
+    suspect_publish: Option<u64>,
 }
 
 /// Counters of a session, readable at any time.
@@ -346,28 +349,43 @@ async fn send_locked(
     retain: bool,
     permit: Option<OwnedSemaphorePermit>,
 ) -> Result<(), SessionError> {
-    {
-        let mut book = shared.book();
-        book.acks.insert(id, tx);
-        book.fifo.push_back(Sent::Publish {
-            id,
-            qos,
-            topic: topic.clone(),
-            permit,
-        });
-    }
+    record(shared, id, tx, topic.clone(), qos, permit);
     if shared
         .client
         .publish(topic, qos, retain, payload)
         .await
         .is_err()
     {
-        let mut book = shared.book();
-        book.fifo.pop_back();
-        book.acks.remove(&id);
+        unrecord(shared, id);
         return Err(SessionError::Closed);
     }
     Ok(())
+}
+
+/// Books a publish about to enter rumqttc's channel: its waiter, and its place in the FIFO.
+fn record(
+    shared: &Shared,
+    id: u64,
+    tx: oneshot::Sender<Result<(), SessionError>>,
+    topic: String,
+    qos: u8,
+    permit: Option<OwnedSemaphorePermit>,
+) {
+    let mut book = shared.book();
+    book.acks.insert(id, tx);
+    book.fifo.push_back(Sent::Publish {
+        id,
+        qos,
+        topic,
+        permit,
+    });
+}
+
+/// Takes back the booking of a publish that did not enter the channel.
+fn unrecord(shared: &Shared, id: u64) {
+    let mut book = shared.book();
+    book.fifo.pop_back();
+    book.acks.remove(&id);
 }
 
 /// Sends what was queued offline, in order, each time the connection comes up; then publishes go
@@ -741,22 +759,11 @@ impl Session {
         };
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        {
-            let mut book = self.shared.book();
-            book.acks.insert(id, tx);
-            book.fifo.push_back(Sent::Publish {
-                id,
-                qos,
-                topic: topic.to_owned(),
-                permit,
-            });
-        }
+        record(&self.shared, id, tx, topic.to_owned(), qos, permit);
         if self.shared.client.try_publish(topic, qos, retain, payload) {
             Ok(Some(PublishToken { rx }))
         } else {
-            let mut book = self.shared.book();
-            book.fifo.pop_back();
-            book.acks.remove(&id);
+            unrecord(&self.shared, id);
             Ok(None)
         }
     }
