@@ -51,6 +51,7 @@ py-test: $(STAMPS)/build mosquitto
 bench: $(STAMPS)/build mosquitto
 	$(PY) benchmarks/bench_parse.py
 	$(PY) benchmarks/bench_receive.py
+	$(PY) benchmarks/bench_push.py
 
 clean:
 	rm -rf $(STAMPS) target $(VENV)
