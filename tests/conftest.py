@@ -77,3 +77,16 @@ def connect(broker: Mosquitto, username: str = "alice", **options: Any) -> cm.Cl
         password=PASSWORDS[username],
         **options,
     )
+
+
+def async_client(broker: Mosquitto, username: str = "alice", **options: Any) -> cm.AsyncClient:
+    """A plain-MQTT asyncio client for `username` on `broker` (connects in `async with`)."""
+    options.setdefault("company", COMPANY)
+    return cm.AsyncClient(
+        broker.host,
+        transport="mqtt",
+        port=broker.mqtt_port,
+        username=username,
+        password=PASSWORDS[username],
+        **options,
+    )

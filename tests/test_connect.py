@@ -16,7 +16,7 @@ import pytest
 import capture_mqtt as cm
 from capture_mqtt.testing import Account, Mosquitto
 
-from .conftest import API_TOKEN_ID, COMPANY, PASSWORDS, SOURCE_ID, USER_ACL, capture_accounts, connect
+from .conftest import API_TOKEN_ID, COMPANY, PASSWORDS, SOURCE_ID, USER_ACL, async_client, capture_accounts, connect
 from .fakebroker import FakeCapture
 
 RAW_TOPIC = f"v1/raw/{COMPANY}/src-1/Conn/Monitoring/CPU_Temp"
@@ -566,23 +566,10 @@ def test_asyncio_client(broker: Mosquitto) -> None:
     import asyncio
 
     async def main() -> list[Any]:
-        async with cm.AsyncClient(
-            broker.host,
-            transport="mqtt",
-            port=broker.mqtt_port,
-            username="alice",
-            password=PASSWORDS["alice"],
-            company=COMPANY,
-        ) as client:
+        async with async_client(broker, "alice") as client:
             assert client.is_connected
             sub = await client.subscribe_raw()
-            async with cm.AsyncClient(
-                broker.host,
-                transport="mqtt",
-                port=broker.mqtt_port,
-                username="pipeline",
-                password=PASSWORDS["pipeline"],
-            ) as pipeline:
+            async with async_client(broker, "pipeline") as pipeline:
                 for i in range(50):
                     await pipeline.publish(RAW_TOPIC, cm.field_payload(i), qos=1)
             got = []

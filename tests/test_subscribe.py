@@ -16,7 +16,7 @@ import pytest
 import capture_mqtt as cm
 from capture_mqtt.testing import Mosquitto
 
-from .conftest import COMPANY, PASSWORDS, connect
+from .conftest import COMPANY, PASSWORDS, async_client, connect
 from .test_connect import wait_until
 
 TOPIC = f"v1/raw/{COMPANY}/src-1/Conn/Monitoring/CPU_Temp"
@@ -126,14 +126,7 @@ def test_callback_runs_off_the_network_thread_and_survives_exceptions(broker: Mo
 
 def test_async_for_delivers_in_chunks(broker: Mosquitto) -> None:
     async def main() -> list[Any]:
-        async with cm.AsyncClient(
-            broker.host,
-            transport="mqtt",
-            port=broker.mqtt_port,
-            username="alice",
-            password=PASSWORDS["alice"],
-            company=COMPANY,
-        ) as client:
+        async with async_client(broker, "alice") as client:
             sub = await client.subscribe_raw(qos=1)
             with connect(broker, "pipeline") as pipeline:
                 publish_cases(pipeline)
