@@ -7,9 +7,13 @@ STAMPS := .stamps
 RUST_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 PY_SRC := $(shell find python -name '*.py' -o -name '*.pyi')
 
-.PHONY: test lint rust-test py-test stubtest build deps mosquitto bench clean
+.PHONY: test demo lint rust-test py-test stubtest build deps mosquitto bench clean
 
 test: lint rust-test stubtest py-test
+
+# A local Capture emulator with a simulated plant, watched live for a few seconds, then a pandas summary.
+demo: $(STAMPS)/build mosquitto
+	$(VENV)/bin/capture-mqtt demo
 
 # Python tools and libraries pinned in pyproject.toml's `dev` extra.
 $(STAMPS)/deps: pyproject.toml

@@ -74,3 +74,23 @@ def test_public_name_has_a_runnable_example(name: str) -> None:
 
 def test_version() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", cm.__version__)
+
+
+KIT_MODULES = [
+    "capture_mqtt.testing",
+    "capture_mqtt.testing.emulator",
+    "capture_mqtt.testing.waiting",
+    "capture_mqtt.testing.plant",
+    "capture_mqtt.cli",
+    "capture_mqtt.demo",
+]
+
+
+@pytest.mark.parametrize("module_name", KIT_MODULES)
+def test_the_examples_of_the_testing_kit_and_the_cli_run(module_name: str) -> None:
+    import importlib
+
+    module = importlib.import_module(module_name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{module_name} has no examples"
+    assert result.failed == 0

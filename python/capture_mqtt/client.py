@@ -363,7 +363,7 @@ ENV_VARIABLES = {
 }
 
 
-def _env_options(environ: dict[str, str] | None = None) -> dict[str, Any]:
+def _env_options(environ: dict[str, str] | None = None, *, require_host: bool = True) -> dict[str, Any]:
     env = dict(os.environ if environ is None else environ)
     options: dict[str, Any] = {}
     if env.get("CAPTURE_MQTT_URL"):
@@ -372,7 +372,7 @@ def _env_options(environ: dict[str, str] | None = None) -> dict[str, Any]:
         value = env.get(variable)
         if value:
             options[name] = int(value) if name == "port" else value
-    if "host" not in options:
+    if require_host and "host" not in options:
         raise ValueError("set CAPTURE_MQTT_URL, or CAPTURE_MQTT_HOST (with CAPTURE_MQTT_USERNAME/_PASSWORD/_COMPANY)")
     if env.get("CAPTURE_MQTT_TLS_INSECURE", "").lower() in ("1", "true", "yes"):
         options["tls_insecure"] = True

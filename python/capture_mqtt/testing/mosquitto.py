@@ -23,9 +23,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self, TypeAlias
+from typing import TYPE_CHECKING, Literal, Self, TypeAlias
 
-from .certs import TlsFiles, make_tls
+if TYPE_CHECKING:
+    from .certs import TlsFiles
 
 __all__ = ["Account", "Mosquitto", "MosquittoNotFoundError", "free_port"]
 
@@ -43,7 +44,7 @@ class Account:
     is ``"read"`` (subscribe and receive), ``"write"`` (publish) or ``"readwrite"``."""
 
     username: str
-    password: str
+    password: str = field(repr=False)
     acl: list[tuple[Access, str]] = field(default_factory=list)
 
 
@@ -74,6 +75,45 @@ def _dynsec_password(password: str) -> dict[str, object]:
         "salt": base64.b64encode(salt).decode(),
         "iterations": 101,
     }
+
+
+def _passwd_hash(password: str) -> str:
+    # A password-file line in Mosquitto 2.0's format ($7$: PBKDF2-HMAC-SHA512), written here rather
+    # than by one mosquitto_passwd process per account.
+    hashed = _dynsec_password(password)
+    return f"$7${hashed['iterations']}${hashed['salt']}${hashed['password']}"
+
+
+def connack_code(host: str, port: int, username: str, password: str, timeout: float = 2.0) -> int | None:
+    """Connects once with MQTT 3.1.1 and returns the CONNACK return code (0 accepted, 4 bad username
+    or password, 5 not authorized), or None when the broker does not answer."""
+
+    def text(value: str) -> bytes:
+        data = value.encode()
+        return len(data).to_bytes(2, "big") + data
+
+    body = text("MQTT") + bytes([4, 0xC2]) + (10).to_bytes(2, "big")
+    body += text(f"capture-mqtt-probe-{os.urandom(4).hex()}") + text(username) + text(password)
+    length, encoded = len(body), b""
+    while True:
+        byte, length = length % 128, length // 128
+        encoded += bytes([byte | (0x80 if length else 0)])
+        if not length:
+            break
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(b"\x10" + encoded + body)
+            answer = b""
+            while len(answer) < 4:
+                chunk = sock.recv(4 - len(answer))
+                if not chunk:
+                    return None
+                answer += chunk
+            if answer[0] == 0x20 and answer[3] == 0:
+                sock.sendall(b"\xe0\x00")
+            return answer[3] if answer[0] == 0x20 else None
+    except OSError:
+        return None
 
 
 class Mosquitto:
@@ -107,7 +147,12 @@ class Mosquitto:
         self.mqtts_port = free_port() if tls else None
         self.wss_port = free_port() if tls and websockets else None
         self.ws_port = free_port() if websockets else None
-        self.tls: TlsFiles | None = make_tls() if tls else None
+        self.tls: TlsFiles | None = None
+        if tls:
+            # The certificates need the `cryptography` package (the `testing` extra).
+            from .certs import make_tls
+
+            self.tls = make_tls()
         self.ca_file = self.workdir / "ca.pem"
         self.log_file = self.workdir / "mosquitto.log"
         self._process: subprocess.Popen[bytes] | None = None
@@ -205,13 +250,7 @@ class Mosquitto:
             (self.workdir / "dynsec.json").write_text(json.dumps(config, indent=1))
             return
         passwd = self.workdir / "passwd"
-        passwd.write_text("")
-        for account in self.accounts:
-            subprocess.run(
-                ["mosquitto_passwd", "-b", str(passwd), account.username, account.password],
-                check=True,
-                capture_output=True,
-            )
+        passwd.write_text("".join(f"{a.username}:{_passwd_hash(a.password)}\n" for a in self.accounts))
         passwd.chmod(0o600)
         acl = []
         for account in self.accounts:
@@ -285,11 +324,20 @@ class Mosquitto:
         if self._process is not None:
             os.kill(self._process.pid, signal.SIGCONT)
 
-    def reload(self) -> None:
-        """Makes the running broker read its password and ACL files again (SIGHUP)."""
-        if self._process is not None:
-            os.kill(self._process.pid, signal.SIGHUP)
+    def reload(self, *, until_accepted: tuple[str, str] | None = None) -> None:
+        """Makes the running broker read its password and ACL files again (SIGHUP). With
+        ``until_accepted=(username, password)`` it returns once that account can log in."""
+        if self._process is None:
+            return
+        os.kill(self._process.pid, signal.SIGHUP)
+        if until_accepted is None:
             time.sleep(0.2)
+            return
+        deadline = time.monotonic() + 10
+        while connack_code(self.host, self.mqtt_port, *until_accepted) != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the broker did not accept the new account within 10 s\n{self.log_tail()}")
+            time.sleep(0.01)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the broker's log, for error messages."""

@@ -1,0 +1,275 @@
+"""The local Capture emulator: listeners, accounts and scopes, Capture's server side, clean-up, and the
+pytest plugin used from a project outside this repository."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+import capture_mqtt as cm
+from capture_mqtt.testing import CaptureEmulator, Company, Source, User, wait_for, wait_for_many, wait_until
+from capture_mqtt.testing.mosquitto import MosquittoNotFoundError, connack_code, find_mosquitto
+from capture_mqtt.testing.plant import SimulatedPlant
+
+
+@pytest.mark.parametrize("transport", ["mqtts", "wss", "mqtt"])
+def test_every_account_kind_connects_on_every_listener(
+    capture_emulator: CaptureEmulator, capture_company: Company, transport: str
+) -> None:
+    emu = capture_emulator
+    accounts = [
+        emu.add_user(capture_company, f"user-{transport}"),
+        emu.add_api_token(capture_company),
+        emu.add_jwt_user(capture_company, f"jwt-{transport}"),
+    ]
+    for account in accounts:
+        with emu.client(account, transport) as client:  # type: ignore[arg-type]
+            assert client.is_connected
+            assert client.address.startswith(f"{transport}://127.0.0.1:")
+    with emu.source_client(emu.add_source(capture_company), transport) as source:  # type: ignore[arg-type]
+        assert source.is_connected
+
+
+def test_the_plain_constructor_and_from_env_connect_with_an_accounts_settings(
+    capture_emulator: CaptureEmulator, capture_user: User, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = capture_user.client_options("wss")
+    assert options["transport"] == "wss" and options["path"] == "/mqtt" and options["port"] == capture_emulator.wss_port
+    with cm.Client(**options) as client:
+        assert client.is_connected and client.company == capture_user.company.name
+    for name, value in capture_user.env("mqtts").items():
+        monkeypatch.setenv(name, value)
+    with cm.Client.from_env() as client:
+        assert client.is_connected
+    assert capture_user.password not in repr(capture_user)
+
+
+def test_tls_listeners_verify_against_the_emulators_ca(capture_emulator: CaptureEmulator, capture_user: User) -> None:
+    options = capture_user.client_options("mqtts")
+    del options["ca_pem"]
+    with pytest.raises(cm.ConnectError, match="certificate"):
+        cm.Client(**options, reconnect=False, connect_timeout=5)
+
+
+def test_a_push_appears_on_the_raw_tree_as_capture_publishes_it(
+    capture_emulator: CaptureEmulator, capture_client: cm.Client, capture_source_client: cm.SourceClient
+) -> None:
+    company = capture_client.company
+    assert company is not None
+    with capture_client.subscribe(cm.raw_filter(company), qos=1, decode="bytes") as raw:
+        before = datetime.now(UTC)
+        capture_source_client.push("PLC", "Monitoring", {"CPU_Temp": 55, "CPU_Load": 23.4}, tags={"Line": "A"})
+        capture_source_client.push_field("PLC", "Line", "Speed", 1.5, timestamp=1731061326260)
+        messages = wait_for_many(raw, 3)
+    by_key = {m.topic.rsplit("/", 1)[1]: json.loads(m.payload) for m in messages}
+    source_id = capture_source_client.source_id
+    assert sorted(m.topic for m in messages) == sorted(
+        cm.raw_topic(company, source_id, "PLC", measurement, key)
+        for measurement, key in [("Monitoring", "CPU_Temp"), ("Monitoring", "CPU_Load"), ("Line", "Speed")]
+    )
+    assert by_key["CPU_Temp"]["Value"] == 55 and by_key["CPU_Load"]["Value"] == 23.4
+    assert by_key["CPU_Temp"]["Tags"] == {"Connection_Tag": "PLC", "Line": "A"}
+    stamped = datetime.fromisoformat(by_key["CPU_Temp"]["UtcTimestamp"])  # filled in by "Capture"
+    assert before.replace(microsecond=0) <= stamped <= datetime.now(UTC)
+    assert by_key["Speed"]["UtcTimestamp"] == "2024-11-08T10:22:06.260Z"  # epoch ms, as ISO 8601
+    assert capture_emulator.stats["republished_pushes"] >= 2
+
+
+def test_a_malformed_push_is_counted_and_the_stream_goes_on(
+    capture_emulator: CaptureEmulator, capture_client: cm.Client, capture_source: Source
+) -> None:
+    rejected = capture_emulator.stats["rejected_pushes"]
+    # A plain client logged in as the source, so that nothing checks the payload before it is sent.
+    options = capture_source.client_options("mqtt")
+    options["username"] = options.pop("source_id")
+    topic = cm.data_topic(capture_source.source_id, "PLC", "Monitoring")
+    with capture_client.subscribe_raw(qos=1) as sub, cm.Client(**options, account_kind="source") as device:
+        device.publish(topic, b'{"CPU_Temp": [1, 2', qos=1)
+        device.publish(topic, cm.measurement_payload({"CPU_Temp": 56}), qos=1)
+        assert wait_for(sub).value == 56
+    assert capture_emulator.stats["rejected_pushes"] == rejected + 1
+
+
+def test_companies_are_isolated_and_scopes_hold(capture_emulator: CaptureEmulator) -> None:
+    emu = capture_emulator
+    acme, other = emu.add_company("ScopeAcme"), emu.add_company("ScopeOther")
+    alice, acme_source = emu.add_user(acme, "scope-alice"), emu.add_source(acme)
+    bob, other_source = emu.add_user(other, "scope-bob"), emu.add_source(other)
+    with (
+        emu.client(alice) as alice_client,
+        emu.client(bob) as bob_client,
+        emu.source_client(acme_source) as acme_device,
+        emu.source_client(other_source) as other_device,
+        other_device.commands() as other_commands,
+    ):
+        # The SDK refuses a wildcard company and another source's topics before sending anything.
+        with pytest.raises(cm.TopicError, match="company"):
+            alice_client.subscribe("v1/raw/+/+/+/+/#")
+        with pytest.raises(cm.TopicError, match="own"):
+            acme_device.publish(cm.data_topic(other_source.source_id, "PLC", "M"), b"{}")
+
+        # The broker enforces the rest: alice sees nothing of the other company's data ...
+        with alice_client.subscribe(cm.raw_filter(other.name), qos=1) as spying:
+            republished = emu.stats["republished_pushes"]
+            other_device.push("PLC", "Secret", {"Recipe": 42})
+            wait_until(lambda: emu.stats["republished_pushes"] > republished)
+            assert spying.get(timeout=0.5) is None
+
+        # ... and her command to its source is dropped, while its own user's command arrives.
+        alice_client.send_command(other_source.source_id, "PLC/Process/Setpoint", "1")
+        bob_client.send_command(other_source.source_id, "PLC/Process/Setpoint", "2")
+        assert wait_for(other_commands).data == "2"
+        assert other_commands.get(timeout=0.3) is None
+
+
+def test_jwt_users_get_tokens_from_the_auth_api_and_a_new_token_retires_the_old(
+    capture_emulator: CaptureEmulator, capture_company: Company
+) -> None:
+    emu = capture_emulator
+    carol = emu.add_jwt_user(capture_company, "carol")
+    first = cm.fetch_jwt("carol", carol.password, base_url=emu.portal_url)
+    claims = json.loads(base64.urlsafe_b64decode(first.split(".")[1] + "=="))
+    assert claims["sub"] == "carol" and 7100 < claims["exp"] - time.time() <= 7200
+    assert connack_code(emu.host, emu.mqtt_port, "carol", first) == 0
+    assert connack_code(emu.host, emu.mqtt_port, "carol", carol.password) != 0  # the login is not a token
+    second = carol.token()
+    assert connack_code(emu.host, emu.mqtt_port, "carol", first) != 0
+    assert connack_code(emu.host, emu.mqtt_port, "carol", second) == 0
+    with pytest.raises(cm.AuthenticationError, match="refused"):
+        cm.fetch_jwt("carol", "wrong password", base_url=emu.portal_url)
+    with emu.client(carol) as client:  # auth=cm.Auth.jwt(name, carol.token): a fresh token per connect
+        assert client.is_connected
+
+
+def test_a_source_connects_from_its_auth_config_file(capture_emulator: CaptureEmulator, capture_source: Source) -> None:
+    config = json.loads(capture_source.auth_config_path.read_text())
+    assert config["SourceId"] == capture_source.source_id and config["Port"] == capture_emulator.mqtts_port
+    assert oct(capture_source.auth_config_path.stat().st_mode & 0o777) == "0o600"
+    with cm.SourceClient.from_auth_config(capture_source.auth_config_path, ca_file=capture_emulator.ca_file) as src:
+        assert src.is_connected and src.source_id == capture_source.source_id
+
+
+def test_a_revoked_account_can_no_longer_log_in(capture_emulator: CaptureEmulator, capture_company: Company) -> None:
+    dave = capture_emulator.add_user(capture_company, "dave")
+    capture_emulator.revoke(dave)
+    with pytest.raises(cm.AuthenticationError):
+        capture_emulator.client(dave, reconnect=False, connect_timeout=5)
+
+
+def test_accounts_are_checked(capture_emulator: CaptureEmulator, capture_company: Company) -> None:
+    with pytest.raises(ValueError, match=r"invalid company name 'Acme\+'"):
+        capture_emulator.add_company("Acme+")
+    capture_emulator.add_user(capture_company, "erin")
+    with pytest.raises(ValueError, match="already exists"):
+        capture_emulator.add_user(capture_company, "erin")
+    with CaptureEmulator() as elsewhere, pytest.raises(ValueError, match="not a company of this emulator"):
+        elsewhere.add_user(capture_company, "frank")
+
+
+def test_the_simulated_plant_pushes_steadily_and_answers_commands(
+    capture_emulator: CaptureEmulator, capture_company: Company, capture_client: cm.Client
+) -> None:
+    with (
+        capture_client.subscribe_raw(qos=1) as sub,
+        SimulatedPlant(capture_emulator, capture_company, sources=2, rate=20) as plant,
+    ):
+        points = wait_for_many(sub, 40)
+        assert {p.tags["MachineName"] for p in points} == {"Press1", "Press2"}
+        assert {p.key for p in points} >= {"Temperature", "Pressure", "Speed", "State"}
+        capture_client.send_command(plant.machine("Press2").source.source_id, "PLC/Process/Setpoint", 88)
+        answer = wait_for(sub, lambda p: p.key == "Setpoint")
+        assert (answer.tags["MachineName"], answer.value) == ("Press2", 88.0)
+        assert plant.machine("Press2").setpoint == 88.0
+
+
+def test_stop_ends_the_broker_and_removes_its_files_also_after_an_error() -> None:
+    emulator = CaptureEmulator()
+    pid, workdir = None, emulator.broker.workdir
+
+    def crash() -> None:
+        nonlocal pid
+        with emulator as emu:
+            pid = emu.broker.pid
+            assert pid is not None and workdir.exists()
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        crash()
+    assert not workdir.exists()
+    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+
+
+def test_a_process_that_exits_with_the_emulator_running_leaves_nothing_behind(tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        """
+        from capture_mqtt.testing import CaptureEmulator
+        emu = CaptureEmulator().start()
+        acme = emu.add_company("AcmeCorp")
+        client = emu.client(emu.add_user(acme, "alice"))
+        print(emu.broker.pid, emu.broker.workdir, flush=True)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    pid, workdir = done.stdout.split()
+    assert not Path(workdir).exists()
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists(), "the broker outlived the process"
+
+
+def test_a_missing_mosquitto_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    with pytest.raises(MosquittoNotFoundError, match="apt-get install mosquitto"):
+        find_mosquitto()
+
+
+def test_the_pytest_plugin_works_in_a_project_outside_this_repository(tmp_path: Path) -> None:
+    (tmp_path / "test_my_plant.py").write_text(
+        textwrap.dedent(
+            """
+            import capture_mqtt as cm
+            from capture_mqtt.testing import wait_for
+
+
+            def test_a_pushed_value_reaches_a_user(capture_client, capture_source_client):
+                with capture_client.subscribe_raw(qos=1) as sub:
+                    capture_source_client.push("PLC", "Monitoring", {"CPU_Temp": 55})
+                    point = wait_for(sub, lambda p: p.key == "CPU_Temp", timeout=10)
+                assert point.value == 55
+
+
+            def test_a_command_reaches_the_source(capture_client, capture_source_client, capture_source):
+                with capture_source_client.commands() as commands:
+                    capture_client.send_command(capture_source.source_id, "PLC/Process/Setpoint", 80)
+                    assert wait_for(commands, timeout=10).data == "80"
+
+
+            def test_companies_do_not_share_data(capture_company, capture_emulator):
+                assert capture_company.name in repr(capture_company)
+                assert capture_emulator.mqtts_port
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "3 passed" in done.stdout
