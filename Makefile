@@ -56,6 +56,8 @@ bench: $(STAMPS)/build mosquitto
 	$(PY) benchmarks/bench_parse.py
 	$(PY) benchmarks/bench_receive.py
 	$(PY) benchmarks/bench_push.py
+	$(PY) benchmarks/bench_live.py
+	$(PY) benchmarks/report.py
 
 clean:
 	rm -rf $(STAMPS) target $(VENV)

@@ -407,10 +407,17 @@ impl PySession {
                     let Some(payload) = rows.payload(row).map_err(FrameError::Payload)? else {
                         continue;
                     };
-                    let token = session
-                        .publish(topic.clone(), bytes::Bytes::from(payload), qos, false)
-                        .await
+                    let payload = bytes::Bytes::from(payload);
+                    let fast = session
+                        .try_publish(&topic, &payload, qos, false)
                         .map_err(FrameError::Session)?;
+                    let token = match fast {
+                        Some(token) => token,
+                        None => session
+                            .publish(topic.clone(), payload, qos, false)
+                            .await
+                            .map_err(FrameError::Session)?,
+                    };
                     sent += 1;
                     if qos > 0 {
                         waiting.push_back(token);
@@ -448,11 +455,21 @@ impl PySession {
     ) -> PyResult<Option<PyPublishHandle>> {
         let bytes = super::convert::payload_bytes(payload)?;
         let payload = bytes::Bytes::copy_from_slice(&bytes);
-        let session = self.session.clone();
-        let token = block_on(py, async move {
-            session.publish(topic, payload, qos, retain).await
-        })?
-        .map_err(|e| session_error(py, &e))?;
+        // The fast path: straight into the request channel (or the offline queue) without releasing
+        // the interpreter lock or entering the runtime; only a full window or channel waits.
+        let fast = self
+            .session
+            .try_publish(&topic, &payload, qos, retain)
+            .map_err(|e| session_error(py, &e))?;
+        let token = if let Some(token) = fast {
+            token
+        } else {
+            let session = self.session.clone();
+            block_on(py, async move {
+                session.publish(topic, payload, qos, retain).await
+            })?
+            .map_err(|e| session_error(py, &e))?
+        };
         let handle = PyPublishHandle {
             token: Mutex::new(Some(token)),
         };

@@ -541,10 +541,20 @@ impl Session {
         let (first_tx, first_rx) = oneshot::channel();
         let handle = runtime().spawn(driver::run(Arc::clone(&self.shared), eventloop, first_tx));
         *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
-        match first_rx.await {
-            Ok(result) => result,
-            Err(_) => Err(SessionError::Closed),
+        let outcome = first_rx.await.unwrap_or(Err(SessionError::Closed));
+        if outcome.is_err() {
+            // The task ends after a failed first connection: wait for it, so that the session is
+            // closed when the error reaches the caller.
+            let task = self
+                .task
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take();
+            if let Some(task) = task {
+                let _ = task.await;
+            }
         }
+        outcome
     }
 
     /// Adds a subscription. When connected, the SUBSCRIBE is sent now and `wait_granted` tells the
