@@ -187,38 +187,45 @@ class Source(_Account):
         return env
 
 
-def _portal_handler(emulator: CaptureEmulator) -> type[BaseHTTPRequestHandler]:
-    class Portal(BaseHTTPRequestHandler):
-        """Capture's Auth API: POST /Auth with AuthVersion V0.0.1 and a JSON login; the bare token."""
+class _PortalServer(ThreadingHTTPServer):
+    daemon_threads = True
 
-        def do_POST(self) -> None:
-            if self.path.rstrip("/").lower() != "/auth" or self.headers.get("AuthVersion") != "V0.0.1":
-                self._answer(404, "use POST /Auth with the header AuthVersion: V0.0.1")
-                return
-            try:
-                login = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-                token = emulator._login(str(login["Username"]), str(login["Password"]))
-            except (ValueError, KeyError, TypeError):
-                self._answer(400, "expected a JSON body with Username and Password")
-                return
-            if token is None:
-                self._answer(401, "unknown user or wrong password")
-            else:
-                self._answer(200, token)
+    def __init__(self, emulator: CaptureEmulator) -> None:
+        self.emulator = emulator
+        super().__init__((emulator.host, 0), _Portal)
 
-        def _answer(self, status: int, text: str) -> None:
-            body = text.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "text/plain")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, format: str, *args: Any) -> None:
-            # Requests are not logged: their lines would carry nothing useful and might carry secrets.
+class _Portal(BaseHTTPRequestHandler):
+    """Capture's Auth API: POST /Auth with AuthVersion V0.0.1 and a JSON login; the bare token."""
+
+    server: _PortalServer
+
+    def do_POST(self) -> None:
+        if self.path.rstrip("/").lower() != "/auth" or self.headers.get("AuthVersion") != "V0.0.1":
+            self._answer(404, "use POST /Auth with the header AuthVersion: V0.0.1")
             return
+        try:
+            login = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            token = self.server.emulator._login(str(login["Username"]), str(login["Password"]))
+        except (ValueError, KeyError, TypeError):
+            self._answer(400, "expected a JSON body with Username and Password")
+            return
+        if token is None:
+            self._answer(401, "unknown user or wrong password")
+        else:
+            self._answer(200, token)
 
-    return Portal
+    def _answer(self, status: int, text: str) -> None:
+        body = text.encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Requests are not logged: their lines would carry nothing useful and might carry secrets.
+        return
 
 
 def _b64url(data: bytes) -> str:
@@ -260,7 +267,7 @@ class CaptureEmulator:
         self._pipeline: cm.Client | None = None
         self._clients: weakref.WeakSet[cm.Client] = weakref.WeakSet()
         self._counts = {"republished_pushes": 0, "raw_messages": 0, "rejected_pushes": 0}
-        self._portal: ThreadingHTTPServer | None = None
+        self._portal: _PortalServer | None = None
 
     # Lifecycle
 
@@ -282,7 +289,7 @@ class CaptureEmulator:
                 "v1/sources/+/data/read/#", qos=1, callback=self._republish, queue_size=100_000, overflow="block"
             )
         if self._portal is None:
-            self._portal = ThreadingHTTPServer((self.host, 0), _portal_handler(self))
+            self._portal = _PortalServer(self)
             threading.Thread(target=self._portal.serve_forever, name="capture-emulator-portal", daemon=True).start()
         _LIVE.add(self)
         return self
