@@ -7,7 +7,7 @@ STAMPS := .stamps
 RUST_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 PY_SRC := $(shell find python -name '*.py' -o -name '*.pyi')
 
-.PHONY: test demo lint rust-test py-test stubtest build deps mosquitto bench clean
+.PHONY: test demo soak fuzz lint rust-test py-test stubtest build deps mosquitto bench clean
 
 test: lint rust-test stubtest py-test
 
@@ -58,6 +58,16 @@ bench: $(STAMPS)/build mosquitto
 	$(PY) benchmarks/bench_push.py
 	$(PY) benchmarks/bench_live.py
 	$(PY) benchmarks/report.py
+
+# Reliability at full size (broker restarts and kills, stalls, exits, load, slow consumers); the
+# figures go into docs/reliability.md. Sizes: SOAK_MESSAGES, SOAK_RESTARTS, SOAK_EXIT_RUNS,
+# SOAK_LOAD_SECONDS, SOAK_SLOW_SECONDS.
+soak: $(STAMPS)/build mosquitto
+	$(PY) -m soak.run
+
+# Coverage-guided fuzzing of the parsers, FUZZ_SECONDS per target (default 300).
+fuzz:
+	scripts/fuzz.sh
 
 clean:
 	rm -rf $(STAMPS) target $(VENV)

@@ -100,7 +100,7 @@ def build() -> list[Row]:
                 "paho": paho,
                 "aiomqtt": None,
                 "capture_mqtt": ours,
-                "ratio": paho / ours,
+                "ratio": paho / ours if ours > 0 else None,
                 "share_of_ceiling": None,
                 "target": target,
                 "met": met,
@@ -147,6 +147,12 @@ def _number(value: float | None, unit: str) -> str:
     return f"{value:.3f}" if unit == "ms" else f"{value:.0f}"
 
 
+def _ratio(row: Row) -> str:
+    if row["ratio"] is None:
+        return "-"
+    return f"{row['ratio']:.1f}x" if row["unit"] == "msg/s" else f"{row['ratio']:.2f}x"
+
+
 def main() -> int:
     rows = build()
     columns: list[tuple[str, int, Callable[[Row], str]]] = [
@@ -155,7 +161,7 @@ def main() -> int:
         ("paho-mqtt", 10, lambda r: _number(r["paho"], r["unit"])),
         ("aiomqtt", 9, lambda r: _number(r["aiomqtt"], r["unit"])),
         ("capture-mqtt", 12, lambda r: _number(r["capture_mqtt"], r["unit"])),
-        ("x better", 8, lambda r: f"{r['ratio']:.2f}x" if r["unit"] != "msg/s" else f"{r['ratio']:.1f}x"),
+        ("x better", 8, _ratio),
         ("ceiling", 7, lambda r: "-" if r["share_of_ceiling"] is None else f"{r['share_of_ceiling']:.0%}"),
         ("target", 27, lambda r: r["target"]),
         ("met", 3, lambda r: "yes" if r["met"] else "NO"),

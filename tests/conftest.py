@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -90,3 +91,36 @@ def async_client(broker: Mosquitto, username: str = "alice", **options: Any) -> 
         password=PASSWORDS[username],
         **options,
     )
+
+
+class _SecretScan(logging.Handler):
+    """Keeps every log record that shows a known secret."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.secrets = secrets
+        self.leaks: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage() + (self.format(record) if record.exc_info else "")
+        if any(secret in text for secret in self.secrets if secret):
+            self.leaks.append(f"{record.name} {record.levelname}: {text[:300]}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_secret_in_any_log_record() -> Iterator[None]:
+    """While the whole suite runs, every log record at every level (the Rust core's included) is
+    scanned for the suite's passwords and for every secret the emulator handed out."""
+    from capture_mqtt.testing import emulator
+
+    emulator.ISSUED_SECRETS.extend(PASSWORDS.values())
+    # The emulator's list grows as accounts are added: the scan reads it by reference.
+    scan = _SecretScan(emulator.ISSUED_SECRETS)
+    root, package = logging.getLogger(), logging.getLogger("capture_mqtt")
+    previous = package.level
+    package.setLevel(logging.DEBUG)
+    root.addHandler(scan)
+    yield
+    root.removeHandler(scan)
+    package.setLevel(previous)
+    assert not scan.leaks, "secrets in log records:\n" + "\n".join(scan.leaks[:10])

@@ -183,8 +183,9 @@ async fn route_publish(
     for route in targets {
         let item = decode(&route, &publish, received_at, ack.as_ref());
         if route.queue.overflow() == Overflow::Block && ack.is_some() {
-            // The broker holds back what is not acknowledged: queue without waiting, so that the
-            // connection keeps being served (pings), and acknowledge when the consumer takes it.
+            // Acknowledged when the consumer takes it, so the broker holds back the rest (its
+            // in-flight window: MQTT 5's receive maximum, or the broker's setting under 3.1.1). The
+            // item is queued without waiting, so that the connection keeps being served (pings).
             route.queue.push_unbounded(item);
         } else {
             route.queue.push(item).await;
@@ -489,6 +490,9 @@ struct Driver {
     renew_at: Option<tokio::time::Instant>,
     /// The last message and how many more identical copies of it to drop (MQTT 3.1.1 overlaps).
     copies: Option<(String, Bytes, usize)>,
+    /// A keepalive ping went out: the broker must answer by then. rumqttc alone notices a silent
+    /// broker only at the next ping, up to two keepalives later; this makes it half of one.
+    ping_deadline: Option<tokio::time::Instant>,
 }
 
 impl Driver {
@@ -544,6 +548,15 @@ impl Driver {
     /// Handles one event; false when the session ends.
     async fn on_event(&mut self, event: NetEvent) -> bool {
         let shared = &self.shared;
+        match &event {
+            NetEvent::Outgoing(Outgoing::PingReq) => {
+                self.ping_deadline =
+                    Some(tokio::time::Instant::now() + shared.config.keepalive / 2);
+            }
+            NetEvent::Outgoing(_) => {}
+            // Anything from the broker shows it is alive.
+            _ => self.ping_deadline = None,
+        }
         match event {
             NetEvent::ConnAck { session_present } => {
                 self.connecting = false;
@@ -599,6 +612,7 @@ impl Driver {
     /// Handles a broken or refused connection; false when the session ends.
     async fn on_error(&mut self, error: SessionError, hung_up: bool) -> bool {
         self.connecting = true;
+        self.ping_deadline = None;
         let shared = &self.shared;
         let was_connected = shared.connected.swap(false, Ordering::AcqRel);
         shared.book().online = false;
@@ -624,6 +638,13 @@ impl Driver {
     }
 }
 
+/// Why the session's task woke up.
+enum Wake<T> {
+    Polled(T),
+    Renew,
+    PingUnanswered,
+}
+
 /// The session's task. Reports the first connection's outcome through `first`, then keeps the
 /// connection up until closed.
 pub(super) async fn run(
@@ -640,6 +661,7 @@ pub(super) async fn run(
         connecting: true,
         renew_at: None,
         copies: None,
+        ping_deadline: None,
     };
     loop {
         if driver.connecting {
@@ -650,18 +672,32 @@ pub(super) async fn run(
             }
         }
         let renew = driver.renew_at.filter(|_| !driver.connecting);
-        let polled = tokio::select! {
-            polled = driver.link.poll(&shared.config, &shared.config.account_name) => Some(polled),
+        let ping = driver.ping_deadline.filter(|_| !driver.connecting);
+        // In this order: what the broker already sent is read before a ping deadline can fire.
+        let wake = tokio::select! {
+            biased;
             () = shared.close_signal.notified() => break,
-            () = sleep_until_some(renew) => None,
+            polled = driver.link.poll(&shared.config, &shared.config.account_name) => Wake::Polled(polled),
+            () = sleep_until_some(renew) => Wake::Renew,
+            () = sleep_until_some(ping) => Wake::PingUnanswered,
         };
-        let keep_going = match polled {
-            None => {
+        let keep_going = match wake {
+            Wake::Renew => {
                 driver.renew();
                 true
             }
-            Some(Ok(event)) => driver.on_event(event).await,
-            Some(Err((error, hung_up))) => driver.on_error(error, hung_up).await,
+            Wake::PingUnanswered => {
+                driver.ping_deadline = None;
+                driver.link.drop_connection();
+                let error = SessionError::Connect(format!(
+                    "the broker at {} stopped answering (no reply to a keepalive ping within {:.1} s)",
+                    shared.config.address(),
+                    (shared.config.keepalive / 2).as_secs_f64()
+                ));
+                driver.on_error(error, false).await
+            }
+            Wake::Polled(Ok(event)) => driver.on_event(event).await,
+            Wake::Polled(Err((error, hung_up))) => driver.on_error(error, hung_up).await,
         };
         if !keep_going {
             break;

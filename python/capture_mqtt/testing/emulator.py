@@ -37,6 +37,9 @@ log = logging.getLogger("capture_mqtt.testing")
 
 Transport = Literal["mqtts", "wss", "mqtt", "ws"]
 _LIVE: weakref.WeakSet[CaptureEmulator] = weakref.WeakSet()
+# Every password, token value and JWT any emulator in this process made, so that a test suite can
+# check that none of them shows in its logs (capture-mqtt's own suite does).
+ISSUED_SECRETS: list[str] = []
 
 
 @atexit.register
@@ -53,7 +56,9 @@ def _check_name(what: str, value: object) -> str:
 
 
 def _secret() -> str:
-    return base64.urlsafe_b64encode(os.urandom(18)).decode()
+    secret = base64.urlsafe_b64encode(os.urandom(18)).decode()
+    ISSUED_SECRETS.append(secret)
+    return secret
 
 
 @dataclass(frozen=True)
@@ -275,19 +280,26 @@ class CaptureEmulator:
         """Starts the broker and Capture's server side; returns once both are ready."""
         self.broker.start()
         if self._pipeline is None:
-            self._pipeline = cm.Client(
+            # With persistence, Capture's server side keeps a persistent session too, so that pushes
+            # survive a broker restart on their way to the raw tree.
+            pipeline = cm.Client(
                 self.broker.host,
                 transport="mqtt",
                 port=self.broker.mqtt_port,
                 username=self._pipeline_account.username,
                 password=self._pipeline_account.password,
                 client_id=f"{self._pipeline_account.username}-server-side",
+                clean_session=not self.broker.persistence,
                 reconnect=cm.Reconnect(min_delay=0.05, max_delay=1.0),
                 account_kind="unknown",
+                max_queued=1_000_000,
+                connect=False,
             )
-            self._pipeline.subscribe(
+            pipeline.subscribe(
                 "v1/sources/+/data/read/#", qos=1, callback=self._republish, queue_size=100_000, overflow="block"
             )
+            self._pipeline = pipeline
+            pipeline.connect()
         if self._portal is None:
             self._portal = _PortalServer(self)
             threading.Thread(target=self._portal.serve_forever, name="capture-emulator-portal", daemon=True).start()
@@ -399,6 +411,8 @@ class CaptureEmulator:
     def add_user(self, company: Company, name: str, password: str | None = None) -> User:
         """Adds a password account for a user of ``company`` (a random password unless given)."""
         _check_name("user name", name)
+        if password:
+            ISSUED_SECRETS.append(password)
         user = User(self._own(company), name, password or _secret())
         self._register(user)
         return user
@@ -452,6 +466,7 @@ class CaptureEmulator:
         body = _b64url(json.dumps(claims).encode())
         signature = _b64url(hmac.new(self._jwt_key, f"{header}.{body}".encode(), hashlib.sha256).digest())
         token = f"{header}.{body}.{signature}"
+        ISSUED_SECRETS.append(token)
         with self._lock:
             for account in self.broker.accounts:
                 if account.username == user.username:
