@@ -863,6 +863,34 @@ class AsyncSubscription(_SubscriptionBase):
     def __init__(self, native: Any, *, on_malformed: Callable[[Any], object] | None = None) -> None:
         super().__init__(native, on_malformed)
         self._buffer: collections.deque[Any] = collections.deque()
+        self._bell: int | None = native.bell_fd()
+        self._waiting: asyncio.Future[None] | None = None
+
+    async def _readable(self) -> None:
+        # The event loop watches the subscription's doorbell descriptor itself: no thread of the
+        # network runtime takes the interpreter lock to wake it, and one wake-up covers a chunk.
+        if self._bell is None:
+            await self._native.readable()
+            return
+        if self._waiting is not None:  # another coroutine waits already: share its wake-up
+            await asyncio.shield(self._waiting)
+            return
+        if self._native.arm():
+            return
+        loop = asyncio.get_running_loop()
+        waiting = self._waiting = loop.create_future()
+
+        def ring() -> None:
+            if not waiting.done():
+                waiting.set_result(None)
+
+        loop.add_reader(self._bell, ring)
+        try:
+            await waiting
+        finally:
+            loop.remove_reader(self._bell)
+            self._waiting = None
+            self._native.clear_bell()
 
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
@@ -878,7 +906,7 @@ class AsyncSubscription(_SubscriptionBase):
             if items:
                 self._buffer.extend(item for item in items if self._keep(item))
                 continue
-            await self._native.readable()
+            await self._readable()
 
     async def batch(
         self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()

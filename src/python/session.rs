@@ -11,7 +11,7 @@ use crate::session::{
     SessionConfig, SessionError, StaticCredentials, TlsOptions, Transport,
 };
 use crate::timestamp;
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict};
 use std::future::Future;
@@ -832,6 +832,44 @@ impl PySubscription {
             queue.readable().await;
             Ok(())
         })
+    }
+
+    /// A descriptor that turns readable when the subscription has items after `arm()` (None where
+    /// there is none): asyncio waits on it with `add_reader`, so no network thread takes the
+    /// interpreter lock to wake the event loop.
+    fn bell_fd(&self) -> PyResult<Option<i32>> {
+        #[cfg(unix)]
+        {
+            let bell = self
+                .route
+                .queue
+                .doorbell()
+                .map_err(PyRuntimeError::new_err)?;
+            Ok(Some(bell.fd()))
+        }
+        #[cfg(not(unix))]
+        Ok(None)
+    }
+
+    /// Arms the descriptor for one wake-up; True when there is no need to wait.
+    fn arm(&self) -> PyResult<bool> {
+        #[cfg(unix)]
+        {
+            self.route.queue.arm().map_err(PyRuntimeError::new_err)
+        }
+        #[cfg(not(unix))]
+        Ok(true)
+    }
+
+    /// Empties the descriptor after a wake-up.
+    fn clear_bell(&self) -> PyResult<()> {
+        #[cfg(unix)]
+        self.route
+            .queue
+            .doorbell()
+            .map_err(PyRuntimeError::new_err)?
+            .clear();
+        Ok(())
     }
 
     /// Counters: received, delivered, malformed, dropped, queued.

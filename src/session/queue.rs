@@ -54,11 +54,56 @@ pub enum Pop<T> {
     Closed,
 }
 
+/// A file descriptor that becomes readable when an armed queue gets an item (or ends): an event
+/// loop in another runtime (Python's asyncio) waits on it without any thread of ours entering that
+/// runtime. Armed once per wait, so a busy stream costs one write per chunk, not per message.
+#[cfg(unix)]
+#[derive(Debug)]
+pub struct Doorbell {
+    armed: std::sync::atomic::AtomicBool,
+    ringer: std::os::unix::net::UnixStream,
+    listener: std::os::unix::net::UnixStream,
+}
+
+#[cfg(unix)]
+impl Doorbell {
+    fn new() -> std::io::Result<Doorbell> {
+        let (ringer, listener) = std::os::unix::net::UnixStream::pair()?;
+        ringer.set_nonblocking(true)?;
+        listener.set_nonblocking(true)?;
+        Ok(Doorbell {
+            armed: std::sync::atomic::AtomicBool::new(false),
+            ringer,
+            listener,
+        })
+    }
+
+    /// The descriptor to watch for readability.
+    pub fn fd(&self) -> i32 {
+        std::os::fd::AsRawFd::as_raw_fd(&self.listener)
+    }
+
+    fn ring(&self) {
+        if self.armed.swap(false, Ordering::AcqRel) {
+            // A full socket buffer already means "readable": nothing is lost by WouldBlock.
+            let _ = std::io::Write::write(&mut &self.ringer, &[1]);
+        }
+    }
+
+    /// Empties the descriptor after a wake-up.
+    pub fn clear(&self) {
+        let mut sink = [0u8; 256];
+        while matches!(std::io::Read::read(&mut &self.listener, &mut sink), Ok(n) if n > 0) {}
+    }
+}
+
 #[derive(Debug)]
 pub struct Queue<T> {
     inner: Mutex<Inner<T>>,
     readable: Condvar,
     async_readable: Notify,
+    #[cfg(unix)]
+    doorbell: std::sync::OnceLock<std::io::Result<Doorbell>>,
     space: Notify,
     capacity: usize,
     overflow: Overflow,
@@ -74,6 +119,8 @@ impl<T> Queue<T> {
             }),
             readable: Condvar::new(),
             async_readable: Notify::new(),
+            #[cfg(unix)]
+            doorbell: std::sync::OnceLock::new(),
             space: Notify::new(),
             capacity: capacity.max(1),
             overflow,
@@ -108,6 +155,33 @@ impl<T> Queue<T> {
         self.readable.notify_all();
         self.async_readable.notify_waiters();
         self.async_readable.notify_one();
+        #[cfg(unix)]
+        if let Some(Ok(bell)) = self.doorbell.get() {
+            bell.ring();
+        }
+    }
+
+    /// The queue's doorbell, made on first use.
+    #[cfg(unix)]
+    pub fn doorbell(&self) -> Result<&Doorbell, String> {
+        self.doorbell
+            .get_or_init(Doorbell::new)
+            .as_ref()
+            .map_err(|e| format!("could not make the subscription's wake-up socket: {e}"))
+    }
+
+    /// Arms the doorbell for one ring; true when there is no need to wait (items are queued, or
+    /// the queue ended), in which case it stays unarmed.
+    #[cfg(unix)]
+    pub fn arm(&self) -> Result<bool, String> {
+        let bell = self.doorbell()?;
+        bell.armed.store(true, Ordering::SeqCst);
+        let inner = self.lock();
+        if !inner.items.is_empty() || inner.closed {
+            bell.armed.store(false, Ordering::SeqCst);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Adds an item under the queue's overflow policy; under `Block` it waits for room.
@@ -316,6 +390,32 @@ impl<T> Queue<T> {
 mod tests {
     use super::*;
     use std::sync::Arc;
+
+    #[cfg(unix)]
+    #[test]
+    fn the_doorbell_rings_once_per_arming() {
+        use std::io::Read;
+        let queue: Queue<u32> = Queue::new(8, Overflow::Block);
+        let bell = queue.doorbell().unwrap();
+        let mut byte = [0u8; 8];
+        let mut listener = &bell.listener;
+        assert!(!queue.arm().unwrap(), "empty: wait");
+        queue.push_unbounded(1);
+        queue.push_unbounded(2);
+        assert_eq!(
+            listener.read(&mut byte).unwrap(),
+            1,
+            "one ring for two items"
+        );
+        assert!(listener.read(&mut byte).is_err(), "nothing more to read");
+        assert!(queue.arm().unwrap(), "items queued: no need to wait");
+        bell.clear();
+        let _ = queue.try_pop();
+        let _ = queue.try_pop();
+        assert!(!queue.arm().unwrap());
+        queue.close();
+        assert_eq!(listener.read(&mut byte).unwrap(), 1, "the end rings too");
+    }
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
