@@ -18,6 +18,9 @@ use tokio::sync::oneshot;
 
 /// How soon after a SUBSCRIBE or PUBLISH a dropped connection counts as Capture's way of refusing it.
 const REFUSAL_WINDOW: Duration = Duration::from_secs(2);
+/// Hang-ups right after the same request that make it a refusal. Two were not enough: a broker
+/// restarted twice in quick succession hung up right after the same stalled publish.
+const REFUSAL_STRIKES: u32 = 3;
 
 /// Resolves and removes the acknowledgement waiter of publish `id`.
 fn complete(book: &mut Book, id: u64, result: Result<(), SessionError>) {
@@ -269,7 +272,7 @@ fn on_acked(shared: &Shared, pkid: u16, refused: Option<String>) {
     let Some(done) = done else {
         return;
     };
-    if book.suspect_publish == Some(done.id) {
+    if book.suspect_publish.is_some_and(|(id, _)| id == done.id) {
         book.suspect_publish = None;
     }
     match refused {
@@ -310,8 +313,8 @@ fn on_suback(shared: &Shared, pkid: u16, codes: &[Option<String>]) {
 /// After the broker hung up: was it refusing a subscribe or publish sent just before?
 fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<LinkRequest>) {
     // Capture refuses by hanging up, but so does a broker that restarts. A refusal repeats: the
-    // first hang-up right after an unanswered request only makes it a suspect, and it is sent again;
-    // a second hang-up right after the same request is the refusal.
+    // first hang-ups right after an unanswered request only make it a suspect, and it is sent again;
+    // the third hang-up right after the same request is the refusal.
     let now = Instant::now();
     let recent_subscribes: Vec<String> = {
         let book = shared.book();
@@ -324,16 +327,17 @@ fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<LinkRequest>) {
     if !recent_subscribes.is_empty() {
         let refused: Vec<String> = {
             let mut book = shared.book();
-            let refused: Vec<String> = recent_subscribes
-                .iter()
-                .filter(|f| book.suspect_filters.contains(*f))
-                .cloned()
-                .collect();
-            book.suspect_filters = if refused.is_empty() {
-                recent_subscribes.iter().cloned().collect()
-            } else {
-                std::collections::HashSet::new()
-            };
+            let mut refused = Vec::new();
+            let mut suspects = std::collections::HashMap::new();
+            for filter in &recent_subscribes {
+                let strikes = book.suspect_filters.get(filter).copied().unwrap_or(0) + 1;
+                if strikes >= REFUSAL_STRIKES {
+                    refused.push(filter.clone());
+                } else {
+                    suspects.insert(filter.clone(), strikes);
+                }
+            }
+            book.suspect_filters = suspects;
             refused
         };
         if refused.is_empty() {
@@ -344,7 +348,7 @@ fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<LinkRequest>) {
                 shared,
                 Action::Subscribe,
                 &filter,
-                "the broker closed the connection right after the SUBSCRIBE, twice, as Capture does",
+                "the broker closed the connection right after the SUBSCRIBE, three times, as Capture does",
             );
             refuse_filter(shared, &filter, &error);
         }
@@ -358,9 +362,13 @@ fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<LinkRequest>) {
     if now.duration_since(at) >= REFUSAL_WINDOW || !unanswered {
         return;
     }
-    if book.suspect_publish != Some(id) {
+    let strikes = match book.suspect_publish {
+        Some((suspect, strikes)) if suspect == id => strikes + 1,
+        _ => 1,
+    };
+    if strikes < REFUSAL_STRIKES {
         log::info!("the broker hung up right after a publish to {topic:?}: sending it again to tell a refusal from a restart");
-        book.suspect_publish = Some(id);
+        book.suspect_publish = Some((id, strikes));
         return;
     }
     book.suspect_publish = None;
@@ -368,7 +376,7 @@ fn attribute_refusal(shared: &Shared, carried: &mut VecDeque<LinkRequest>) {
         shared,
         Action::Publish,
         &topic,
-        "the broker closed the connection right after the PUBLISH, twice, as Capture does",
+        "the broker closed the connection right after the PUBLISH, three times, as Capture does",
     );
     log::warn!("{error}");
     // Do not send it again: the same refusal would follow.
@@ -496,11 +504,27 @@ struct Driver {
 }
 
 impl Driver {
+    /// Books what rumqttc still held from the connection that ended, so that its request order
+    /// stays in step with ours. Its QoS 1/2 messages are left out: unacknowledged, the broker sends
+    /// them again (an acknowledgement now would go out on the next connection).
+    async fn book_leftovers(&mut self) {
+        for event in self.link.take_buffered() {
+            match event {
+                NetEvent::Publish { qos, .. } if qos > 0 => {}
+                NetEvent::ConnAck { .. } => {}
+                other => {
+                    self.on_event(other).await;
+                }
+            }
+        }
+    }
+
     /// Before a connection attempt: keep what is pending, and fetch credentials.
     async fn prepare(&mut self) -> Step {
         if self.shared.closed.load(Ordering::Acquire) {
             return Step::Stop;
         }
+        self.book_leftovers().await;
         self.carried.extend(self.link.take_pending());
         let Some(provider) = &self.shared.config.credentials else {
             return Step::Go;

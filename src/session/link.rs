@@ -637,6 +637,15 @@ impl Link {
     }
 
     /// Drops the connection now; what was in flight is kept for the next one.
+    /// The events rumqttc read or made on the connection that just ended but did not hand out yet
+    /// (it keeps them across a reconnect): they must be booked before the new connection's.
+    pub(super) fn take_buffered(&mut self) -> Vec<NetEvent> {
+        match self {
+            Link::V4(eventloop) => eventloop.state.events.drain(..).map(v4_event).collect(),
+            Link::V5(eventloop) => eventloop.state.events.drain(..).map(v5_event).collect(),
+        }
+    }
+
     pub(super) fn drop_connection(&mut self) {
         match self {
             Link::V4(eventloop) => eventloop.clean(),

@@ -224,8 +224,9 @@ struct Book {
     /// The latest publish written, to attribute a disconnect right after it.
     last_publish: Option<(Instant, u64, String)>,
     /// Requests the broker hung up right after once: a second time makes it a refusal.
-    suspect_filters: std::collections::HashSet<String>,
-    suspect_publish: Option<u64>,
+    /// Hang-ups seen right after each of these requests (a refusal repeats; a restart seldom does).
+    suspect_filters: std::collections::HashMap<String, u32>,
+    suspect_publish: Option<(u64, u32)>,
 }
 
 /// Counters of a session, readable at any time.
