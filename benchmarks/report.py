@@ -107,27 +107,13 @@ def build() -> list[Row]:
             }
         )
 
-    memory_row(
-        "peak RSS, receive 100k",
-        receive["cm_iter"]["rss_mb"],
-        receive["paho"]["rss_mb"],
-        receive["cm_iter"]["rss_mb"] <= receive["paho"]["rss_mb"],
-        "<= paho",
-    )
-    memory_row(
-        "peak RSS, batches -> pandas",
-        receive["cm_frame"]["rss_mb"],
-        receive["paho_frame"]["rss_mb"],
-        receive["cm_frame"]["rss_mb"] <= receive["paho_frame"]["rss_mb"],
-        "<= paho",
-    )
-    memory_row(
-        "peak RSS, push_frame 1M rows",
-        push["cm_frame"]["rss_mb"],
-        push["paho_frame"]["rss_mb"],
-        push["cm_frame"]["rss_mb"] <= push["paho_frame"]["rss_mb"],
-        "<= paho",
-    )
+    peaks = [
+        ("peak RSS, receive 100k", receive["cm_iter"], receive["paho"]),
+        ("peak RSS, batches -> pandas", receive["cm_frame"], receive["paho_frame"]),
+        ("peak RSS, push_frame 1M rows", push["cm_frame"], push["paho_frame"]),
+    ]
+    for name, ours, paho in peaks:
+        memory_row(name, ours["rss_mb"], paho["rss_mb"], ours["rss_mb"] <= paho["rss_mb"], "<= paho")
     cm_slow = slow["cm_slow"]
     memory_row(
         "RSS growth, consumer 10x too slow",

@@ -85,8 +85,9 @@ def verdict(f: dict[str, Any]) -> list[str]:
     noticed = stall["noticed_after_s"]
     claim(
         noticed is not None and noticed <= 1.5 * stall["keepalive_s"] + 0.5,
-        f"a {stall['paused_s']:g} s stall noticed after {noticed} s (keepalive {stall['keepalive_s']:g} s), "
-        f"reconnected {stall['reconnected_after_resume_s']} s after the broker resumed",
+        f"a {stall['paused_s']:g} s stall noticed after {noticed or float('nan'):.2f} s (keepalive "
+        f"{stall['keepalive_s']:g} s), reconnected {stall['reconnected_after_resume_s'] or float('nan'):.3f} s "
+        "after the broker resumed",
     )
     jwt = f["jwt_rotation"]
     claim(

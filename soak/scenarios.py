@@ -388,8 +388,9 @@ def slow_consumer(seconds: float, *, rate: float = 5_000.0, queue_size: int = 1_
     with Mosquitto(anonymous=True, tls=False, websockets=False) as broker:
         opts: dict[str, Any] = {"transport": "mqtt", "port": broker.mqtt_port, "company": "SlowCorp"}
         # Under `block` the broker is to hold back what the consumer has not taken (acknowledgements
-        # wait for it), within its in-flight window; Mosquitto 2.0.11 does not keep that window (a
-        # burst follows each PUBACK), so the client's queue is reported, not bounded, here.
+        # wait for it) within its in-flight window: MQTT 5's receive maximum (the client's
+        # `inflight`), or the broker's setting under 3.1.1. Mosquitto 2.0.11 keeps neither (a burst
+        # follows a PUBACK), so the client's queue is reported here, not bounded.
         cases: list[tuple[str, Any, int]] = [
             ("drop_oldest", "drop_oldest", 3),
             ("drop_newest", "drop_newest", 3),
@@ -425,7 +426,11 @@ def slow_consumer(seconds: float, *, rate: float = 5_000.0, queue_size: int = 1_
                     if time.monotonic() >= next_sample:
                         samples.append(rss_mb())
                         next_sample += 1.0
-                stats = sub.stats
+                # The counters are read one by one: count once the last messages have landed.
+                previous = -1
+                while (stats := sub.stats)["received"] != previous:
+                    previous = stats["received"]
+                    time.sleep(0.5)
                 settled = samples[len(samples) // 3 :] or samples
                 figures[name] = {
                     "protocol": protocol,

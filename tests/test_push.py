@@ -94,6 +94,43 @@ def test_pushes_at_every_level_and_timestamp_form_arrive_on_the_raw_tree(broker:
     assert before - timedelta(seconds=1) <= points["Stamped"].timestamp <= datetime.now(UTC)
 
 
+def test_push_frame_sends_a_large_frame_in_order_slice_by_slice(
+    broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pandas as pd
+    import polars as pl
+    import pyarrow as pa
+
+    from capture_mqtt import source as source_module
+
+    monkeypatch.setattr(source_module, "FRAME_SLICE_ROWS", 1_000)
+    rows = 2_500
+    frame = pd.DataFrame(
+        {"Count": range(rows)}, index=pd.date_range("2024-11-08", periods=rows, freq="ms", tz="UTC", name="time")
+    )
+    frames = [
+        ("pandas", frame),
+        ("polars", pl.DataFrame({"Count": range(rows)})),
+        ("arrow", pa.table({"Count": range(rows)})),
+    ]
+    with (
+        source(broker) as src,
+        connect(broker, "pipeline") as listener,
+        listener.subscribe(f"v1/sources/{SOURCE_ID}/data/read/#", qos=1, decode="bytes") as pushed,
+    ):
+        for kind, data in frames:
+            assert src.push_frame(data, connection="Conn", measurement=kind) == rows
+            counts = [json.loads(m.payload)["Fields"]["Count"] for m in receive(pushed, rows)]
+            assert counts == list(range(rows)), kind
+        src.push_frame(frame, connection="Conn", measurement="again")
+        bodies = [json.loads(m.payload) for m in receive(pushed, rows)]
+        # The time index survives the slicing: the first and the last row keep their own times.
+        assert [bodies[0]["UtcTimestamp"], bodies[-1]["UtcTimestamp"]] == [
+            "2024-11-08T00:00:00.000Z",
+            "2024-11-08T00:00:02.499Z",
+        ]
+
+
 def test_push_frame_sends_every_row_from_pandas_and_polars(broker: Mosquitto, pipeline: Pipeline) -> None:
     import pandas as pd
     import polars as pl

@@ -83,6 +83,26 @@ def load_auth_config(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {key: str(value) if key != "port" else int(value) for key, value in found.items()}
 
 
+# A large DataFrame goes out in slices: its conversion to Arrow (pandas copies) then needs memory
+# for one slice at a time, not for the whole frame.
+FRAME_SLICE_ROWS = 100_000
+
+
+def _slices(frame: Any, rows: int) -> Any:
+    total = len(frame) if hasattr(frame, "__len__") else None
+    if total is None or total <= rows:
+        yield frame
+        return
+    for start in range(0, total, rows):
+        if hasattr(frame, "iloc"):  # pandas
+            yield frame.iloc[start : start + rows]
+        elif hasattr(frame, "slice"):  # Polars, pyarrow
+            yield frame.slice(start, rows)
+        else:
+            yield frame
+            return
+
+
 def _check_scope(source_id: str, topic: str, action: str) -> None:
     prefix = f"v1/sources/{source_id}/"
     if not topic.startswith(prefix):
@@ -277,16 +297,19 @@ class SourceClient(_SourceMixin, Client):
         'push_frame'
         """
         topic = _core.data_topic(self.source_id, connection, measurement)
-        return int(
-            self._native.push_frame(
-                frame,
-                topic,
-                timestamp_column=timestamp_column,
-                tag_columns=list(tag_columns),
-                qos=qos,
-                timeout=timeout,
+        sent = 0
+        for part in _slices(frame, FRAME_SLICE_ROWS):
+            sent += int(
+                self._native.push_frame(
+                    part,
+                    topic,
+                    timestamp_column=timestamp_column,
+                    tag_columns=list(tag_columns),
+                    qos=qos,
+                    timeout=timeout,
+                )
             )
-        )
+        return sent
 
     def publish(self, topic: str, payload: bytes | str, **options: Any) -> Any:
         """Publishes within the source's own subtree; anything else is a :class:`TopicError`.

@@ -256,6 +256,9 @@ pub(super) fn build(config: &SessionConfig) -> Result<(LinkClient, Link), Sessio
             let max = u32::try_from(config.max_packet_size).unwrap_or(u32::MAX);
             options.set_max_packet_size(Some(max));
             options.set_outgoing_inflight_upper_limit(config.inflight.max(1));
+            // The broker sends no more unacknowledged QoS 1/2 messages than this: with `block`
+            // (acknowledged when the consumer takes them) it bounds what waits in this process.
+            options.set_receive_maximum(Some(config.inflight.max(1)));
             options.set_manual_acks(true);
             options.set_request_channel_capacity(REQUEST_CHANNEL);
             options.set_connection_timeout(timeout);
