@@ -72,7 +72,7 @@ def verdict(f: dict[str, Any]) -> list[str]:
     )
     claim(
         term["max_reconnect_s"] <= term["backoff_max_s"] + 1.0,
-        f"reconnected at most {term['max_reconnect_s']:.2f} s after the broker was back (backoff max "
+        f"reconnected at most {term['max_reconnect_s']:.2f} s after the broker was started again (backoff max "
         f"{term['backoff_max_s']:g} s)",
     )
     kill = f["restarts_sigkill"]

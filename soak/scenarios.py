@@ -119,8 +119,9 @@ def broker_restarts(messages: int, restarts: int, *, kill: bool, seed: int = 1) 
             else:
                 emu.broker.stop()
             time.sleep(rng.uniform(0.1, 0.6))
-            emu.broker.start()
+            # Timed from the start command: a client may be back before start() has returned.
             back_at.append(time.monotonic())
+            emu.broker.start()
         pusher.join()
         receiver.join()
         delays = []
