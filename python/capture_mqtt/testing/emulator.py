@@ -554,7 +554,9 @@ class CaptureEmulator:
         self._clients.add(client)
         return client
 
-    def async_client(self, account: User | ApiToken | JwtUser, transport: Transport = "mqtts", **options: Any) -> Any:
+    def async_client(
+        self, account: User | ApiToken | JwtUser, transport: Transport = "mqtts", **options: Any
+    ) -> cm.AsyncClient:
         """A ``cm.AsyncClient`` for a user account; it connects in ``async with``."""
         opts = account.client_options(transport) | options
         return cm.AsyncClient(opts.pop("host"), **opts)
