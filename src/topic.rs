@@ -515,6 +515,124 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     topic_levels.next().is_none()
 }
 
+/// Whether a first filter level is a wildcard that MQTT keeps away from `$` topics.
+fn wild_first(levels: &[&str]) -> bool {
+    levels.first().is_some_and(|l| *l == "+" || *l == "#")
+}
+
+fn dollar_first(levels: &[&str]) -> bool {
+    levels.first().is_some_and(|l| l.starts_with('$'))
+}
+
+/// Whether every topic that `inner` matches is matched by `outer` (plain filters, no `$share/`).
+pub fn covers(outer: &str, inner: &str) -> bool {
+    let a: Vec<&str> = outer.split('/').collect();
+    let b: Vec<&str> = inner.split('/').collect();
+    if wild_first(&a) && dollar_first(&b) {
+        return false;
+    }
+    for (i, level) in a.iter().enumerate() {
+        match (*level, b.get(i).copied()) {
+            ("#", _) => return true,
+            (_, None | Some("#")) => return false,
+            ("+", Some(_)) => {}
+            (name, Some(other)) if name == other => {}
+            _ => return false,
+        }
+    }
+    a.len() == b.len()
+}
+
+/// Whether some topic matches both filters (plain filters, no `$share/`).
+pub fn overlaps(first: &str, second: &str) -> bool {
+    let left: Vec<&str> = first.split('/').collect();
+    let right: Vec<&str> = second.split('/').collect();
+    if (wild_first(&left) && dollar_first(&right)) || (wild_first(&right) && dollar_first(&left)) {
+        return false;
+    }
+    let mut level = 0;
+    loop {
+        match (left.get(level).copied(), right.get(level).copied()) {
+            (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
+            // One ended: the other matches the same topic only with left trailing `#` (the parent level).
+            (None, Some(_)) => return right.get(level..) == Some(&["#"][..]),
+            (Some(_), None) => return left.get(level..) == Some(&["#"][..]),
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(l), Some(r)) if l == r => {}
+            _ => return false,
+        }
+        level += 1;
+    }
+}
+
+/// The narrowest filter of this simple form that covers both: equal levels kept, differing levels
+/// become `+`, and `#` from where one of them ends or has `#`.
+pub fn merge(first: &str, second: &str) -> String {
+    let left: Vec<&str> = first.split('/').collect();
+    let right: Vec<&str> = second.split('/').collect();
+    let mut out: Vec<&str> = Vec::new();
+    let mut level = 0;
+    loop {
+        match (left.get(level).copied(), right.get(level).copied()) {
+            (None, None) => break,
+            (Some("#"), _) | (_, Some("#")) | (None, Some(_)) | (Some(_), None) => {
+                out.push("#");
+                break;
+            }
+            (Some(l), Some(r)) if l == r => out.push(l),
+            _ => out.push("+"),
+        }
+        level += 1;
+    }
+    out.join("/")
+}
+
+/// The filters to subscribe to at an MQTT 3.1.1 broker for a set of subscription filters, so that
+/// no topic matches two of them: a filter covered by another is left out, and two that overlap
+/// without one covering the other are merged into a common one. The broker then sends each message
+/// once whatever its rule for overlapping subscriptions, and the client fans it out to every
+/// subscription whose own filter matches. Shared subscriptions (`$share/`) stay as they are. Each
+/// filter comes with the highest QoS asked of what it stands for.
+pub fn broker_filters(filters: &[(String, u8)]) -> Vec<(String, u8)> {
+    let mut out: Vec<(String, u8)> = Vec::new();
+    for (filter, qos) in filters {
+        if filter.starts_with("$share/") {
+            match out.iter_mut().find(|(f, _)| f == filter) {
+                Some(existing) => existing.1 = existing.1.max(*qos),
+                None => out.push((filter.clone(), *qos)),
+            }
+            continue;
+        }
+        let (mut filter, mut qos) = (filter.clone(), *qos);
+        loop {
+            let plain = |f: &String| !f.starts_with("$share/");
+            if let Some(existing) = out.iter_mut().find(|(f, _)| plain(f) && covers(f, &filter)) {
+                existing.1 = existing.1.max(qos);
+                break;
+            }
+            out.retain(|(f, q)| {
+                let absorbed = plain(f) && covers(&filter, f);
+                if absorbed {
+                    qos = qos.max(*q);
+                }
+                !absorbed
+            });
+            if let Some(pos) = out
+                .iter()
+                .position(|(f, _)| plain(f) && overlaps(f, &filter))
+            {
+                let (other, q) = out.remove(pos);
+                filter = merge(&other, &filter);
+                qos = qos.max(q);
+                continue;
+            }
+            out.push((filter, qos));
+            break;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -749,5 +867,66 @@ mod tests {
         let long = "x".repeat(MAX_TOPIC_LEN);
         assert!(raw_topic("A", "B", "C", "D", &long).is_err());
         assert!(validate_filter(&format!("v1/raw/A/{long}")).is_err());
+    }
+
+    #[test]
+    fn cover_overlap_and_merge() {
+        assert!(covers("a/#", "a"));
+        assert!(covers("a/#", "a/b/c"));
+        assert!(covers("a/+/c", "a/b/c"));
+        assert!(!covers("a/+/c", "a/#"));
+        assert!(!covers("a/b", "a/+"));
+        assert!(covers("#", "a/+"));
+        assert!(!covers("#", "$SYS/x"));
+        assert!(overlaps("a/+/c", "a/b/+"));
+        assert!(overlaps("a/#", "a"));
+        assert!(!overlaps("a/b", "a/c"));
+        assert!(!overlaps("a/b", "a/b/c"));
+        assert!(!overlaps("+/x", "$SYS/x"));
+        assert_eq!(merge("a/+/c", "a/b/+"), "a/+/+");
+        assert_eq!(merge("a/b", "a/b/c"), "a/b/#");
+        assert_eq!(merge("a/b/#", "a/c"), "a/+/#");
+        let cases = [
+            ("a/+/c", "a/b/+"),
+            ("a/b", "a/b/c"),
+            ("a/b/#", "a/c"),
+            ("x/y", "x/y"),
+        ];
+        for (x, y) in cases {
+            let m = merge(x, y);
+            assert!(covers(&m, x) && covers(&m, y), "{m} covers {x} and {y}");
+        }
+    }
+
+    #[test]
+    fn broker_filters_never_overlap() {
+        let f = |list: &[(&str, u8)]| {
+            broker_filters(
+                &list
+                    .iter()
+                    .map(|(f, q)| ((*f).to_owned(), *q))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            f(&[("v1/raw/A/#", 0), ("v1/raw/A/s/+/+/+", 1)]),
+            vec![("v1/raw/A/#".to_owned(), 1)]
+        );
+        assert_eq!(
+            f(&[("v1/raw/A/s/+/+/+", 1), ("v1/raw/A/#", 0)]),
+            vec![("v1/raw/A/#".to_owned(), 1)]
+        );
+        assert_eq!(
+            f(&[("v1/raw/A/s/c/+/k", 0), ("v1/raw/A/s/+/m/+", 1)]),
+            vec![("v1/raw/A/s/+/+/+".to_owned(), 1)]
+        );
+        assert_eq!(
+            f(&[("a/b", 0), ("a/c", 1), ("a/b", 1)]),
+            vec![("a/b".to_owned(), 1), ("a/c".to_owned(), 1)]
+        );
+        assert_eq!(
+            f(&[("$share/g/a/#", 1), ("a/#", 0)]),
+            vec![("$share/g/a/#".to_owned(), 1), ("a/#".to_owned(), 0)]
+        );
     }
 }

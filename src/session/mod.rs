@@ -7,11 +7,13 @@
 //! which packet id carries which subscribe or publish. Before each reconnect the task takes rumqttc's
 //! `pending` requests itself, so that nothing is silently dropped when the broker has no session.
 
+pub mod codec;
 pub mod config;
 mod driver;
 pub mod error;
 pub mod jwt;
 mod link;
+pub mod proto;
 pub mod queue;
 pub mod tls;
 
