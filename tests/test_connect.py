@@ -516,7 +516,7 @@ def test_rust_logs_reach_python_logging(broker: Mosquitto, caplog: pytest.LogCap
     with connect(broker):
         wait_until(
             lambda: any(
-                r.name == "capture_mqtt.session.driver" and "connected to" in r.getMessage() for r in caplog.records
+                r.name == "capture_mqtt.session.engine" and "connected to" in r.getMessage() for r in caplog.records
             ),
             what="the connect log record",
         )

@@ -1,7 +1,7 @@
 """Hands the Rust core's log records to Python's ``logging`` under the ``capture_mqtt`` logger.
 
 The core queues its records (it never calls Python from the network threads); this daemon thread
-takes them in batches and logs them as ``capture_mqtt.<module>`` (e.g. ``capture_mqtt.session.driver``).
+takes them in batches and logs them as ``capture_mqtt.<module>`` (e.g. ``capture_mqtt.session.engine``).
 """
 
 from __future__ import annotations

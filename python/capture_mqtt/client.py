@@ -135,7 +135,7 @@ class _BaseClient:
         connect_timeout: float = 10.0,
         protocol: int = 3,
         on_event: Callable[[ConnectionEvent], object] | None = None,
-        max_packet_size: int = 64 * 1024 * 1024,
+        max_packet_size: int = 1024 * 1024,
         inflight: int = 512,
         account_kind: Literal["user", "source", "unknown"] = "user",
         offline: Literal["block", "raise", "drop_oldest"] = "block",

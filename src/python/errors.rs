@@ -115,5 +115,6 @@ pub fn session_error(py: Python<'_>, err: &SessionError) -> PyErr {
         SessionError::QueueFull(_) => {
             raise(py, &SESSION_ERRORS[5], "QueueFullError", &message, &[])
         }
+        SessionError::TooLarge(_) => payload_error_in(py, "payload", &message),
     }
 }

@@ -285,7 +285,8 @@ impl PySession {
         dict.set_item("acknowledged", stats.acknowledged.load(Ordering::Relaxed))?;
         dict.set_item("received", stats.received.load(Ordering::Relaxed))?;
         dict.set_item("unrouted", stats.unrouted.load(Ordering::Relaxed))?;
-        dict.set_item("duplicates", stats.duplicates.load(Ordering::Relaxed))?;
+        dict.set_item("held", stats.held.load(Ordering::Relaxed))?;
+        dict.set_item("oversize", stats.oversize.load(Ordering::Relaxed))?;
         dict.set_item("reconnects", stats.reconnects.load(Ordering::Relaxed))?;
         dict.set_item("queued", self.session.queued())?;
         dict.set_item("dropped", stats.dropped.load(Ordering::Relaxed))?;
@@ -345,9 +346,7 @@ impl PySession {
         let session = self.session.clone();
         let timeout = Duration::from_secs_f64(timeout.max(0.0));
         let route = block_on(py, async move {
-            let route = session
-                .subscribe(&filter, qos, decode, queue_size, overflow)
-                .await?;
+            let route = session.subscribe(&filter, qos, decode, queue_size, overflow)?;
             if wait && route.was_requested() {
                 if let Err(err) = session.wait_granted(&route, timeout).await {
                     if !matches!(err, SessionError::Authorization { .. }) {

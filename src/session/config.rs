@@ -204,7 +204,7 @@ pub struct SessionConfig {
     /// Who the credentials belong to (for error messages), e.g. the username.
     pub account_name: String,
     pub account_kind: AccountKind,
-    /// Largest packet sent or received (rumqttc's default of 10 KiB kills the connection on larger ones).
+    /// Largest packet sent or received: Capture's 1 MB by default (the broker's own limit under MQTT 5 when smaller).
     pub max_packet_size: usize,
     /// Most unacknowledged QoS 1/2 publishes at once.
     pub inflight: u16,
@@ -243,7 +243,7 @@ impl SessionConfig {
             credentials: None,
             account_name: String::new(),
             account_kind: AccountKind::Unknown,
-            max_packet_size: 64 * 1024 * 1024,
+            max_packet_size: 1024 * 1024,
             inflight: 512,
             offline_capacity: 10_000,
             offline_policy: OfflinePolicy::Block,

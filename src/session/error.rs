@@ -28,6 +28,8 @@ pub enum SessionError {
     Timeout(String),
     /// The offline queue was full (policy `raise`), or the message was dropped from it (`drop_oldest`).
     QueueFull(String),
+    /// A message over the packet size limit: never sent.
+    TooLarge(String),
     /// The session was closed.
     Closed,
 }
@@ -80,7 +82,9 @@ impl fmt::Display for SessionError {
                     SessionError::scope_rule(*kind)
                 )
             }
-            SessionError::Timeout(what) | SessionError::QueueFull(what) => f.write_str(what),
+            SessionError::Timeout(what)
+            | SessionError::QueueFull(what)
+            | SessionError::TooLarge(what) => f.write_str(what),
             SessionError::Closed => f.write_str("the client is closed"),
         }
     }

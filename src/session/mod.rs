@@ -1,21 +1,23 @@
-//! The MQTT session: a tokio task that owns rumqttc's event loop, connects (TCP, TLS, WebSocket),
-//! reconnects with backoff, re-subscribes, routes incoming messages to bounded subscription queues,
-//! tracks publish acknowledgements, and reports what happens as events. No Python here.
+//! The MQTT session: a tokio task (`engine`) that owns the connection: it connects (TCP, TLS,
+//! WebSocket), reconnects with backoff, re-subscribes, routes incoming messages to bounded
+//! subscription queues, sends publishes and tracks their acknowledgements, and reports what happens
+//! as events. The protocol itself is a state machine without I/O (`proto`) over rumqttc's packet
+//! codec (`codec`). No Python here.
 //!
-//! Requests reach rumqttc through its channel; every request we send is recorded in `Book::fifo`, and
-//! the `Outgoing` events rumqttc emits (in request order) are matched against that record to learn
-//! which packet id carries which subscribe or publish. Before each reconnect the task takes rumqttc's
-//! `pending` requests itself, so that nothing is silently dropped when the broker has no session.
+//! Publishers put messages in the outbox (bounded; while offline under the offline policy) and
+//! wake the task, which takes them in order as the in-flight window allows and writes them in
+//! batches. Subscriptions and unsubscriptions reach it the same way, as controls.
 
 pub mod codec;
 pub mod config;
-mod driver;
+mod engine;
 pub mod error;
 pub mod jwt;
-mod link;
 pub mod proto;
 pub mod queue;
+pub mod refusal;
 pub mod tls;
+pub mod transport;
 
 #[cfg(test)]
 mod tests;
@@ -25,19 +27,18 @@ pub use config::{
     Reconnect, Secret, SessionConfig, StaticCredentials, TlsOptions, Transport,
 };
 pub use error::{Action, SessionError};
-pub use queue::{Overflow, Pop, Queue};
+pub use queue::{Offer, Overflow, Pop, Queue};
 
 use crate::payload::{Command, RawPoint};
 use bytes::Bytes;
-use link::{Link, LinkClient};
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::runtime::Runtime;
-use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, Notify};
 
-/// The one tokio runtime every session runs on (two network threads).
+/// The one tokio runtime every session runs on (one network thread).
 ///
 /// # Panics
 /// When the operating system refuses to start its threads.
@@ -73,31 +74,6 @@ pub enum Decode {
     Bytes,
 }
 
-/// The acknowledgement of an incoming QoS 1/2 message, sent when the last holder lets go of it: at
-/// once for messages nobody waits for, when the consumer takes it for `overflow = block` (so that
-/// the broker, not this process, holds what the consumer has not taken yet).
-#[derive(Debug)]
-pub struct Ack {
-    client: LinkClient,
-    pkid: u16,
-    qos: u8,
-    /// The connection it came on; an acknowledgement is only valid on that connection.
-    generation: u64,
-    current: Arc<AtomicU64>,
-}
-
-impl Drop for Ack {
-    fn drop(&mut self) {
-        if self.current.load(Ordering::Acquire) != self.generation {
-            return; // the broker sends it again on the new connection (or, without a session, not at all)
-        }
-        if !self.client.try_ack(self.pkid, self.qos) {
-            let (client, pkid, qos) = (self.client.clone(), self.pkid, self.qos);
-            runtime().spawn(async move { client.ack(pkid, qos).await });
-        }
-    }
-}
-
 /// A plain MQTT message.
 #[derive(Debug, Clone)]
 pub struct Message {
@@ -106,7 +82,6 @@ pub struct Message {
     pub qos: u8,
     pub retain: bool,
     pub received_at: i64,
-    pub ack: Option<Arc<Ack>>,
 }
 
 /// What a subscription's consumer receives.
@@ -116,12 +91,10 @@ pub enum Item {
         point: RawPoint,
         qos: u8,
         retain: bool,
-        ack: Option<Arc<Ack>>,
     },
     Command {
         command: Command,
         raw: Bytes,
-        ack: Option<Arc<Ack>>,
     },
     Message(Message),
     /// A message that could not be decoded: counted, and handed over with the reason.
@@ -174,61 +147,31 @@ impl Route {
     }
 }
 
-/// A request sent into rumqttc's channel, waiting for its `Outgoing` event.
+/// A publish in the outbox.
 #[derive(Debug)]
-enum Sent {
-    Publish {
-        id: u64,
-        qos: u8,
-        topic: String,
-        permit: Option<OwnedSemaphorePermit>,
-    },
-    Subscribe {
-        filters: Vec<String>,
-    },
-    Unsubscribe {
-        done: oneshot::Sender<()>,
-    },
-    Disconnect,
-}
-
-/// A QoS 1/2 publish on the wire, waiting for its acknowledgement.
-#[derive(Debug)]
-struct InFlight {
-    id: u64,
-    topic: String,
-    on_wire: bool,
-    _permit: Option<OwnedSemaphorePermit>,
-}
-
-/// A publish made while offline, waiting for the connection.
-#[derive(Debug)]
-struct Queued {
+pub(crate) struct Pending {
     id: u64,
     topic: String,
     payload: Bytes,
     qos: u8,
     retain: bool,
+    tx: Option<oneshot::Sender<Result<(), SessionError>>>,
 }
 
+/// Publishes waiting for the connection task: while online only until it takes them (bounded all
+/// the same), while offline under the offline policy.
 #[derive(Debug, Default)]
-struct Book {
-    /// Connected and done sending what was queued offline: publishes go straight out.
+pub(crate) struct Outbox {
+    items: VecDeque<Pending>,
     online: bool,
-    outbox: VecDeque<Queued>,
-    fifo: VecDeque<Sent>,
-    /// Subscribes on the wire by packet id, with when they were sent.
-    subscribes: HashMap<u16, (Vec<String>, Instant)>,
-    /// Unsubscribes on the wire by packet id, with who waits for the UNSUBACK.
-    unsubscribes: HashMap<u16, oneshot::Sender<()>>,
-    inflight: HashMap<u16, VecDeque<InFlight>>,
-    acks: HashMap<u64, oneshot::Sender<Result<(), SessionError>>>,
-    /// The latest publish written, to attribute a disconnect right after it.
-    last_publish: Option<(Instant, u64, String)>,
-    /// Requests the broker hung up right after once: a second time makes it a refusal.
-    /// Hang-ups seen right after each of these requests (a refusal repeats; a restart seldom does).
-    suspect_filters: std::collections::HashMap<String, u32>,
-    suspect_publish: Option<(u64, u32)>,
+}
+
+/// A subscription change for the connection task.
+#[derive(Debug)]
+pub(crate) enum Control {
+    Subscribe(Arc<Route>),
+    /// A route was removed; the sender hears once the broker stopped sending for it.
+    Unsubscribe(oneshot::Sender<()>),
 }
 
 /// Counters of a session, readable at any time.
@@ -237,56 +180,65 @@ pub struct Stats {
     pub published: AtomicU64,
     pub acknowledged: AtomicU64,
     pub received: AtomicU64,
+    /// Messages no subscription wanted (dropped, and logged).
     pub unrouted: AtomicU64,
-    /// Extra copies of one message that an MQTT 3.1.1 broker sent for overlapping subscriptions.
-    pub duplicates: AtomicU64,
+    /// Messages of a resumed session held for a subscription not made yet.
+    pub held: AtomicU64,
+    /// Packets from the broker over `max_packet_size` (dropped, and logged).
+    pub oversize: AtomicU64,
     pub reconnects: AtomicU64,
     pub events_dropped: AtomicU64,
     /// Publishes dropped from the offline queue (`drop_oldest`).
     pub dropped: AtomicU64,
 }
 
-/// Receives every event as it happens (it must not block: it runs on the network task).
-pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
-
 pub(crate) struct Shared {
     config: SessionConfig,
     sink: Option<EventSink>,
-    client: LinkClient,
-    /// Makes "record in the book, then send into the channel" one step for concurrent callers.
-    send_lock: tokio::sync::Mutex<()>,
-    book: Mutex<Book>,
+    outbox: Mutex<Outbox>,
+    control: Mutex<VecDeque<Control>>,
+    /// Wakes the connection task: there is work.
+    wake: Notify,
+    /// Wakes publishers waiting for room in the outbox.
+    space: Notify,
     routes: Mutex<Vec<Arc<Route>>>,
     pub events: Queue<Event>,
     connected: AtomicBool,
     closed: AtomicBool,
     close_signal: Notify,
-    /// Wakes the flusher when the connection is up.
-    flush_signal: Notify,
-    /// Wakes publishers waiting for room in the offline queue.
-    outbox_space: Notify,
-    window: Arc<Semaphore>,
+    close_grace: Mutex<Duration>,
     next_id: AtomicU64,
+    /// The largest PUBLISH the connection takes (the broker's limit under MQTT 5).
+    max_outgoing: AtomicUsize,
     /// MQTT 5 subscription identifiers, one per distinct filter.
     filter_ids: Mutex<HashMap<String, usize>>,
-    /// Counts connections, so that acknowledgements never cross into a later one.
-    generation: Arc<AtomicU64>,
     pub stats: Stats,
 }
 
 impl Shared {
-    fn book(&self) -> MutexGuard<'_, Book> {
-        self.book.lock().unwrap_or_else(PoisonError::into_inner)
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+    fn control(&self) -> MutexGuard<'_, VecDeque<Control>> {
+        self.control.lock().unwrap_or_else(PoisonError::into_inner)
     }
     fn routes(&self) -> MutexGuard<'_, Vec<Arc<Route>>> {
         self.routes.lock().unwrap_or_else(PoisonError::into_inner)
     }
+    fn filter_ids(&self) -> MutexGuard<'_, HashMap<String, usize>> {
+        self.filter_ids
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+    fn close_grace(&self) -> Duration {
+        *self
+            .close_grace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
     /// The subscription identifier of `filter` (stable for the session's life).
     fn filter_id(&self, filter: &str) -> usize {
-        let mut ids = self
-            .filter_ids
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut ids = self.filter_ids();
         let next = ids.len() + 1;
         *ids.entry(filter.to_owned()).or_insert(next)
     }
@@ -300,10 +252,23 @@ impl Shared {
         // Events never wait: the oldest is dropped when nobody reads them.
         self.events.push_control_bounded(event);
     }
+    fn push_control(&self, control: Control) {
+        self.control().push_back(control);
+        self.wake.notify_one();
+    }
+}
+
+/// The error of a publish over the packet size limit.
+pub(crate) fn too_large(topic: &str, size: usize, limit: usize) -> SessionError {
+    SessionError::TooLarge(format!(
+        "the message to {topic:?} is {size} bytes as an MQTT packet, over the limit of {limit} bytes \
+         (the broker's Maximum Packet Size, or Capture's 1 MB); split the payload, or raise \
+         max_packet_size if this broker takes larger packets"
+    ))
 }
 
 /// The acknowledgement of one publish: resolves when the broker acknowledged it (QoS 1/2) or when it
-/// was written to the connection (QoS 0).
+/// was handed to the connection (QoS 0).
 #[derive(Debug)]
 pub struct PublishToken {
     rx: oneshot::Receiver<Result<(), SessionError>>,
@@ -315,158 +280,14 @@ impl PublishToken {
     }
 }
 
-/// Sends one publish into rumqttc's channel, recorded in the book. Waits for room in the in-flight
-/// window (QoS 1/2) first.
-async fn send_now(
-    shared: &Shared,
-    id: u64,
-    tx: oneshot::Sender<Result<(), SessionError>>,
-    topic: String,
-    payload: Bytes,
-    qos: u8,
-    retain: bool,
-) -> Result<(), SessionError> {
-    let permit = if qos > 0 {
-        Some(
-            Arc::clone(&shared.window)
-                .acquire_owned()
-                .await
-                .map_err(|_| SessionError::Closed)?,
-        )
-    } else {
-        None
-    };
-    let _guard = shared.send_lock.lock().await;
-    send_locked(shared, id, tx, topic, payload, qos, retain, permit).await
-}
-
-/// `send_now` for a caller that holds `send_lock` already.
-#[allow(clippy::too_many_arguments)]
-async fn send_locked(
-    shared: &Shared,
-    id: u64,
-    tx: oneshot::Sender<Result<(), SessionError>>,
-    topic: String,
-    payload: Bytes,
-    qos: u8,
-    retain: bool,
-    permit: Option<OwnedSemaphorePermit>,
-) -> Result<(), SessionError> {
-    record(shared, id, tx, topic.clone(), qos, permit);
-    if shared
-        .client
-        .publish(topic, qos, retain, payload)
-        .await
-        .is_err()
-    {
-        unrecord(shared, id);
-        return Err(SessionError::Closed);
-    }
-    Ok(())
-}
-
-/// Books a publish about to enter rumqttc's channel: its waiter, and its place in the FIFO.
-fn record(
-    shared: &Shared,
-    id: u64,
-    tx: oneshot::Sender<Result<(), SessionError>>,
-    topic: String,
-    qos: u8,
-    permit: Option<OwnedSemaphorePermit>,
-) {
-    let mut book = shared.book();
-    book.acks.insert(id, tx);
-    book.fifo.push_back(Sent::Publish {
-        id,
-        qos,
-        topic,
-        permit,
-    });
-}
-
-/// Takes back the booking of a publish that did not enter the channel.
-fn unrecord(shared: &Shared, id: u64) {
-    let mut book = shared.book();
-    book.fifo.pop_back();
-    book.acks.remove(&id);
-}
-
-/// Sends what was queued offline, in order, each time the connection comes up; then publishes go
-/// straight out again. It runs beside the polling task, which must never wait on the channel.
-async fn flusher(shared: Arc<Shared>) {
-    loop {
-        let signal = shared.flush_signal.notified();
-        if shared.closed.load(Ordering::Acquire) {
-            return;
-        }
-        loop {
-            // Holding send_lock while taking the next message keeps the order: a direct publish
-            // can only go out after everything queued before it.
-            let permit_needed = shared.book().outbox.front().map(|q| q.qos > 0);
-            let Some(needs_permit) = permit_needed else {
-                let mut book = shared.book();
-                if book.outbox.is_empty() && shared.connected.load(Ordering::Acquire) {
-                    book.online = true;
-                }
-                break;
-            };
-            let permit = if needs_permit {
-                match Arc::clone(&shared.window).acquire_owned().await {
-                    Ok(permit) => Some(permit),
-                    Err(_) => return,
-                }
-            } else {
-                None
-            };
-            let _guard = shared.send_lock.lock().await;
-            let next = {
-                let mut book = shared.book();
-                if shared.connected.load(Ordering::Acquire) {
-                    book.outbox.pop_front()
-                } else {
-                    None
-                }
-            };
-            let Some(queued) = next else {
-                break;
-            };
-            shared.outbox_space.notify_waiters();
-            let tx = shared.book().acks.remove(&queued.id);
-            let Some(tx) = tx else {
-                continue; // dropped meanwhile
-            };
-            let Queued {
-                id,
-                topic,
-                payload,
-                qos,
-                retain,
-            } = queued;
-            let permit = match (qos > 0, permit) {
-                (false, _) => None,
-                (true, Some(permit)) => Some(permit),
-                // The front changed under us (drop_oldest): take the window's room now.
-                (true, None) => match Arc::clone(&shared.window).acquire_owned().await {
-                    Ok(permit) => Some(permit),
-                    Err(_) => return,
-                },
-            };
-            if send_locked(&shared, id, tx, topic, payload, qos, retain, permit)
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        signal.await;
-    }
-}
+/// Receives every event as it happens (it must not block: it runs on the network task).
+pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
 
 /// A session with one broker. Cheap to share between threads (`Arc` inside).
 #[derive(Clone)]
 pub struct Session {
     shared: Arc<Shared>,
-    eventloop: Arc<Mutex<Option<Link>>>,
+    started: Arc<AtomicBool>,
     task: Arc<Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
@@ -482,29 +303,31 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Prepares a session; nothing touches the network until `connect`.
     pub fn new(config: SessionConfig, sink: Option<EventSink>) -> Result<Session, SessionError> {
-        let (client, eventloop) = link::build(&config)?;
+        if config.transport.is_tls() {
+            // Fail early on a bad CA, before any connection attempt.
+            tls::client_config(&config.tls).map_err(SessionError::Connect)?;
+        }
         let shared = Arc::new(Shared {
             sink,
-            window: Arc::new(Semaphore::new(usize::from(config.inflight.max(1)))),
+            max_outgoing: AtomicUsize::new(config.max_packet_size),
             config,
-            client,
-            send_lock: tokio::sync::Mutex::new(()),
-            book: Mutex::new(Book::default()),
+            outbox: Mutex::new(Outbox::default()),
+            control: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            space: Notify::new(),
             routes: Mutex::new(Vec::new()),
             events: Queue::new(1024, Overflow::DropOldest),
             connected: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             close_signal: Notify::new(),
-            flush_signal: Notify::new(),
-            outbox_space: Notify::new(),
+            close_grace: Mutex::new(Duration::from_secs(2)),
             next_id: AtomicU64::new(1),
             filter_ids: Mutex::new(HashMap::new()),
-            generation: Arc::new(AtomicU64::new(0)),
             stats: Stats::default(),
         });
         Ok(Session {
             shared,
-            eventloop: Arc::new(Mutex::new(Some(eventloop))),
+            started: Arc::new(AtomicBool::new(false)),
             task: Arc::new(Mutex::new(None)),
         })
     }
@@ -532,17 +355,14 @@ impl Session {
         if self.is_closed() {
             return Err(SessionError::Closed);
         }
-        let eventloop = self
-            .eventloop
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .ok_or_else(|| {
-                SessionError::Connect("connect() was already called on this client".to_owned())
-            })?;
-        runtime().spawn(flusher(Arc::clone(&self.shared)));
+        if self.started.swap(true, Ordering::AcqRel) {
+            return Err(SessionError::Connect(
+                "connect() was already called on this client".to_owned(),
+            ));
+        }
         let (first_tx, first_rx) = oneshot::channel();
-        let handle = runtime().spawn(driver::run(Arc::clone(&self.shared), eventloop, first_tx));
+        let task = engine::Task::new(Arc::clone(&self.shared), first_tx);
+        let handle = runtime().spawn(task.run());
         *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
         let outcome = first_rx.await.unwrap_or(Err(SessionError::Closed));
         if outcome.is_err() {
@@ -562,7 +382,7 @@ impl Session {
 
     /// Adds a subscription. When connected, the SUBSCRIBE is sent now and `wait_granted` tells the
     /// broker's answer; before `connect` it is sent with the connection.
-    pub async fn subscribe(
+    pub fn subscribe(
         &self,
         filter: &str,
         qos: u8,
@@ -581,30 +401,11 @@ impl Session {
             queue: Arc::new(Queue::new(capacity, overflow)),
             state: Mutex::new(RouteState::Pending),
             settled: Notify::new(),
-            requested: AtomicBool::new(false),
+            requested: AtomicBool::new(self.is_connected()),
         });
         self.shared.routes().push(Arc::clone(&route));
-        if self.is_connected() {
-            let _guard = self.shared.send_lock.lock().await;
-            self.shared.book().fifo.push_back(Sent::Subscribe {
-                filters: vec![route.filter.clone()],
-            });
-            if self
-                .shared
-                .client
-                .subscribe(
-                    route.filter.clone(),
-                    route.qos,
-                    self.shared.filter_id(&route.filter),
-                )
-                .await
-                .is_err()
-            {
-                self.shared.book().fifo.pop_back();
-                return Err(SessionError::Closed);
-            }
-            route.requested.store(true, Ordering::Release);
-        }
+        self.shared
+            .push_control(Control::Subscribe(Arc::clone(&route)));
         Ok(route)
     }
 
@@ -630,102 +431,36 @@ impl Session {
     }
 
     /// Ends a subscription: its queue closes, and the broker is told unless another subscription
-    /// uses the same filter.
+    /// needs the same filter. Returns once the broker confirmed (or within 5 s).
     pub async fn unsubscribe(&self, route: &Route) {
         route.settle(RouteState::Closed);
         route.queue.close();
-        let still_used = {
-            let mut routes = self.shared.routes();
-            routes.retain(|r| r.id != route.id);
-            routes.iter().any(|r| r.filter == route.filter)
-        };
-        if !still_used && self.is_connected() {
-            let (done, acked) = oneshot::channel();
-            {
-                let _guard = self.shared.send_lock.lock().await;
-                self.shared
-                    .book()
-                    .fifo
-                    .push_back(Sent::Unsubscribe { done });
-                if self
-                    .shared
-                    .client
-                    .unsubscribe(route.filter.clone())
-                    .await
-                    .is_err()
-                {
-                    self.shared.book().fifo.pop_back();
-                    return;
-                }
-            }
-            // Once the broker confirms, nothing more arrives for this filter.
-            let _ = tokio::time::timeout(Duration::from_secs(5), acked).await;
+        self.shared.routes().retain(|r| r.id != route.id);
+        if self.is_closed() {
+            return;
         }
+        let (done, acked) = oneshot::channel();
+        self.shared.push_control(Control::Unsubscribe(done));
+        let _ = tokio::time::timeout(Duration::from_secs(5), acked).await;
     }
 
-    /// Publishes a message and returns a token that resolves on the broker's acknowledgement.
-    ///
-    /// While the client is offline (and until what was queued then has gone out) the message waits
-    /// in the offline queue, whose policy decides what happens when it is full. Online, it waits for
-    /// room in the in-flight window (QoS 1/2) and in the request channel.
-    pub async fn publish(
-        &self,
-        topic: String,
-        payload: Bytes,
-        qos: u8,
-        retain: bool,
-    ) -> Result<PublishToken, SessionError> {
-        let qos = qos.min(2);
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        let mut tx = Some(tx);
-        loop {
-            if self.is_closed() {
-                return Err(SessionError::Closed);
-            }
-            let space = self.shared.outbox_space.notified();
-            // Decided under the lock, acted on after it: a std lock guard must not live across an await.
-            let wait_for_room = {
-                let mut book = self.shared.book();
-                if book.online && book.outbox.is_empty() {
-                    break;
-                }
-                let config = &self.shared.config;
-                let full = book.outbox.len() >= config.offline_capacity.max(1);
-                if full && config.offline_policy == OfflinePolicy::Block {
-                    true
-                } else {
-                    if full {
-                        self.make_room(&mut book)?;
-                    }
-                    if let Some(tx) = tx.take() {
-                        book.acks.insert(id, tx);
-                    }
-                    book.outbox.push_back(Queued {
-                        id,
-                        topic,
-                        payload,
-                        qos,
-                        retain,
-                    });
-                    return Ok(PublishToken { rx });
-                }
-            };
-            if wait_for_room {
-                space.await;
-            }
-        }
-        let Some(tx) = tx else {
-            return Err(SessionError::Closed);
+    /// Fails at once for a message over the packet size limit in force.
+    fn check_size(&self, topic: &str, payload: &Bytes, qos: u8) -> Result<(), SessionError> {
+        let version = match self.shared.config.protocol {
+            Protocol::V311 => codec::Version::V311,
+            Protocol::V5 => codec::Version::V5,
         };
-        send_now(&self.shared, id, tx, topic, payload, qos, retain).await?;
-        Ok(PublishToken { rx })
+        let size = codec::publish_size(version, topic, payload.len(), qos);
+        let limit = self.shared.max_outgoing.load(Ordering::Acquire);
+        if size > limit {
+            return Err(too_large(topic, size, limit));
+        }
+        Ok(())
     }
 
-    /// Publishes without waiting when nothing stands in the way: straight out when online with room
-    /// in the in-flight window and the request channel, or into the offline queue when offline (under
-    /// its policy). No task and no thread hop. `Ok(None)` when the caller must wait with `publish`.
-    pub fn try_publish(
+    /// Puts a publish in the outbox when there is room (or makes room under the offline policy).
+    /// `Ok(None)`: the outbox is full and the caller must wait for `space`.
+    fn enqueue(
         &self,
         topic: &str,
         payload: &Bytes,
@@ -736,53 +471,64 @@ impl Session {
         if self.is_closed() {
             return Err(SessionError::Closed);
         }
+        self.check_size(topic, payload, qos)?;
+        let config = &self.shared.config;
+        let capacity = config.offline_capacity.max(1);
         {
-            let mut book = self.shared.book();
-            if !(book.online && book.outbox.is_empty()) {
-                let config = &self.shared.config;
-                if book.outbox.len() >= config.offline_capacity.max(1) {
-                    if config.offline_policy == OfflinePolicy::Block {
-                        return Ok(None);
-                    }
-                    self.make_room(&mut book)?;
+            let mut outbox = self.shared.outbox();
+            if outbox.items.len() >= capacity {
+                if outbox.online || config.offline_policy == OfflinePolicy::Block {
+                    return Ok(None);
                 }
-                let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-                let (tx, rx) = oneshot::channel();
-                book.acks.insert(id, tx);
-                book.outbox.push_back(Queued {
-                    id,
-                    topic: topic.to_owned(),
-                    payload: payload.clone(),
-                    qos,
-                    retain,
-                });
-                return Ok(Some(PublishToken { rx }));
+                self.make_room(&mut outbox)?;
             }
-        }
-        let permit = if qos > 0 {
-            match Arc::clone(&self.shared.window).try_acquire_owned() {
-                Ok(permit) => Some(permit),
-                Err(_) => return Ok(None),
-            }
-        } else {
-            None
-        };
-        let Ok(_guard) = self.shared.send_lock.try_lock() else {
-            return Ok(None);
-        };
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
-        record(&self.shared, id, tx, topic.to_owned(), qos, permit);
-        if self.shared.client.try_publish(topic, qos, retain, payload) {
+            let (tx, rx) = oneshot::channel();
+            outbox.items.push_back(Pending {
+                id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+                topic: topic.to_owned(),
+                payload: payload.clone(),
+                qos,
+                retain,
+                tx: Some(tx),
+            });
+            drop(outbox);
+            self.shared.wake.notify_one();
             Ok(Some(PublishToken { rx }))
-        } else {
-            unrecord(&self.shared, id);
-            Ok(None)
         }
     }
 
+    /// Publishes a message and returns a token that resolves on the broker's acknowledgement
+    /// (QoS 1/2) or once handed to the connection (QoS 0). Waits only for room in the outbox.
+    pub async fn publish(
+        &self,
+        topic: String,
+        payload: Bytes,
+        qos: u8,
+        retain: bool,
+    ) -> Result<PublishToken, SessionError> {
+        loop {
+            let space = self.shared.space.notified();
+            if let Some(token) = self.enqueue(&topic, &payload, qos, retain)? {
+                return Ok(token);
+            }
+            space.await;
+        }
+    }
+
+    /// Publishes without waiting: into the outbox when it has room (no task, no thread hop).
+    /// `Ok(None)` when the caller must wait with `publish`.
+    pub fn try_publish(
+        &self,
+        topic: &str,
+        payload: &Bytes,
+        qos: u8,
+        retain: bool,
+    ) -> Result<Option<PublishToken>, SessionError> {
+        self.enqueue(topic, payload, qos, retain)
+    }
+
     /// The offline queue is full: fail (`raise`) or drop its oldest message (`drop_oldest`).
-    fn make_room(&self, book: &mut Book) -> Result<(), SessionError> {
+    fn make_room(&self, outbox: &mut Outbox) -> Result<(), SessionError> {
         let config = &self.shared.config;
         if config.offline_policy == OfflinePolicy::Raise {
             return Err(SessionError::QueueFull(format!(
@@ -791,56 +537,77 @@ impl Session {
                 config.offline_capacity
             )));
         }
-        if let Some(old) = book.outbox.pop_front() {
+        if let Some(mut old) = outbox.items.pop_front() {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             let error = SessionError::QueueFull(format!(
                 "the message to {:?} was dropped from the full offline queue (offline=\"drop_oldest\")",
                 old.topic
             ));
-            if let Some(waiter) = book.acks.remove(&old.id) {
+            log::warn!("{error}; raise max_queued, or choose offline=\"block\" to wait instead");
+            if let Some(waiter) = old.tx.take() {
                 let _ = waiter.send(Err(error));
             }
         }
         Ok(())
     }
 
-    /// Messages waiting in the offline queue.
+    /// Messages waiting in the outbox (while offline: the offline queue).
     pub fn queued(&self) -> usize {
-        self.shared.book().outbox.len()
+        self.shared.outbox().items.len()
     }
 
-    /// Closes the session: a clean DISCONNECT when connected, then the task ends, every queue ends
-    /// and waiting publishes fail with `Closed`. Returns within about `grace`.
+    /// Closes the session: what was published goes out and in-flight publishes get their
+    /// acknowledgements (for up to half of `grace`), then a clean DISCONNECT; every queue ends and
+    /// publishes still waiting fail with `Closed`. Returns within about `grace`.
     pub async fn close(&self, grace: Duration) {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return;
         }
+        *self
+            .shared
+            .close_grace
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = grace;
+        self.shared.close_signal.notify_one();
+        self.shared.wake.notify_one();
         let task = self
             .task
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
         if let Some(mut task) = task {
-            if self.is_connected() {
-                if let Ok(_guard) =
-                    tokio::time::timeout(grace / 2, self.shared.send_lock.lock()).await
-                {
-                    self.shared.book().fifo.push_back(Sent::Disconnect);
-                    if self.shared.client.try_disconnect().is_err() {
-                        self.shared.book().fifo.pop_back();
-                    }
-                }
-            }
             if tokio::time::timeout(grace, &mut task).await.is_err() {
-                self.shared.close_signal.notify_one();
-                if tokio::time::timeout(Duration::from_millis(200), &mut task)
-                    .await
-                    .is_err()
-                {
-                    task.abort();
-                }
+                task.abort();
+                let _ = task.await;
             }
         }
-        driver::finish(&self.shared);
+        finish(&self.shared);
+    }
+}
+
+/// Marks the session closed: queues end, waiting publishes fail, a `Closed` event is the last.
+pub(crate) fn finish(shared: &Shared) {
+    shared.closed.store(true, Ordering::Release);
+    shared.connected.store(false, Ordering::Release);
+    let routes: Vec<Arc<Route>> = shared.routes().drain(..).collect();
+    for route in routes {
+        route.queue.close();
+        route.settle(RouteState::Closed);
+    }
+    let pending: Vec<Pending> = {
+        let mut outbox = shared.outbox();
+        outbox.online = false;
+        outbox.items.drain(..).collect()
+    };
+    for mut p in pending {
+        if let Some(tx) = p.tx.take() {
+            let _ = tx.send(Err(SessionError::Closed));
+        }
+    }
+    shared.space.notify_waiters();
+    if !shared.events.is_closed() {
+        log::debug!("session with {} closed", shared.config.address());
+        shared.emit(Event::Closed);
+        shared.events.close();
     }
 }

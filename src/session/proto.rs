@@ -254,6 +254,20 @@ impl<P, S> Engine<P, S> {
         })
     }
 
+    /// The tag of the publish in flight as `pkid`.
+    pub fn tag(&self, pkid: u16) -> Option<&P> {
+        self.flights.get(&pkid).map(|f| match f {
+            Flight::Sent { tag, .. } | Flight::Released { tag } => tag,
+        })
+    }
+
+    /// Every publish in flight's tag.
+    pub fn tags_mut(&mut self) -> impl Iterator<Item = &mut P> {
+        self.flights.values_mut().map(|f| match f {
+            Flight::Sent { tag, .. } | Flight::Released { tag } => tag,
+        })
+    }
+
     /// The id of the publish in flight sent last, if any.
     pub fn last_sent(&self) -> Option<u16> {
         self.sent_order.back().copied()

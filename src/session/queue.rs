@@ -46,6 +46,17 @@ struct Inner<T> {
     closed: bool,
 }
 
+/// What `offer` did with an item.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Offer<T> {
+    Queued,
+    /// Dropped under a drop policy (the arriving item, or the oldest to make room), counted.
+    Dropped,
+    /// A `Block` queue is full: the item is handed back, to be offered again when `space` wakes.
+    Full(T),
+    Closed,
+}
+
 /// The result of waiting for an item.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pop<T> {
@@ -216,6 +227,53 @@ impl<T> Queue<T> {
                         return true;
                     }
                     Overflow::Block => {}
+                }
+            }
+            waiter.await;
+        }
+    }
+
+    /// Adds an item without waiting, under the queue's overflow policy.
+    pub fn offer(&self, item: T) -> Offer<T> {
+        let mut inner = self.lock();
+        if inner.closed {
+            return Offer::Closed;
+        }
+        if inner.items.len() < self.capacity {
+            inner.items.push_back(item);
+            drop(inner);
+            self.counters.received.fetch_add(1, Ordering::Relaxed);
+            self.wake_consumers();
+            return Offer::Queued;
+        }
+        match self.overflow {
+            Overflow::Block => Offer::Full(item),
+            Overflow::DropNewest => {
+                drop(inner);
+                self.counters.received.fetch_add(1, Ordering::Relaxed);
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                Offer::Dropped
+            }
+            Overflow::DropOldest => {
+                inner.items.pop_front();
+                inner.items.push_back(item);
+                drop(inner);
+                self.counters.received.fetch_add(1, Ordering::Relaxed);
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                self.wake_consumers();
+                Offer::Dropped
+            }
+        }
+    }
+
+    /// Waits until the queue has room (or is closed).
+    pub async fn space(&self) {
+        loop {
+            let waiter = self.space.notified();
+            {
+                let inner = self.lock();
+                if inner.closed || inner.items.len() < self.capacity {
+                    return;
                 }
             }
             waiter.await;
@@ -468,6 +526,27 @@ mod tests {
         queue.close();
         assert_eq!(consumer.join().unwrap(), (0..200).collect::<Vec<_>>());
         assert_eq!(queue.counters.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn offer_hands_back_what_a_full_block_queue_cannot_take() {
+        let queue = Queue::new(2, Overflow::Block);
+        assert_eq!(queue.offer(1), Offer::Queued);
+        assert_eq!(queue.offer(2), Offer::Queued);
+        assert_eq!(queue.offer(3), Offer::Full(3));
+        assert_eq!(queue.counters.received.load(Ordering::Relaxed), 2);
+        let oldest = Queue::new(1, Overflow::DropOldest);
+        assert_eq!(oldest.offer(1), Offer::Queued);
+        assert_eq!(oldest.offer(2), Offer::Dropped);
+        assert_eq!(oldest.drain(5), vec![2]);
+        rt().block_on(async {
+            let _ = queue.try_pop();
+            tokio::time::timeout(Duration::from_secs(1), queue.space())
+                .await
+                .expect("room after a pop");
+        });
+        queue.close();
+        assert_eq!(queue.offer(4), Offer::Closed);
     }
 
     #[test]

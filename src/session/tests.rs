@@ -105,7 +105,6 @@ fn round_trip(protocol: Protocol) {
         session.connect().await.unwrap();
         let route = session
             .subscribe("v1/raw/AcmeCorp/#", 1, Decode::Raw, 100, Overflow::Block)
-            .await
             .unwrap();
         session
             .wait_granted(&route, Duration::from_secs(5))
