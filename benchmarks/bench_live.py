@@ -248,12 +248,12 @@ def run_pair(subscriber_args: list[str], port: int, count: int, rate: float) -> 
 
 
 def main() -> int:
-    from capture_mqtt.testing import Mosquitto
+    from capture_mqtt.testing import UNLIMITED, Mosquitto
 
     RESULTS.mkdir(exist_ok=True)
     latency: dict[str, dict[str, Any]] = {}
     slow: dict[str, dict[str, Any]] = {}
-    with Mosquitto(anonymous=True, tls=False, websockets=False) as broker:
+    with Mosquitto(anonymous=True, tls=False, websockets=False, limits=UNLIMITED) as broker:
         port = broker.mqtt_port
         for scenario in LATENCY:
             latency[scenario] = run_pair([scenario, str(port), str(LATENCY_MESSAGES)], port, LATENCY_MESSAGES, RATE)

@@ -188,11 +188,11 @@ def child(argv: list[str]) -> None:
 
 
 def main() -> int:
-    from capture_mqtt.testing import Mosquitto
+    from capture_mqtt.testing import UNLIMITED, Mosquitto
 
     RESULTS.mkdir(exist_ok=True)
     rows: dict[str, dict[str, float]] = {}
-    with Mosquitto(anonymous=True, tls=False, websockets=False) as broker:
+    with Mosquitto(anonymous=True, tls=False, websockets=False, limits=UNLIMITED) as broker:
         for scenario, (_, kind) in SCENARIOS.items():
             n = FRAME_ROWS if kind == "frame" else PUSHES
             runs = []

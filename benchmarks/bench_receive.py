@@ -308,11 +308,11 @@ def one_run(scenario: str, port: int, n: int) -> dict[str, float]:
 
 
 def main() -> int:
-    from capture_mqtt.testing import Mosquitto
+    from capture_mqtt.testing import UNLIMITED, Mosquitto
 
     RESULTS.mkdir(exist_ok=True)
     rows: dict[str, dict[str, float]] = {}
-    with Mosquitto(anonymous=True, tls=False, websockets=False) as broker:
+    with Mosquitto(anonymous=True, tls=False, websockets=False, limits=UNLIMITED) as broker:
         for scenario in SCENARIOS:
             runs = [one_run(scenario, broker.mqtt_port, MESSAGES) for _ in range(REPEATS)]
             seconds = statistics.median(r["seconds"] for r in runs)

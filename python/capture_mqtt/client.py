@@ -226,7 +226,9 @@ class _BaseClient:
     @property
     def stats(self) -> dict[str, int]:
         """Counters at this moment: published, acknowledged, queued (offline), dropped (from the
-        offline queue), received, unrouted, duplicates, reconnects."""
+        offline queue), received, unrouted (no subscription wanted them: dropped and logged), held (a
+        persistent session's messages waiting for a matching subscribe()), oversize (packets over
+        max_packet_size: dropped and logged), reconnects."""
         return dict(self._native.stats())
 
     def on_event(self, callback: Callable[[ConnectionEvent], object]) -> None:
@@ -519,7 +521,10 @@ class Client(_BaseClient):
         timeout: float = 30.0,
     ) -> Any:
         """Publishes a message; with ``wait`` (the default) returns once the broker acknowledged it
-        (QoS 1/2) or it was written (QoS 0). With ``wait=False`` returns a handle with ``wait(timeout)``.
+        (QoS 1/2). QoS 0 returns at once (it goes out with the network thread's next write), as in
+        every MQTT client. With ``wait=False`` returns a handle with ``wait(timeout)``. A message over
+        the packet size limit (``max_packet_size``, or the broker's under MQTT 5) raises
+        :class:`PayloadError` before anything is sent.
 
         >>> import capture_mqtt as cm
         >>> cm.Client.publish.__name__

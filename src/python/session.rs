@@ -440,7 +440,7 @@ impl PySession {
         })
     }
 
-    /// Publishes; with `wait`, blocks until acknowledged (QoS 1/2) or written (QoS 0).
+    /// Publishes; with `wait`, blocks until acknowledged (QoS 1/2); QoS 0 never waits.
     #[pyo3(signature = (topic, payload, *, qos, retain, wait, timeout))]
     fn publish(
         &self,
@@ -473,7 +473,11 @@ impl PySession {
             token: Mutex::new(Some(token)),
         };
         if wait {
-            handle.wait(py, timeout)?;
+            // QoS 0 has nothing to wait for (as in every MQTT client): it is in the outbox, and
+            // the network thread writes it in the next batch.
+            if qos > 0 {
+                handle.wait(py, timeout)?;
+            }
             return Ok(None);
         }
         Ok(Some(handle))

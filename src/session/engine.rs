@@ -1075,6 +1075,10 @@ impl Task {
                 closing = Some(now + shared.close_grace() / 2);
             }
             self.pump(&mut conn, now);
+            if self.stalled.is_none() && !conn.rbuf.is_empty() {
+                // Reading resumed: packets read while it was paused come first.
+                self.on_bytes(&mut conn, now)?;
+            }
             if let Err(broken) = self.proto.tick(now) {
                 return Err(broken_error(&shared, broken));
             }

@@ -449,22 +449,32 @@ impl<P, S> Engine<P, S> {
         if self.state != State::Connected || self.keepalive.is_zero() {
             return None;
         }
-        let ping_at = self.last_write.min(self.last_read) + self.keepalive;
+        if !self.reading {
+            // Paused: the broker still hears from us every keepalive.
+            return Some(self.last_write + self.keepalive);
+        }
         match self.ping_sent {
-            Some(sent) if self.reading => Some(sent + self.keepalive / 2),
-            Some(_) => None,
-            None => Some(ping_at),
+            Some(sent) => Some(sent + self.keepalive / 2),
+            None => Some(self.last_write.min(self.last_read) + self.keepalive),
         }
     }
 
     /// Keeps the connection alive: a PINGREQ when nothing was written or read for a keepalive,
-    /// and an error when a ping went unanswered for half a keepalive while reading.
+    /// and an error when a ping went unanswered for half a keepalive while reading. While reading
+    /// is paused a PINGREQ still goes out whenever nothing was written for a keepalive.
     pub fn tick(&mut self, now: Instant) -> Result<(), Broken> {
         if self.state != State::Connected || self.keepalive.is_zero() {
             return Ok(());
         }
+        if !self.reading {
+            if now >= self.last_write + self.keepalive {
+                self.write(&Packet::PingReq, now);
+                self.ping_sent.get_or_insert(now);
+            }
+            return Ok(());
+        }
         if let Some(sent) = self.ping_sent {
-            if self.reading && now >= sent + self.keepalive / 2 {
+            if now >= sent + self.keepalive / 2 {
                 return Err(Broken::PingTimeout(self.keepalive / 2));
             }
             return Ok(());

@@ -11,12 +11,15 @@ plugin.
 from __future__ import annotations
 
 from .emulator import ApiToken, CaptureEmulator, Company, JwtUser, Source, User
-from .mosquitto import Account, Mosquitto, MosquittoNotFoundError, free_port
+from .mosquitto import CAPTURE_LIMITS, UNLIMITED, Account, BrokerLimits, Mosquitto, MosquittoNotFoundError, free_port
 from .waiting import wait_for, wait_for_many, wait_until
 
 __all__ = [
+    "CAPTURE_LIMITS",
+    "UNLIMITED",
     "Account",
     "ApiToken",
+    "BrokerLimits",
     "CaptureEmulator",
     "Company",
     "JwtUser",

@@ -116,8 +116,29 @@ def connack_code(host: str, port: int, username: str, password: str, timeout: fl
         return None
 
 
+@dataclass(frozen=True)
+class BrokerLimits:
+    """Per-client limits of a test broker: messages in flight to the client, messages queued for it
+    beyond those (the oldest kept, newer ones dropped when full), and the largest packet (bytes;
+    0: none). The default is Capture's (EMQX's defaults: 32, 1,000, 1 MB); benchmarks use
+    :data:`UNLIMITED`.
+
+    >>> CAPTURE_LIMITS
+    BrokerLimits(inflight=32, queued=1000, max_packet_size=1048576)
+    """
+
+    inflight: int = 32
+    queued: int = 1000
+    max_packet_size: int = 1024 * 1024
+
+
+CAPTURE_LIMITS = BrokerLimits()
+UNLIMITED = BrokerLimits(inflight=65535, queued=0, max_packet_size=0)
+
+
 class Mosquitto:
     """A Mosquitto process on free 127.0.0.1 ports; stop it with :meth:`stop` or a ``with`` block.
+    Its limits are Capture's unless ``limits`` says otherwise.
 
     >>> from capture_mqtt.testing.mosquitto import Mosquitto
     >>> Mosquitto.__name__
@@ -134,8 +155,10 @@ class Mosquitto:
         websockets: bool = True,
         persistence: bool = False,
         extra_config: str = "",
+        limits: BrokerLimits | None = None,
     ) -> None:
         self.binary = find_mosquitto()
+        self.limits = CAPTURE_LIMITS if limits is None else limits
         self.accounts = list(accounts or [])
         self.anonymous = anonymous
         self.dynsec = dynsec
@@ -177,8 +200,9 @@ class Mosquitto:
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             "queue_qos0_messages true",
-            "max_queued_messages 1000000",
-            "max_inflight_messages 100",
+            f"max_queued_messages {self.limits.queued}",
+            f"max_inflight_messages {self.limits.inflight}",
+            *([f"max_packet_size {self.limits.max_packet_size}"] if self.limits.max_packet_size else []),
             f"log_dest file {self.log_file}",
             "log_type error",
             "log_type warning",

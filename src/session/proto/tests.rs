@@ -286,7 +286,15 @@ fn keepalive_pings_and_notices_silence_unless_paused() {
     let sent = t0 + 2 * k + Duration::from_secs(1);
     // Paused: the answer cannot be read, so no deadline; pings still go out when due.
     e.set_reading(false, sent);
-    assert_eq!(e.tick(sent + 10 * k), Ok(()));
+    for i in 1..=10 {
+        assert_eq!(e.next_deadline(), Some(sent + (i - 1) * k + k));
+        assert_eq!(e.tick(sent + i * k), Ok(()));
+        assert_eq!(
+            written(&mut e),
+            vec![Packet::PingReq],
+            "a ping every keepalive while paused"
+        );
+    }
     e.set_reading(true, sent + 10 * k);
     assert_eq!(e.next_deadline(), Some(sent + 10 * k + k / 2));
     assert_eq!(
