@@ -42,8 +42,20 @@ SCENARIOS = {
     "cm_f1": ("capture-mqtt push_field(), QoS 1", "push"),
     "paho_frame": ("paho-mqtt, DataFrame rows in a loop, QoS 1", "frame"),
     "cm_frame": ("capture-mqtt push_frame(), QoS 1", "frame"),
+    "paho_loop0": ("paho-mqtt publish() loop, QoS 0, defaults", "push"),
+    "cm_loop0": ("capture-mqtt publish() loop, QoS 0, defaults", "push"),
+    "mosquitto_pub": ("mosquitto_pub -l, QoS 0 (the C client)", "push"),
 }
-BASELINE = {"cm_m0": "paho_m0", "cm_m1": "paho_m1", "cm_f1": "paho_f1", "cm_frame": "paho_frame"}
+BASELINE = {
+    "cm_m0": "paho_m0",
+    "cm_m1": "paho_m1",
+    "cm_f1": "paho_f1",
+    "cm_frame": "paho_frame",
+    "cm_loop0": "paho_loop0",
+}
+# Write syscalls (strace -c) per this many QoS 0 publishes from capture-mqtt's publish() loop.
+SYSCALL_PUBLISHES = 10_000
+LOOP_PAYLOAD = json.dumps({"Fields": {"Temperature": 61.5, "Pressure": 1.52, "Count": 7}, "Tags": {"Line": "2"}})
 
 
 def row(i: int) -> tuple[dict[str, Any], dict[str, str], datetime]:
@@ -95,6 +107,85 @@ def run_paho(port: int, n: int, qos: int, field_level: bool) -> None:
     report(started)
     client.disconnect()
     client.loop_stop()
+
+
+def run_paho_loop(port: int, n: int) -> None:
+    """The plain loop a user writes: publish(topic, payload) with paho's defaults."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    started = time.perf_counter()
+    for _ in range(n):
+        client.publish(TOPIC, LOOP_PAYLOAD)
+    client.publish(TOPIC, "{}", qos=1).wait_for_publish()
+    report(started)
+    client.disconnect()
+    client.loop_stop()
+
+
+def run_cm_loop(port: int, n: int) -> None:
+    """The same loop with capture-mqtt's defaults (QoS 0 waits for nothing)."""
+    import capture_mqtt as cm
+
+    with cm.Client("127.0.0.1", transport="mqtt", port=port) as client:
+        started = time.perf_counter()
+        for _ in range(n):
+            client.publish(TOPIC, LOOP_PAYLOAD)
+        client.publish(TOPIC, "{}", qos=1)
+        report(started)
+
+
+def run_mosquitto_pub(port: int, n: int) -> None:
+    """The C client reading lines from stdin, QoS 0: the ceiling of this broker and machine."""
+    lines = (LOOP_PAYLOAD + "\n") * n
+    started = time.perf_counter()
+    subprocess.run(
+        ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(port), "-t", TOPIC, "-l", "-q", "0"],
+        input=lines.encode(),
+        check=True,
+    )
+    report(started)
+
+
+def write_syscalls(port: int) -> int | None:
+    """Write syscalls made by the whole process for SYSCALL_PUBLISHES QoS 0 publishes, from strace -c
+    (less those of a run with no publishes, so that start-up and shutdown do not count)."""
+    import shutil
+
+    if shutil.which("strace") is None:
+        return None
+
+    def count(n: int) -> int:
+        done = subprocess.run(
+            [
+                "strace",
+                "-f",
+                "-c",
+                "-e",
+                "trace=write,writev,sendto,sendmsg",
+                sys.executable,
+                __file__,
+                "--child",
+                "cm_loop0",
+                str(port),
+                str(n),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=HERE.parent,
+        )
+        total = 0
+        for line in done.stderr.splitlines():
+            parts = line.split()
+            if len(parts) >= 5 and parts[-1] in {"write", "writev", "sendto", "sendmsg"}:
+                total += int(parts[3])
+        return total
+
+    return count(SYSCALL_PUBLISHES) - count(0)
 
 
 def run_cm(port: int, n: int, qos: int, field_level: bool) -> None:
@@ -177,7 +268,13 @@ def child(argv: list[str]) -> None:
     scenario, port, n = argv[0], int(argv[1]), int(argv[2])
     qos = 0 if scenario.endswith("0") else 1
     field_level = "_f" in scenario
-    if scenario == "paho_frame":
+    if scenario == "paho_loop0":
+        run_paho_loop(port, n)
+    elif scenario == "cm_loop0":
+        run_cm_loop(port, n)
+    elif scenario == "mosquitto_pub":
+        run_mosquitto_pub(port, n)
+    elif scenario == "paho_frame":
         run_paho_frame(port, n)
     elif scenario == "cm_frame":
         run_cm_frame(port, n)
@@ -213,6 +310,7 @@ def main() -> int:
                 "rss_mb": max(r["rss_mb"] for r in runs),
             }
             print(f"  {scenario:11} {rows[scenario]['rate']:>10,.0f} rows/s", file=sys.stderr, flush=True)
+        syscalls = write_syscalls(broker.mqtt_port)
     print(f"\npush benchmark: {PUSHES:,} pushes (push_frame: {FRAME_ROWS:,} rows), median of {REPEATS}, one Mosquitto")
     print(f"{'scenario':46} {'rows/s':>10} {'vs paho':>8} {'seconds':>8} {'peak RSS':>9}")
     table = []
@@ -223,8 +321,20 @@ def main() -> int:
         table.append({"scenario": scenario, "label": label, **current, "ratio": ratio, "baseline": base})
         ratio_text = f"{ratio:7.1f}x" if ratio else f"{'':8}"
         print(f"{label:46} {current['rate']:>10,.0f} {ratio_text} {current['seconds']:8.2f} {current['rss_mb']:7.0f}MB")
+    ceiling = rows["cm_m0"]["rate"] / rows["mosquitto_pub"]["rate"]
+    print(f"push() QoS 0 at {ceiling:.0%} of mosquitto_pub -l's rate")
+    print(f"write syscalls for {SYSCALL_PUBLISHES:,} QoS 0 publish() calls (strace -c): {syscalls}")
     (RESULTS / "push.json").write_text(
-        json.dumps({"pushes": PUSHES, "frame_rows": FRAME_ROWS, "rows": table}, indent=1)
+        json.dumps(
+            {
+                "pushes": PUSHES,
+                "frame_rows": FRAME_ROWS,
+                "rows": table,
+                "push_qos0_vs_mosquitto_pub": ceiling,
+                "write_syscalls_per_10k_qos0": syscalls,
+            },
+            indent=1,
+        )
     )
     return 0
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make fuzz`: coverage-guided fuzzing of the topic and payload parsers with cargo-fuzz (libFuzzer),
-# FUZZ_SECONDS per target (default 300, so 10 minutes for the two). cargo-fuzz comes from crates.io;
+# `make fuzz`: coverage-guided fuzzing of the topic and payload parsers and the protocol state machine with cargo-fuzz (libFuzzer),
+# FUZZ_SECONDS per target (default 300, so 15 minutes for the three). cargo-fuzz comes from crates.io;
 # its sanitizer flags need nightly features, which RUSTC_BOOTSTRAP enables on the stable toolchain.
 # The figures (executions, seconds, corpus, crashes) go into docs/reliability.md.
 set -euo pipefail
@@ -10,7 +10,7 @@ command -v cargo-fuzz >/dev/null || cargo install --locked --quiet cargo-fuzz
 export RUSTC_BOOTSTRAP=1
 mkdir -p fuzz/logs
 summary=()
-for target in topic payload; do
+for target in topic payload packets; do
     mkdir -p "fuzz/corpus/$target"
     log="fuzz/logs/$target.log"
     status=0

@@ -122,13 +122,14 @@ def verdict(f: dict[str, Any]) -> list[str]:
             continue
         blocking = policy.startswith("block")
         drops_ok = row["dropped"] == 0 if blocking else row["dropped"] > 0
-        # Under block the bound is the broker's in-flight window, which Mosquitto 2.0.11 does not keep.
-        bounded = blocking or row["rss_end_mb"] - row["rss_start_mb"] < 10
+        # Every policy is bounded by the client: the queue never passes queue_size.
+        bounded = row["peak_queued"] <= row["queue_size"] and row["rss_end_mb"] - row["rss_start_mb"] < 10
         claim(
             row["balanced"] and drops_ok and bounded,
             f"slow consumer, {policy} (queue_size {row['queue_size']:,}): {row['received']:,} received = "
             f"{row['delivered']:,} delivered + "
-            f"{row['dropped']:,} dropped + {row['queued']:,} queued; RSS {row['rss_start_mb']:.0f} -> "
+            f"{row['dropped']:,} dropped + {row['queued']:,} queued (peak {row['peak_queued']:,}); RSS "
+            f"{row['rss_start_mb']:.0f} -> "
             f"{row['rss_end_mb']:.0f} MB",
         )
     return lines

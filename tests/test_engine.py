@@ -42,11 +42,17 @@ def wait_until(predicate: Any, timeout: float, what: str) -> None:
         time.sleep(0.01)
 
 
-def publish_values(pipeline: cm.Client, count: int, qos: int = 1, topic: str = TOPIC, start: int = 0) -> None:
-    handles = [
-        pipeline.publish(topic, cm.field_payload(i, timestamp=1_700_000_000_000), qos=qos, wait=False)
-        for i in range(start, start + count)
-    ]
+def publish_values(
+    pipeline: cm.Client, count: int, qos: int = 1, topic: str = TOPIC, start: int = 0, rate: float = 20_000
+) -> None:
+    """Publishes `count` values at up to `rate` per second (a burst from many devices, not one
+    publisher outrunning the broker's delivery: past its 1,000 queued the broker itself drops)."""
+    handles = []
+    began = time.monotonic()
+    for n, i in enumerate(range(start, start + count)):
+        handles.append(pipeline.publish(topic, cm.field_payload(i, timestamp=1_700_000_000_000), qos=qos, wait=False))
+        if n % 200 == 199:
+            time.sleep(max(0.0, began + (n + 1) / rate - time.monotonic()))
     for handle in handles:
         if handle is not None:
             handle.wait(60)

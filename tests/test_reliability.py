@@ -78,8 +78,9 @@ def test_a_slow_consumer_is_bounded_and_its_drops_are_counted_exactly() -> None:
     figures = scenarios.slow_consumer(3, rate=3_000, queue_size=500)
     for policy, row in figures.items():
         assert row["balanced"], (policy, row)
-    for policy in ("drop_oldest", "drop_newest"):
-        assert figures[policy]["queued"] <= 500, figures[policy]
+    for policy, row in figures.items():
+        # Every policy, block included (on Mosquitto 2.0.11, whose in-flight window is broken).
+        assert row["peak_queued"] <= 500, (policy, row)
     assert figures["drop_oldest"]["dropped"] > 0
     assert figures["drop_newest"]["dropped"] > 0
     assert figures["block"]["dropped"] == 0

@@ -267,13 +267,15 @@ def test_block_policy_loses_nothing_and_keeps_the_connection(fresh_broker: Mosqu
         connect(fresh_broker, "pipeline") as pipeline,
     ):
         sub = client.subscribe_raw(queue_size=50, overflow="block", qos=qos)
-        for i in range(2000):
+        # Within what Capture's broker keeps for a client that is not reading (the client's queue,
+        # 32 in flight and 1,000 queued): nothing is lost.
+        for i in range(1000):
             pipeline.publish(TOPIC, cm.field_payload(i), qos=1)
         time.sleep(3.5)  # a stalled consumer, for longer than 1.5 keepalives
-        assert sub.stats["queued"] <= 50 + 100  # the queue, plus at most the broker's in-flight window
+        assert sub.stats["queued"] <= 50  # the client's bound, whatever the broker's window does
         assert client.is_connected
-        values = [sub.get(timeout=5).value for _ in range(2000)]
-        assert values == list(range(2000))
+        values = [sub.get(timeout=5).value for _ in range(1000)]
+        assert values == list(range(1000))
         assert sub.stats["dropped"] == 0
         assert [e.kind for e in events] == ["connected"]
 

@@ -29,7 +29,7 @@ from typing import Any, Literal, Self
 import capture_mqtt as cm
 from capture_mqtt import _core
 
-from .mosquitto import Access, Account, Mosquitto
+from .mosquitto import Access, Account, BrokerLimits, Mosquitto
 
 __all__ = ["ApiToken", "CaptureEmulator", "Company", "JwtUser", "Source", "User"]
 
@@ -255,7 +255,9 @@ class CaptureEmulator:
     ('Monitoring', 'CPU_Temp', 55, 'PLC')
     """
 
-    def __init__(self, *, websockets: bool = True, persistence: bool = False) -> None:
+    def __init__(
+        self, *, websockets: bool = True, persistence: bool = False, limits: BrokerLimits | None = None
+    ) -> None:
         self._lock = threading.RLock()
         self._companies: dict[str, Company] = {}
         self._accounts: dict[str, _Account] = {}
@@ -267,7 +269,11 @@ class CaptureEmulator:
             [("read", "v1/sources/+/data/read/#"), ("write", "v1/raw/#")],
         )
         self.broker = Mosquitto(
-            accounts=[self._pipeline_account], tls=True, websockets=websockets, persistence=persistence
+            accounts=[self._pipeline_account],
+            tls=True,
+            websockets=websockets,
+            persistence=persistence,
+            limits=limits,
         )
         self._pipeline: cm.Client | None = None
         self._clients: weakref.WeakSet[cm.Client] = weakref.WeakSet()
