@@ -133,7 +133,7 @@ def run_cm_loop(port: int, n: int) -> None:
     with cm.Client("127.0.0.1", transport="mqtt", port=port) as client:
         started = time.perf_counter()
         for _ in range(n):
-            client.publish(TOPIC, LOOP_PAYLOAD)
+            client.publish(TOPIC, LOOP_PAYLOAD, qos=0)
         client.publish(TOPIC, "{}", qos=1)
         report(started)
 
