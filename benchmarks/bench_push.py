@@ -44,6 +44,8 @@ SCENARIOS = {
     "cm_frame": ("capture-mqtt push_frame(), QoS 1", "frame"),
     "paho_loop0": ("paho-mqtt publish() loop, QoS 0, defaults", "push"),
     "cm_loop0": ("capture-mqtt publish() loop, QoS 0, defaults", "push"),
+    "paho_loop0_tls": ("paho-mqtt publish() loop, QoS 0, over TLS", "push"),
+    "cm_loop0_tls": ("capture-mqtt publish() loop, QoS 0, over TLS", "push"),
     "mosquitto_pub": ("mosquitto_pub -l, QoS 0 (the C client)", "push"),
 }
 BASELINE = {
@@ -52,6 +54,7 @@ BASELINE = {
     "cm_f1": "paho_f1",
     "cm_frame": "paho_frame",
     "cm_loop0": "paho_loop0",
+    "cm_loop0_tls": "paho_loop0_tls",
 }
 # Write syscalls (strace -c) per this many QoS 0 publishes from capture-mqtt's publish() loop.
 SYSCALL_PUBLISHES = 10_000
@@ -109,12 +112,14 @@ def run_paho(port: int, n: int, qos: int, field_level: bool) -> None:
     client.loop_stop()
 
 
-def run_paho_loop(port: int, n: int) -> None:
+def run_paho_loop(port: int, n: int, ca_file: str | None = None) -> None:
     """The plain loop a user writes: publish(topic, payload) with paho's defaults."""
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
     client = mqtt.Client(CallbackAPIVersion.VERSION2)
+    if ca_file:
+        client.tls_set(ca_certs=ca_file)
     client.connect("127.0.0.1", port)
     client.loop_start()
     started = time.perf_counter()
@@ -126,11 +131,12 @@ def run_paho_loop(port: int, n: int) -> None:
     client.loop_stop()
 
 
-def run_cm_loop(port: int, n: int) -> None:
+def run_cm_loop(port: int, n: int, ca_file: str | None = None) -> None:
     """The same loop with capture-mqtt's defaults (QoS 0 waits for nothing)."""
     import capture_mqtt as cm
 
-    with cm.Client("127.0.0.1", transport="mqtt", port=port) as client:
+    transport = "mqtts" if ca_file else "mqtt"
+    with cm.Client("127.0.0.1", transport=transport, port=port, ca_file=ca_file) as client:
         started = time.perf_counter()
         for _ in range(n):
             client.publish(TOPIC, LOOP_PAYLOAD, qos=0)
@@ -266,12 +272,13 @@ def run_cm_frame(port: int, n: int) -> None:
 
 def child(argv: list[str]) -> None:
     scenario, port, n = argv[0], int(argv[1]), int(argv[2])
+    ca_file = argv[3] if len(argv) > 3 else None
     qos = 0 if scenario.endswith("0") else 1
     field_level = "_f" in scenario
-    if scenario == "paho_loop0":
-        run_paho_loop(port, n)
-    elif scenario == "cm_loop0":
-        run_cm_loop(port, n)
+    if scenario.startswith("paho_loop0"):
+        run_paho_loop(port, n, ca_file)
+    elif scenario.startswith("cm_loop0"):
+        run_cm_loop(port, n, ca_file)
     elif scenario == "mosquitto_pub":
         run_mosquitto_pub(port, n)
     elif scenario == "paho_frame":
@@ -289,13 +296,16 @@ def main() -> int:
 
     RESULTS.mkdir(exist_ok=True)
     rows: dict[str, dict[str, float]] = {}
-    with Mosquitto(anonymous=True, tls=False, websockets=False, limits=UNLIMITED) as broker:
+    with Mosquitto(anonymous=True, tls=True, websockets=False, limits=UNLIMITED) as broker:
         for scenario, (_, kind) in SCENARIOS.items():
             n = FRAME_ROWS if kind == "frame" else PUSHES
             runs = []
+            tls = scenario.endswith("_tls")
+            port = broker.mqtts_port if tls else broker.mqtt_port
             for _ in range(REPEATS):
                 done = subprocess.run(
-                    [sys.executable, __file__, "--child", scenario, str(broker.mqtt_port), str(n)],
+                    [sys.executable, __file__, "--child", scenario, str(port), str(n)]
+                    + ([str(broker.ca_file)] if tls else []),
                     capture_output=True,
                     text=True,
                     check=True,

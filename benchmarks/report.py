@@ -70,6 +70,38 @@ def build() -> list[Row]:
     rate("push measurement, QoS 1", push["cm_m1"], push["paho_m1"], None, target=5)
     rate("push field, QoS 1", push["cm_f1"], push["paho_f1"], None, target=5)
     rate("push_frame 1M rows, QoS 1", push["cm_frame"], push["paho_frame"], None, target=20)
+    rate("publish() loop, QoS 0", push["cm_loop0"], push["paho_loop0"], None, target=2)
+    rate("publish() loop, QoS 0, TLS", push["cm_loop0_tls"], push["paho_loop0_tls"], None, target=2)
+    push_data = _load("push")
+    share = push_data["push_qos0_vs_mosquitto_pub"]
+    rows.append(
+        {
+            "scenario": "push QoS 0 vs mosquitto_pub -l",
+            "unit": "share",
+            "paho": None,
+            "aiomqtt": None,
+            "capture_mqtt": push["cm_m0"]["rate"],
+            "ratio": share,
+            "share_of_ceiling": share,
+            "target": ">= 80% of mosquitto_pub -l",
+            "met": share >= 0.8,
+        }
+    )
+    syscalls = push_data["write_syscalls_per_10k_qos0"]
+    if syscalls is not None:
+        rows.append(
+            {
+                "scenario": "write syscalls, 10,000 QoS 0 publishes",
+                "unit": "calls",
+                "paho": None,
+                "aiomqtt": None,
+                "capture_mqtt": syscalls,
+                "ratio": None,
+                "share_of_ceiling": None,
+                "target": "<= 100",
+                "met": syscalls <= 100,
+            }
+        )
 
     def latency_row(name: str, ours: str, base: str) -> None:
         for quantile in ("p50", "p99"):

@@ -172,10 +172,17 @@ def test_a_ten_times_too_slow_consumer_stays_bounded_in_order_and_connected(brok
         assert rss_after - rss_before < 40, (rss_before, rss_after)
         assert "disconnected" not in events.kinds(), events.kinds()
         assert client.stats["reconnects"] == 0
+        # The backlog (what the consumer has not taken) fits in the client's queue plus what the
+        # broker keeps (32 in flight, 1,000 queued) for the default 6 s; a longer run passes that,
+        # and then the broker drops the newest (at the broker, where no client can see it).
+        backlog = seconds * rate * 0.9
+        fits = backlog <= 200 + 32 + 1000
         for qos in (0, 1):
             got = results[qos]
             assert got, f"QoS {qos}: nothing delivered"
-            assert got == list(range(len(got))), f"QoS {qos}: out of order or gaps"
+            assert got == sorted(set(got)), f"QoS {qos}: out of order or twice"
+            if fits:
+                assert got == list(range(len(got))), f"QoS {qos}: gaps"
 
 
 def test_a_stopped_broker_is_noticed_soon_after_a_paused_reader_resumes(fresh_broker: Mosquitto) -> None:

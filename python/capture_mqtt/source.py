@@ -124,6 +124,18 @@ class _SourceMixin(_BaseClient):
                 value=str(source_id),
             )
         self.source_id = source_id
+        # Topics built for (connection, measurement[, key]): checked once, reused by every push.
+        self._topics: dict[tuple[str, str, str | None], str] = {}
+
+    def _topic(self, connection: str, measurement: str, key: str | None = None) -> str:
+        cache_key = (connection, measurement, key)
+        topic = self._topics.get(cache_key)
+        if topic is None:
+            topic = _core.data_topic(self.source_id, connection, measurement, key)
+            if len(self._topics) >= 4096:
+                self._topics.clear()
+            self._topics[cache_key] = topic
+        return topic
 
     def _push_message(
         self,
@@ -133,8 +145,12 @@ class _SourceMixin(_BaseClient):
         tags: Mapping[str, str] | None,
         timestamp: Timestamp,
     ) -> tuple[str, bytes]:
-        topic = _core.data_topic(self.source_id, connection, measurement)
-        return topic, _core.measurement_payload(dict(fields), tags=dict(tags) if tags else None, timestamp=timestamp)
+        topic = self._topic(connection, measurement)
+        if type(fields) is not dict:
+            fields = dict(fields)
+        if tags and type(tags) is not dict:
+            tags = dict(tags)
+        return topic, _core.measurement_payload(fields, tags=tags or None, timestamp=timestamp)
 
     def _field_message(
         self,
@@ -146,8 +162,10 @@ class _SourceMixin(_BaseClient):
         tags: Mapping[str, str] | None,
         timestamp: Timestamp,
     ) -> tuple[str, bytes]:
-        topic = _core.data_topic(self.source_id, connection, measurement, key)
-        return topic, _core.field_payload(value, tags=dict(tags) if tags else None, timestamp=timestamp)
+        topic = self._topic(connection, measurement, key)
+        if tags and type(tags) is not dict:
+            tags = dict(tags)
+        return topic, _core.field_payload(value, tags=tags or None, timestamp=timestamp)
 
     def _command_filter(self, verb: str) -> str:
         if verb != "+":
@@ -251,7 +269,10 @@ class SourceClient(_SourceMixin, Client):
         'push'
         """
         topic, payload = self._push_message(connection, measurement, fields, tags, timestamp)
-        return self.publish(topic, payload, qos=qos, wait=wait, timeout=timeout)
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+        # The topic is the source's own, built and checked above: straight to the native client.
+        return self._native.publish(topic, payload, qos=qos, retain=False, wait=wait, timeout=timeout)
 
     def push_field(
         self,
@@ -273,7 +294,9 @@ class SourceClient(_SourceMixin, Client):
         'push_field'
         """
         topic, payload = self._field_message(connection, measurement, key, value, tags=tags, timestamp=timestamp)
-        return self.publish(topic, payload, qos=qos, wait=wait, timeout=timeout)
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+        return self._native.publish(topic, payload, qos=qos, retain=False, wait=wait, timeout=timeout)
 
     def push_frame(
         self,

@@ -77,6 +77,20 @@ pub fn is_datetime(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
 pub fn datetime_to_nanos(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<i64> {
     let py = obj.py();
     let aware = !obj.getattr("tzinfo")?.is_none() && !obj.call_method0("utcoffset")?.is_none();
+    if aware && obj.get_type().is(datetime_class(py)?) {
+        // A plain aware datetime (the common case): one call. Its float seconds hold microseconds
+        // exactly for the years Capture takes, once rounded to them.
+        if let Ok(seconds) = obj
+            .call_method0("timestamp")
+            .and_then(|t| t.extract::<f64>())
+        {
+            let micros = (seconds * 1e6).round();
+            if micros.is_finite() && micros.abs() < 9.2e15 {
+                #[allow(clippy::cast_possible_truncation)] // bounded just above
+                return Ok(micros as i64 * 1000);
+            }
+        }
+    }
     let delta = obj.sub(epoch(py, aware)?)?;
     let days: i64 = delta.getattr("days")?.extract()?;
     let seconds: i64 = delta.getattr("seconds")?.extract()?;

@@ -849,6 +849,12 @@ impl Task {
             }
             return;
         }
+        if !self.held.is_empty() {
+            // A subscription made just now: what was held for it comes before this message.
+            for route in &targets {
+                self.hand_held(route);
+            }
+        }
         let received_at = timestamp::now_nanos();
         let rest: VecDeque<(Arc<Route>, Item)> = targets
             .into_iter()
@@ -873,11 +879,11 @@ impl Task {
                 Offer::Queued | Offer::Closed => {}
                 Offer::Dropped => {
                     let filter = route.filter.clone();
-                    let policy = route.queue.overflow();
+                    let policy = route.queue.overflow().name();
                     let capacity = route.queue.capacity();
                     self.warn_dropped.entry(route.id).or_default().warn(now, |n| {
                         format!(
-                            "the subscription to {filter:?} dropped {n} message(s): its queue of {capacity} was full (overflow={policy:?}); read faster, raise queue_size, or use overflow=\"block\""
+                            "the subscription to {filter:?} dropped {n} message(s): its queue of {capacity} was full (overflow=\"{policy}\"); read faster, raise queue_size, or use overflow=\"block\""
                         )
                     });
                 }

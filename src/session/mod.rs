@@ -441,7 +441,10 @@ impl Session {
         }
         let (done, acked) = oneshot::channel();
         self.shared.push_control(Control::Unsubscribe(done));
-        let _ = tokio::time::timeout(Duration::from_secs(5), acked).await;
+        if self.is_connected() {
+            // Offline, the broker hears of it after the reconnect; nothing to wait for now.
+            let _ = tokio::time::timeout(Duration::from_secs(5), acked).await;
+        }
     }
 
     /// Fails at once for a message over the packet size limit in force.

@@ -21,6 +21,15 @@ pub enum Overflow {
 }
 
 impl Overflow {
+    /// The policy's name as the Python API spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Overflow::Block => "block",
+            Overflow::DropOldest => "drop_oldest",
+            Overflow::DropNewest => "drop_newest",
+        }
+    }
+
     pub fn parse(name: &str) -> Option<Overflow> {
         match name {
             "block" => Some(Overflow::Block),
