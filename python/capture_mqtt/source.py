@@ -148,9 +148,8 @@ class _SourceMixin(_BaseClient):
         topic = self._topic(connection, measurement)
         if type(fields) is not dict:
             fields = dict(fields)
-        if tags and type(tags) is not dict:
-            tags = dict(tags)
-        return topic, _core.measurement_payload(fields, tags=tags or None, timestamp=timestamp)
+        tag_dict = tags if type(tags) is dict else (dict(tags) if tags else None)
+        return topic, _core.measurement_payload(fields, tags=tag_dict or None, timestamp=timestamp)
 
     def _field_message(
         self,
@@ -163,9 +162,8 @@ class _SourceMixin(_BaseClient):
         timestamp: Timestamp,
     ) -> tuple[str, bytes]:
         topic = self._topic(connection, measurement, key)
-        if tags and type(tags) is not dict:
-            tags = dict(tags)
-        return topic, _core.field_payload(value, tags=tags or None, timestamp=timestamp)
+        tag_dict = tags if type(tags) is dict else (dict(tags) if tags else None)
+        return topic, _core.field_payload(value, tags=tag_dict or None, timestamp=timestamp)
 
     def _command_filter(self, verb: str) -> str:
         if verb != "+":
