@@ -117,6 +117,8 @@ pub(super) struct Task {
     filters: HashMap<String, BrokerFilter>,
     /// Messages of a resumed session that no subscription wanted yet.
     held: VecDeque<(Instant, Publish)>,
+    /// Routes that were offered the held messages already (each is, once, when it appears).
+    handed: std::collections::HashSet<u64>,
     stalled: Option<Stalled>,
     renew_at: Option<Instant>,
     warn_unrouted: RateLimited,
@@ -288,6 +290,7 @@ impl Task {
             refusals: Refusals::default(),
             filters: HashMap::new(),
             held: VecDeque::new(),
+            handed: std::collections::HashSet::new(),
             stalled: None,
             renew_at: None,
             warn_unrouted: RateLimited::default(),
@@ -849,11 +852,9 @@ impl Task {
             }
             return;
         }
-        if !self.held.is_empty() {
+        for route in &targets {
             // A subscription made just now: what was held for it comes before this message.
-            for route in &targets {
-                self.hand_held(route);
-            }
+            self.hand_held(route);
         }
         let received_at = timestamp::now_nanos();
         let rest: VecDeque<(Arc<Route>, Item)> = targets
@@ -913,7 +914,7 @@ impl Task {
 
     /// Messages held for a subscription that now exists go to it, in order.
     fn hand_held(&mut self, route: &Arc<Route>) {
-        if self.held.is_empty() {
+        if !self.handed.insert(route.id) || self.held.is_empty() {
             return;
         }
         let received_at = timestamp::now_nanos();
