@@ -974,53 +974,69 @@ impl Task {
     fn take_publishes(&mut self, conn: &Conn, now: Instant) {
         let shared = Arc::clone(&self.shared);
         let mut took = 0usize;
-        let mut outbox = shared.outbox();
-        while conn.wbuf.len() + self.proto.pending_output() < HIGH_WATER {
-            let Some(front) = outbox.items.front() else {
-                break;
+        loop {
+            // Taken in batches under the lock, encoded outside it, so that publishers are not
+            // held up while the task encodes.
+            let mut room = HIGH_WATER.saturating_sub(conn.wbuf.len() + self.proto.pending_output());
+            let mut slots = self.proto.window_left();
+            let batch: Vec<Pending> = {
+                let mut outbox = shared.outbox();
+                let mut batch = Vec::new();
+                while room > 0 && batch.len() < 1024 {
+                    let Some(front) = outbox.items.front() else {
+                        break;
+                    };
+                    if front.qos > 0 {
+                        if slots == 0 {
+                            break;
+                        }
+                        slots -= 1;
+                    }
+                    room = room.saturating_sub(front.topic.len() + front.payload.len() + 8);
+                    batch.extend(outbox.items.pop_front());
+                }
+                batch
             };
-            if front.qos > 0 && !self.proto.has_window() {
+            if batch.is_empty() {
                 break;
             }
-            let Some(Pending {
+            took += batch.len();
+            for Pending {
                 id,
                 topic,
                 payload,
                 qos,
                 retain,
                 tx,
-            }) = outbox.items.pop_front()
-            else {
-                break;
-            };
-            took += 1;
-            let tag = PubTag {
-                id,
-                qos,
-                topic: topic.clone(),
-                sent_at: now,
-                tx,
-            };
-            let message = Outgoing {
-                topic,
-                payload,
-                qos,
-                retain,
-            };
-            match self.proto.publish(message, tag, now) {
-                Ok(_) => {
-                    shared.stats.published.fetch_add(1, Ordering::Relaxed);
-                }
-                Err((too_large, mut tag)) => {
-                    let error = super::too_large(&tag.topic, too_large.size, too_large.limit);
-                    log::warn!("{error}");
-                    if let Some(tx) = tag.tx.take() {
-                        let _ = tx.send(Err(error));
+            } in batch
+            {
+                let tag = PubTag {
+                    id,
+                    qos,
+                    topic: topic.clone(),
+                    sent_at: now,
+                    tx,
+                };
+                let message = Outgoing {
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                };
+                match self.proto.publish(message, tag, now) {
+                    Ok(_) => {
+                        shared.stats.published.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err((too_large, mut tag)) => {
+                        let error = super::too_large(&tag.topic, too_large.size, too_large.limit);
+                        log::warn!("{error}");
+                        if let Some(tx) = tag.tx.take() {
+                            let _ = tx.send(Err(error));
+                        }
                     }
                 }
             }
         }
-        drop(outbox);
         if took > 0 {
             shared.space.notify_waiters();
         }

@@ -486,6 +486,10 @@ impl Session {
                 self.make_room(&mut outbox)?;
             }
             let (tx, rx) = oneshot::channel();
+            // Only the first message into an empty outbox wakes the connection task: while it holds
+            // any, the task is bound to come back for them (after its write, an acknowledgement,
+            // or the connection), and the messages gather into one write meanwhile.
+            let wake = outbox.items.is_empty();
             outbox.items.push_back(Pending {
                 id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
                 topic: topic.to_owned(),
@@ -495,7 +499,9 @@ impl Session {
                 tx: Some(tx),
             });
             drop(outbox);
-            self.shared.wake.notify_one();
+            if wake {
+                self.shared.wake.notify_one();
+            }
             Ok(Some(PublishToken { rx }))
         }
     }

@@ -273,6 +273,15 @@ impl<P, S> Engine<P, S> {
         self.sent_order.back().copied()
     }
 
+    /// How many more QoS 1/2 publishes may go out now.
+    pub fn window_left(&self) -> usize {
+        if self.state == State::Connected {
+            self.window.saturating_sub(self.flights.len())
+        } else {
+            0
+        }
+    }
+
     /// Whether a QoS 1/2 publish could go out now.
     pub fn has_window(&self) -> bool {
         self.state == State::Connected && self.flights.len() < self.window
