@@ -333,3 +333,17 @@ def test_parse_command_keeps_unknown_keys_and_odd_topics() -> None:
         cm.parse_command("v1/raw/A/B/C/D/E", "{}")
     with pytest.raises(cm.PayloadError, match="Topic must be a string"):
         cm.parse_command("v1/sources/S1/cmd/writedata", '{"Topic": 5}')
+
+
+@pytest.mark.parametrize(
+    ("at", "text"),
+    [
+        (datetime(1833, 1, 1, 0, 0, 0, 6000, tzinfo=UTC), "1833-01-01T00:00:00.006Z"),
+        (datetime(1969, 12, 31, 23, 59, 59, 500000, tzinfo=UTC), "1969-12-31T23:59:59.500Z"),
+        (datetime(2261, 12, 31, 23, 59, 59, 999000, tzinfo=UTC), "2261-12-31T23:59:59.999Z"),
+        (datetime(2024, 11, 8, 11, 22, 6, 260000, tzinfo=timezone(timedelta(hours=1))), "2024-11-08T10:22:06.260Z"),
+    ],
+)
+def test_aware_datetimes_keep_their_milliseconds_far_from_the_epoch(at: datetime, text: str) -> None:
+    """Aware datetimes take a fast path (float seconds plus exact microseconds): no rounding slips."""
+    assert json.loads(cm.field_payload(1, timestamp=at))["UtcTimestamp"] == text

@@ -78,16 +78,19 @@ pub fn datetime_to_nanos(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<i64> {
     let py = obj.py();
     let aware = !obj.getattr("tzinfo")?.is_none() && !obj.call_method0("utcoffset")?.is_none();
     if aware && obj.get_type().is(datetime_class(py)?) {
-        // A plain aware datetime (the common case): one call. Its float seconds hold microseconds
-        // exactly for the years Capture takes, once rounded to them.
-        if let Ok(seconds) = obj
+        // A plain aware datetime (the common case): two calls. The float seconds are exact to far
+        // better than half a second; the microseconds come exactly from the attribute.
+        let seconds = obj
             .call_method0("timestamp")
-            .and_then(|t| t.extract::<f64>())
-        {
-            let micros = (seconds * 1e6).round();
-            if micros.is_finite() && micros.abs() < 9.2e15 {
+            .and_then(|t| t.extract::<f64>());
+        let micros = obj.getattr("microsecond").and_then(|m| m.extract::<i64>());
+        if let (Ok(seconds), Ok(micros)) = (seconds, micros) {
+            #[allow(clippy::cast_precision_loss)] // below a million: exact
+            let whole = (seconds - micros as f64 / 1e6).round();
+            if whole.is_finite() && whole.abs() < 9.2e9 {
                 #[allow(clippy::cast_possible_truncation)] // bounded just above
-                return Ok(micros as i64 * 1000);
+                let whole = whole as i64;
+                return Ok(whole * NANOS_PER_SEC + micros * 1000);
             }
         }
     }
