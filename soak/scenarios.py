@@ -170,8 +170,10 @@ def stall(keepalive: float = 2.0, pause: float = 6.0) -> Figures:
         broker.pause()
         paused = time.monotonic()
         time.sleep(pause)
-        broker.resume()
+        # Timed from the resume command: the client's pending CONNECT can be answered before
+        # resume() returns.
         resumed = time.monotonic()
+        broker.resume()
         deadline = resumed + 15
         while not client.is_connected and time.monotonic() < deadline:
             time.sleep(0.01)

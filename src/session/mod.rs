@@ -461,9 +461,10 @@ impl Session {
         Ok(())
     }
 
-    /// Puts a publish in the outbox when there is room (or makes room under the offline policy).
-    /// `Ok(None)`: the outbox is full and the caller must wait for `space`.
-    fn enqueue(
+    /// Publishes without waiting: into the outbox when it has room, or makes room under the
+    /// offline policy (no task, no thread hop). `Ok(None)`: the outbox is full and the caller must
+    /// wait with `publish`.
+    pub fn try_publish(
         &self,
         topic: &str,
         payload: &Bytes,
@@ -517,23 +518,11 @@ impl Session {
     ) -> Result<PublishToken, SessionError> {
         loop {
             let space = self.shared.space.notified();
-            if let Some(token) = self.enqueue(&topic, &payload, qos, retain)? {
+            if let Some(token) = self.try_publish(&topic, &payload, qos, retain)? {
                 return Ok(token);
             }
             space.await;
         }
-    }
-
-    /// Publishes without waiting: into the outbox when it has room (no task, no thread hop).
-    /// `Ok(None)` when the caller must wait with `publish`.
-    pub fn try_publish(
-        &self,
-        topic: &str,
-        payload: &Bytes,
-        qos: u8,
-        retain: bool,
-    ) -> Result<Option<PublishToken>, SessionError> {
-        self.enqueue(topic, payload, qos, retain)
     }
 
     /// The offline queue is full: fail (`raise`) or drop its oldest message (`drop_oldest`).
