@@ -914,7 +914,8 @@ impl Task {
 
     /// Messages held for a subscription that now exists go to it, in order.
     fn hand_held(&mut self, route: &Arc<Route>) {
-        if !self.handed.insert(route.id) || self.held.is_empty() {
+        // Checked empty first: on the hot path (every routed message) nothing is held.
+        if self.held.is_empty() || !self.handed.insert(route.id) {
             return;
         }
         let received_at = timestamp::now_nanos();
