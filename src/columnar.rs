@@ -297,13 +297,16 @@ fn pandas_index_columns(schema: &Schema) -> Vec<String> {
 /// Fields: integers, floats, booleans and strings (dictionary-encoded too). A null or a NaN leaves the
 /// field out of that row (pandas writes missing values that way); a row with no field left is skipped.
 /// Infinities and other column types are errors naming the column. Tags: any column, as text; a null
-/// leaves the tag out. The timestamp: a timestamp column (any unit; without a time zone it is UTC),
-/// epoch milliseconds as integers, or ISO 8601 strings; a null lets Capture stamp the row.
+/// leaves the tag out. The timestamp: a timestamp column (any unit; without a time zone, as `naive`
+/// says: refused by default), epoch milliseconds as integers, or ISO 8601 strings; a null lets
+/// Capture stamp the row.
 #[derive(Debug)]
 pub struct FrameRows {
     fields: Vec<(String, ArrayRef)>,
     tags: Vec<(String, ArrayRef)>,
     timestamp: Option<(String, ArrayRef)>,
+    /// How the timestamp column's wall-clock values become instants (a tz-naive column).
+    wall_clock: crate::timestamp::Naive,
     rows: usize,
 }
 
@@ -316,6 +319,7 @@ impl FrameRows {
         batch: &RecordBatch,
         timestamp_column: Option<&str>,
         tag_columns: &[String],
+        naive: crate::timestamp::Naive,
     ) -> Result<FrameRows, crate::payload::PayloadError> {
         use arrow_cast::cast;
         let schema = batch.schema();
@@ -342,11 +346,26 @@ impl FrameRows {
         let mut fields = Vec::new();
         let mut tags = Vec::new();
         let mut timestamp = None;
+        let mut wall_clock = crate::timestamp::Naive::Utc;
         for (field, column) in schema.fields().iter().zip(batch.columns()) {
             let name = field.name();
             if Some(name) == timestamp_name.as_ref() {
+                if let DataType::Timestamp(_, None) = field.data_type() {
+                    if naive == crate::timestamp::Naive::Refuse {
+                        return Err(column_error(
+                            name,
+                            "its timestamps have no time zone (tz-naive): read as UTC or as local time they \
+                             differ by the UTC offset; localize it (pandas: .dt.tz_localize(\"UTC\") or the \
+                             zone of the data; Polars: .dt.replace_time_zone(\"UTC\")), or pass naive=\"utc\" \
+                             or naive=\"local\"",
+                        ));
+                    }
+                    wall_clock = naive;
+                }
                 let normalized = match field.data_type() {
-                    DataType::Timestamp(_, _) => cast(column, &DataType::Timestamp(TimeUnit::Nanosecond, None)),
+                    // The values of an aware column are UTC instants whatever its zone: keep the zone, so
+                    // that the cast changes only the unit.
+                    DataType::Timestamp(_, tz) => cast(column, &DataType::Timestamp(TimeUnit::Nanosecond, tz.clone())),
                     DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => cast(column, &DataType::Int64),
                     DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => cast(column, &DataType::Utf8),
                     other => {
@@ -400,6 +419,7 @@ impl FrameRows {
             fields,
             tags,
             timestamp,
+            wall_clock,
             rows: batch.num_rows(),
         })
     }
@@ -493,7 +513,10 @@ impl FrameRows {
             if !column.is_null(row) {
                 let nanos = match column.data_type() {
                     DataType::Timestamp(_, _) => {
-                        column.as_primitive::<TimestampNanosecondType>().value(row)
+                        let value = column.as_primitive::<TimestampNanosecondType>().value(row);
+                        self.wall_clock.resolve(value).ok_or_else(|| {
+                            column_error(name, format!("row {row}: no such local time"))
+                        })?
                     }
                     DataType::Int64 => crate::timestamp::check_epoch_ms(
                         column.as_primitive::<Int64Type>().value(row),
@@ -517,6 +540,7 @@ impl FrameRows {
 mod frame_tests {
     use super::*;
     use crate::payload::parse_measurement;
+    use crate::timestamp::Naive;
     use arrow_array::{
         BooleanArray, Float64Array, Int32Array, StringArray, TimestampMillisecondArray,
     };
@@ -553,7 +577,8 @@ mod frame_tests {
 
     #[test]
     fn rows_become_measurement_payloads() {
-        let rows = FrameRows::new(&frame(), Some("time"), &["Machine".to_owned()]).unwrap();
+        let rows =
+            FrameRows::new(&frame(), Some("time"), &["Machine".to_owned()], Naive::Utc).unwrap();
         assert_eq!(rows.len(), 2);
         let first = parse_measurement(&rows.payload(0).unwrap().unwrap()).unwrap();
         assert_eq!(
@@ -585,8 +610,35 @@ mod frame_tests {
     }
 
     #[test]
+    fn a_tz_naive_time_column_is_refused_unless_the_caller_says_what_it_means() {
+        let err = FrameRows::new(&frame(), Some("time"), &[], Naive::Refuse).unwrap_err();
+        assert_eq!(err.field.as_deref(), Some("time"));
+        assert!(err.message.contains("naive=\"utc\""), "{}", err.message);
+        // An aware column of any zone holds UTC instants: sent as they are.
+        let zoned = RecordBatch::try_from_iter(vec![
+            (
+                "t",
+                Arc::new(
+                    TimestampMillisecondArray::from(vec![1_731_061_326_260])
+                        .with_timezone("America/New_York"),
+                ) as ArrayRef,
+            ),
+            ("V", Arc::new(Int32Array::from(vec![1])) as ArrayRef),
+        ])
+        .unwrap();
+        let rows = FrameRows::new(&zoned, Some("t"), &[], Naive::Refuse).unwrap();
+        let sent = parse_measurement(&rows.payload(0).unwrap().unwrap()).unwrap();
+        assert_eq!(
+            sent.timestamp,
+            Some(crate::payload::WireTimestamp::Iso(
+                1_731_061_326_260_000_000
+            ))
+        );
+    }
+
+    #[test]
     fn bad_frames_name_the_column() {
-        assert!(FrameRows::new(&frame(), Some("nope"), &[])
+        assert!(FrameRows::new(&frame(), Some("nope"), &[], Naive::Refuse)
             .unwrap_err()
             .message
             .contains("\"nope\""));
@@ -595,13 +647,13 @@ mod frame_tests {
             Arc::new(Float64Array::from(vec![f64::INFINITY])) as ArrayRef,
         )])
         .unwrap();
-        let rows = FrameRows::new(&inf, None, &[]).unwrap();
+        let rows = FrameRows::new(&inf, None, &[], Naive::Refuse).unwrap();
         assert_eq!(rows.payload(0).unwrap_err().field.as_deref(), Some("X"));
         let only_time = RecordBatch::try_from_iter(vec![(
             "t",
             Arc::new(TimestampMillisecondArray::from(vec![1])) as ArrayRef,
         )])
         .unwrap();
-        assert!(FrameRows::new(&only_time, Some("t"), &[]).is_err());
+        assert!(FrameRows::new(&only_time, Some("t"), &[], Naive::Refuse).is_err());
     }
 }

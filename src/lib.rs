@@ -3,6 +3,7 @@
 
 pub mod columnar;
 pub mod payload;
+pub mod scope;
 pub mod session;
 pub mod timestamp;
 pub mod topic;

@@ -207,6 +207,55 @@ pub fn split_nanos(nanos: i64) -> (i64, u32) {
     (secs, sub)
 }
 
+/// What a date-time without a time zone (a naive `datetime`, a tz-naive frame column) means. Python
+/// reads a naive datetime as local time and Capture's `UtcTimestamp` is UTC, so guessing either way
+/// shifts data by the UTC offset without a word: the default is to refuse, and the caller says which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Naive {
+    #[default]
+    Refuse,
+    Utc,
+    Local,
+}
+
+impl Naive {
+    /// `"refuse"`, `"utc"` or `"local"`.
+    pub fn parse(text: &str) -> Option<Naive> {
+        match text {
+            "refuse" => Some(Naive::Refuse),
+            "utc" => Some(Naive::Utc),
+            "local" => Some(Naive::Local),
+            _ => None,
+        }
+    }
+
+    /// The instant of a wall-clock time given as nanoseconds since the epoch read as UTC; None when
+    /// naive times are refused. Under `Local` the machine's time zone (`TZ`, else `/etc/localtime`)
+    /// applies: an ambiguous time (the hour repeated when clocks go back) is the earlier one, and a
+    /// time that does not exist (skipped when clocks go forward) takes the offset before the change.
+    pub fn resolve(self, wall_nanos: i64) -> Option<i64> {
+        use chrono::TimeZone;
+        match self {
+            Naive::Refuse => None,
+            Naive::Utc => Some(wall_nanos),
+            Naive::Local => {
+                let (secs, sub) = split_nanos(wall_nanos);
+                let wall = chrono::DateTime::from_timestamp(secs, sub)?.naive_utc();
+                let offset = match chrono::Local.from_local_datetime(&wall).earliest() {
+                    Some(local) => local.offset().local_minus_utc(),
+                    // In a gap: the offset in force an hour earlier, before the clocks changed.
+                    None => chrono::Local
+                        .from_local_datetime(&(wall - chrono::Duration::hours(1)))
+                        .earliest()?
+                        .offset()
+                        .local_minus_utc(),
+                };
+                wall_nanos.checked_sub(i64::from(offset) * NANOS_PER_SEC)
+            }
+        }
+    }
+}
+
 /// Writes `nanos` as ISO 8601 UTC with millisecond precision: `2024-11-08T10:22:06.260Z`.
 pub fn write_iso_millis(out: &mut Vec<u8>, nanos: i64) {
     let (secs, sub) = split_nanos(nanos);
@@ -255,6 +304,21 @@ pub fn format_iso_millis(nanos: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::Naive;
+
+    #[test]
+    fn naive_times_are_refused_unless_the_caller_says_what_they_mean() {
+        let wall = 1_731_061_326_260_000_000; // 2024-11-08T10:22:06.26 on the wall clock
+        assert_eq!(Naive::Refuse.resolve(wall), None);
+        assert_eq!(Naive::Utc.resolve(wall), Some(wall));
+        assert_eq!(Naive::parse("local"), Some(Naive::Local));
+        assert_eq!(Naive::parse("UTC"), None);
+        // Local follows the machine's zone: whatever it is, the offset is whole minutes within a day.
+        let local = Naive::Local.resolve(wall).unwrap();
+        assert_eq!((local - wall) % 60_000_000_000, 0);
+        assert!((local - wall).abs() <= 86_400_000_000_000);
+    }
+
     use super::*;
 
     const EXAMPLE_NANOS: i64 = 1_731_061_326_260_000_000; // 2024-11-08T10:22:06.26Z

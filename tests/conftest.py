@@ -66,9 +66,15 @@ def fake_capture() -> Iterator[FakeCapture]:
     fake.close()
 
 
+def _defaults(username: str, options: dict[str, Any]) -> None:
+    options.setdefault("company", COMPANY)
+    if username == "pipeline":  # Capture's server side: no user account's scope applies
+        options.setdefault("account_kind", "unknown")
+
+
 def connect(broker: Mosquitto, username: str = "alice", **options: Any) -> cm.Client:
     """A connected plain-MQTT client for `username` on `broker`."""
-    options.setdefault("company", COMPANY)
+    _defaults(username, options)
     options.setdefault("connect_timeout", 5.0)
     return cm.Client(
         broker.host,
@@ -82,7 +88,7 @@ def connect(broker: Mosquitto, username: str = "alice", **options: Any) -> cm.Cl
 
 def async_client(broker: Mosquitto, username: str = "alice", **options: Any) -> cm.AsyncClient:
     """A plain-MQTT asyncio client for `username` on `broker` (connects in `async with`)."""
-    options.setdefault("company", COMPANY)
+    _defaults(username, options)
     return cm.AsyncClient(
         broker.host,
         transport="mqtt",

@@ -84,6 +84,14 @@ def test_push_sends_typed_fields_and_tags(capture_client: cm.Client, capture_sou
     assert points["CPU_Temp"].timestamp.isoformat() == "2024-11-08T10:22:06.260000+00:00"
 
 
+def test_push_with_a_users_settings_says_it_needs_a_source_account(capture_user: User) -> None:
+    done = run("push", "PLC", "Monitoring", "CPU_Temp=55", env=capture_user.env())
+    assert done.returncode != 0
+    assert "pushed" not in done.stdout
+    assert "needs a source account" in done.stderr and "--auth-config" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_push_sends_the_rows_of_a_csv_file_using_the_auth_config(
     capture_emulator: CaptureEmulator, capture_client: cm.Client, capture_source: Source, tmp_path: Path
 ) -> None:

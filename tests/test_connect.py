@@ -3,9 +3,12 @@ authorization in its three shapes, reconnects and resubscribing, persistent sess
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -319,7 +322,7 @@ def test_fetch_jwt_posts_to_capture_auth_api() -> None:
 def test_acl_file_shape_grants_and_delivers_nothing(broker: Mosquitto) -> None:
     """Mosquitto's ACL file grants a denied subscription and delivers nothing: no false alarm."""
     with (
-        connect(broker) as client,
+        connect(broker, scope=False) as client,
         connect(broker, "pipeline") as pipeline,
         client.subscribe("v1/raw/OtherCorp/#") as denied,
         client.subscribe_raw() as allowed,
@@ -332,7 +335,7 @@ def test_acl_file_shape_grants_and_delivers_nothing(broker: Mosquitto) -> None:
 
 
 def test_suback_failure_raises_authorization_error(dynsec_broker: Mosquitto) -> None:
-    with connect(dynsec_broker) as client:
+    with connect(dynsec_broker, scope=False) as client:
         with pytest.raises(cm.AuthorizationError) as info:
             client.subscribe("v1/raw/OtherCorp/#")
         err = info.value
@@ -356,6 +359,7 @@ def test_disconnect_after_subscribe_is_an_authorization_error(fake_capture: Fake
         username="alice",
         password="pw",
         company=COMPANY,
+        scope=False,  # the request must reach the broker: its refusal is the subject
         reconnect=cm.Reconnect(min_delay=0.05, max_delay=0.2),
         on_event=events,
     ) as client:
@@ -629,6 +633,53 @@ def test_subscribe_refuses_filters_capture_would_refuse(broker: Mosquitto) -> No
             client.publish("v1/raw/AcmeCorp/+/c/m/k", b"{}")
 
 
+def test_a_user_account_stays_in_its_scope(broker: Mosquitto) -> None:
+    """A user reads its company's raw tree and writes commands; anything else is refused before it is
+    sent, quoting the rule, where the broker would disconnect (Capture) or stay silent (Mosquitto)."""
+    with connect(broker) as client:
+        with pytest.raises(cm.TopicError, match='company "AcmeCorp"') as info:
+            client.subscribe("v1/raw/SomeoneElse/#")
+        assert info.value.value == "v1/raw/SomeoneElse/#"
+        assert "scope=False" in str(info.value)
+        for bad in ("v1/sources/x/cmd/writedata", "sensors/#", "$share/g/v1/raw/SomeoneElse/#"):
+            with pytest.raises(cm.TopicError, match="user account"):
+                client.subscribe(bad)
+        for bad in (RAW_TOPIC, "v1/sources/x/data/read/C/M", "v1/sources/x/cmd/other"):
+            with pytest.raises(cm.TopicError, match="publish commands to v1/sources/<SourceID>/cmd/writedata"):
+                client.publish(bad, cm.field_payload(1), qos=1)
+        with pytest.raises(cm.TopicError, match=r"cm\.SourceClient"):
+            client.publish("v1/sources/x/data/read/C/M", b"{}", qos=0)
+        assert client.stats["published"] == 0
+        assert client.is_connected
+        # Inside the scope: the company's raw tree and commands.
+        with client.subscribe("v1/raw/AcmeCorp/+/+/Monitoring/#"):
+            pass
+        client.send_command("some-source", ("C", "M", "V"), 1)
+        assert client.stats["published"] == 1
+
+
+def test_the_scope_check_is_async_too(broker: Mosquitto) -> None:
+    async def main() -> None:
+        async with async_client(broker) as client:
+            with pytest.raises(cm.TopicError, match="SomeoneElse"):
+                await client.subscribe("v1/raw/SomeoneElse/#")
+            with pytest.raises(cm.TopicError, match="user account"):
+                await client.publish(RAW_TOPIC, b"{}")
+            assert client.stats["published"] == 0
+
+    asyncio.run(main())
+
+
+def test_scope_false_is_the_escape_hatch_for_other_brokers(broker: Mosquitto) -> None:
+    # Without the check the requests reach the broker (here: Mosquitto grants and filters).
+    with connect(broker, scope=False) as client, client.subscribe("v1/raw/SomeoneElse/#", qos=1):
+        client.publish("v1/sources/x/data/read/C/M", b"{}", qos=1)
+        assert client.stats["published"] == 1
+    # A client without credentials is not a Capture account: nothing to check.
+    with cm.Client(broker.host, transport="mqtt", port=broker.mqtt_port, connect=False) as anonymous:
+        anonymous.publish("sensors/temperature", b"21", qos=0)
+
+
 # MQTT 5
 
 
@@ -655,7 +706,7 @@ def test_mqtt5_connects_and_carries_data(broker: Mosquitto, transport: str) -> N
 
 
 def test_mqtt5_puback_reason_code_is_an_authorization_error(broker: Mosquitto) -> None:
-    with connect(broker, protocol=5) as client:
+    with connect(broker, protocol=5, scope=False) as client:
         with pytest.raises(cm.AuthorizationError, match="PUBACK NotAuthorized") as info:
             client.publish("v1/raw/OtherCorp/s/c/m/k", b"{}", qos=1)
         assert info.value.action == "publish"
@@ -664,8 +715,31 @@ def test_mqtt5_puback_reason_code_is_an_authorization_error(broker: Mosquitto) -
         client.publish("v1/sources/some-source/cmd/writedata", cm.command_payload(("C", "M", "V"), 1), qos=1)
 
 
+REFUSED_PUBLISH_SCRIPT = """
+import sys, capture_mqtt as cm
+with cm.Client("127.0.0.1", transport="mqtt", port=int(sys.argv[1]), username="alice", password=sys.argv[2],
+               protocol=5, scope=False) as client:
+    try:
+        client.publish("v1/raw/OtherCorp/s/c/m/k", b"{}", qos=1)
+    except cm.AuthorizationError as err:
+        print("caught:", err)
+"""
+
+
+def test_a_refused_publish_is_reported_once_by_its_exception(broker: Mosquitto) -> None:
+    """With no logging configured (Python then prints WARNING and up to stderr), a refused publish
+    shows up once: as the exception, not also as log lines."""
+    done = subprocess.run(
+        [sys.executable, "-c", REFUSED_PUBLISH_SCRIPT, str(broker.mqtt_port), PASSWORDS["alice"]],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("not authorized") == 1 and "PUBACK NotAuthorized" in done.stdout
+    assert done.stderr == ""
+
+
 def test_mqtt5_suback_reason_code_is_an_authorization_error(dynsec_broker: Mosquitto) -> None:
-    with connect(dynsec_broker, protocol=5) as client:
+    with connect(dynsec_broker, protocol=5, scope=False) as client:
         with pytest.raises(cm.AuthorizationError, match="SUBACK NotAuthorized"):
             client.subscribe("v1/raw/OtherCorp/#")
         assert client.is_connected
@@ -688,7 +762,7 @@ def test_mqtt5_persistent_session(fresh_broker: Mosquitto) -> None:
 
 
 def test_refusal_is_delivered_to_a_subscription_declared_before_connecting(dynsec_broker: Mosquitto) -> None:
-    client = connect(dynsec_broker, connect=False)
+    client = connect(dynsec_broker, connect=False, scope=False)
     with client:
         denied = client.subscribe("v1/raw/OtherCorp/#")
         allowed = client.subscribe_raw()

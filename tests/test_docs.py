@@ -36,7 +36,12 @@ def readme_broker() -> Iterator[str]:
 
         def stream() -> None:
             with cm.Client(
-                broker.host, transport="mqtt", port=broker.mqtt_port, username="pipeline", password="pipeline-pw"
+                broker.host,
+                transport="mqtt",
+                port=broker.mqtt_port,
+                username="pipeline",
+                password="pipeline-pw",
+                account_kind="unknown",
             ) as pipeline:
                 while not stop.wait(0.05):
                     pipeline.publish("v1/raw/AcmeCorp/src-1/Conn/Monitoring/CPU_Temp", cm.field_payload(55), qos=0)

@@ -111,14 +111,21 @@ def test_companies_are_isolated_and_scopes_hold(capture_emulator: CaptureEmulato
         emu.source_client(other_source) as other_device,
         other_device.commands() as other_commands,
     ):
-        # The SDK refuses a wildcard company and another source's topics before sending anything.
+        # The SDK refuses a wildcard company, another company's raw tree and another source's topics
+        # before sending anything.
         with pytest.raises(cm.TopicError, match="company"):
             alice_client.subscribe("v1/raw/+/+/+/+/#")
+        with pytest.raises(cm.TopicError, match='company "ScopeAcme"'):
+            alice_client.subscribe(cm.raw_filter(other.name))
         with pytest.raises(cm.TopicError, match="own"):
             acme_device.publish(cm.data_topic(other_source.source_id, "PLC", "M"), b"{}")
 
-        # The broker enforces the rest: alice sees nothing of the other company's data ...
-        with alice_client.subscribe(cm.raw_filter(other.name), qos=1) as spying:
+        # The broker enforces them too: with the SDK's check turned off, alice sees nothing of the other
+        # company's data ...
+        with (
+            emu.client(alice, scope=False) as unchecked,
+            unchecked.subscribe(cm.raw_filter(other.name), qos=1) as spying,
+        ):
             republished = emu.stats["republished_pushes"]
             other_device.push("PLC", "Secret", {"Recipe": 42})
             wait_until(lambda: emu.stats["republished_pushes"] > republished)

@@ -250,6 +250,7 @@ def copy_broker(request: pytest.FixtureRequest) -> Iterator[CopyBroker]:
 
 def scripted(server: CopyBroker, **options: Any) -> cm.Client:
     options.setdefault("company", COMPANY)
+    options.setdefault("scope", False)  # one account plays both sides on the scripted broker
     return cm.Client("127.0.0.1", port=server.port, transport="mqtt", username="u", password="p", **options)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -83,10 +84,14 @@ def test_arbitrary_input_is_a_payload_error_or_a_point(payload: bytes, topic: st
 
 
 @given(st.datetimes(min_value=datetime(1980, 1, 1), max_value=datetime(2200, 1, 1)))
-def test_naive_datetimes_are_utc(naive: datetime) -> None:
+def test_naive_datetimes_are_what_the_caller_says(naive: datetime) -> None:
     naive = naive.replace(microsecond=naive.microsecond // 1000 * 1000)
     topic = "v1/raw/A/B/C/D/E"
     aware = naive.replace(tzinfo=UTC)
-    assert cm.parse_raw(topic, cm.field_payload(1, timestamp=naive)).timestamp == aware
+    with pytest.raises(cm.PayloadError, match="naive datetime"):
+        cm.field_payload(1, timestamp=naive)
+    assert cm.parse_raw(topic, cm.field_payload(1, timestamp=naive, naive="utc")).timestamp == aware
+    local = naive.astimezone(UTC)  # Python's own reading of a naive datetime: local time
+    assert cm.parse_raw(topic, cm.field_payload(1, timestamp=naive, naive="local")).timestamp == local
     elsewhere = aware.astimezone(timezone(timedelta(hours=5, minutes=30)))
     assert cm.parse_raw(topic, cm.field_payload(1, timestamp=elsewhere)).timestamp == aware

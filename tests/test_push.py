@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -74,7 +77,7 @@ def receive(sub: cm.Subscription, count: int, timeout: float = 10) -> list[Any]:
 def test_pushes_at_every_level_and_timestamp_form_arrive_on_the_raw_tree(broker: Mosquitto, pipeline: Pipeline) -> None:
     with source(broker) as src, connect(broker) as user, user.subscribe_raw(qos=1) as raw:
         src.push("Conn", "Monitoring", {"CPU_Temp": 55, "CPU_Load": 23.4}, tags={"MachineName": "M1"}, timestamp=STAMP)
-        src.push_field("Conn", "Line", "State", "Läuft ✓", timestamp=STAMP.replace(tzinfo=None))  # naive is UTC
+        src.push_field("Conn", "Line", "State", "Läuft ✓", timestamp=STAMP.replace(tzinfo=None), naive="utc")
         src.push_field("Conn", "Line", "Running", True, timestamp=1731061326260)
         src.push_field("Conn", "Line", "Speed", 1.5, timestamp="2024-11-08T11:22:06.26+01:00")
         src.push_field("Conn", "Line", "Count", 2**53 + 1, timestamp=STAMP.astimezone(timezone(timedelta(hours=-5))))
@@ -165,6 +168,55 @@ def test_push_frame_sends_every_row_from_pandas_and_polars(broker: Mosquitto, pi
             src.push_frame(frame, connection="Conn", measurement="M", timestamp_column="When")
         with pytest.raises(TypeError, match="__arrow_c_stream__"):
             src.push_frame([1, 2], connection="Conn", measurement="M")
+
+
+NEW_YORK_SCRIPT = """
+import datetime, json, sys
+import pandas as pd
+import capture_mqtt as cm
+
+wall = datetime.datetime(2024, 11, 8, 10, 22, 6, 260000)  # naive: 10:22 on a New York clock
+out = {}
+try:
+    cm.field_payload(1, timestamp=wall)
+except cm.PayloadError as err:
+    out["refused"] = str(err)
+for naive in ("utc", "local"):
+    out[naive] = json.loads(cm.field_payload(1, timestamp=wall, naive=naive))["UtcTimestamp"]
+frame = pd.DataFrame({"time": [pd.Timestamp(wall)], "V": [1]})
+with cm.SourceClient("127.0.0.1", transport="mqtt", port=int(sys.argv[1]), source_id=sys.argv[2],
+                     password=sys.argv[3]) as src:
+    try:
+        src.push_frame(frame, connection="Conn", measurement="NY", timestamp_column="time")
+    except cm.PayloadError as err:
+        out["frame_refused"] = str(err)
+    out["frame_sent"] = src.push_frame(frame, connection="Conn", measurement="NY", timestamp_column="time",
+                                       naive="local")
+    out["published"] = src.stats["published"]
+print(json.dumps(out))
+"""
+
+
+def test_naive_timestamps_are_refused_unless_said_what_they_mean_in_new_york(
+    broker: Mosquitto, pipeline: Pipeline
+) -> None:
+    """On a machine whose clock is in New York a naive datetime is 5 hours from UTC in November:
+    refused by default, local or UTC on request, for calls and for frames."""
+    env = os.environ | {"TZ": "America/New_York"}
+    with connect(broker) as user, user.subscribe_raw(measurement="NY", qos=1) as raw:
+        done = subprocess.run(
+            [sys.executable, "-c", NEW_YORK_SCRIPT, str(broker.mqtt_port), SOURCE_ID, PASSWORDS[SOURCE_ID]],
+            env=env, capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        out = json.loads(done.stdout)
+        assert "naive datetime" in out["refused"] and 'naive="local"' in out["refused"]
+        assert out["utc"] == "2024-11-08T10:22:06.260Z"
+        assert out["local"] == "2024-11-08T15:22:06.260Z"  # EST is UTC-5
+        assert 'column "time"' in out["frame_refused"] and "tz-naive" in out["frame_refused"]
+        assert out["frame_sent"] == 1 and out["published"] == 1, "the refused frame sent nothing"
+        point = raw.get(timeout=5)
+        assert point is not None and point.timestamp == datetime(2024, 11, 8, 15, 22, 6, 260000, tzinfo=UTC)
 
 
 def test_commands_reach_the_source(broker: Mosquitto) -> None:

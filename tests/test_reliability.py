@@ -209,7 +209,10 @@ def _bad_calls(
         ("command to no source", lambda: client.send_command("", "a/b/c", 1), cm.TopicError, "source"),
         ("command topic of two parts", lambda: client.send_command("s", "a/b", 1), cm.TopicError, "a/b"),
         ("negative collect", lambda: cm.collect(client, seconds=-1), ValueError, "seconds"),
-        ("naive datetime is UTC", lambda: cm.field_payload(1, timestamp=naive), None, ""),
+        ("naive datetime", lambda: cm.field_payload(1, timestamp=naive), cm.PayloadError, 'naive="utc"'),
+        ("naive datetime said to be UTC", lambda: cm.field_payload(1, timestamp=naive, naive="utc"), None, ""),
+        # mypy catches this one in a user's script; at run time it is a ValueError.
+        ("naive= misspelt", lambda: cm.field_payload(1, timestamp=naive, naive="UTC"), ValueError, "naive must be"),  # type: ignore[arg-type]
     ]
 
 

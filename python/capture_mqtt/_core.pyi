@@ -20,6 +20,7 @@ __all__ = [
     "_logs_dropped",
     "_next_logs",
     "_now_ns",
+    "_scope_rule",
     "_to_raw",
     "command_payload",
     "command_topic",
@@ -135,9 +136,18 @@ def data_topic(source_id: str, connection_tag: str, measurement: str, key: str |
 def command_topic(source_id: str, verb: str = "writedata") -> str: ...
 def validate_filter(filter: str) -> str: ...
 def topic_matches(filter: str, topic: str) -> bool: ...
-def field_payload(value: _PushValue, *, tags: dict[str, str] | None = None, timestamp: _Timestamp = None) -> bytes: ...
+
+_Naive: TypeAlias = Literal["refuse", "utc", "local"]
+
+def field_payload(
+    value: _PushValue, *, tags: dict[str, str] | None = None, timestamp: _Timestamp = None, naive: _Naive = "refuse"
+) -> bytes: ...
 def measurement_payload(
-    fields: dict[str, _PushValue], *, tags: dict[str, str] | None = None, timestamp: _Timestamp = None
+    fields: dict[str, _PushValue],
+    *,
+    tags: dict[str, str] | None = None,
+    timestamp: _Timestamp = None,
+    naive: _Naive = "refuse",
 ) -> bytes: ...
 def command_payload(
     topic: str | tuple[str, str, str],
@@ -239,6 +249,9 @@ class _Session:
         password: str | None,
         token_callable: bool,
         account_kind: str,
+        company: str | None,
+        source_id: str | None,
+        scope: bool,
         max_packet_size: int,
         inflight: int,
         offline: str,
@@ -277,6 +290,7 @@ class _Session:
         tag_columns: list[str],
         qos: int,
         timeout: float,
+        naive: _Naive = "refuse",
     ) -> int: ...
     def publish(
         self,
@@ -291,6 +305,7 @@ class _Session:
 
 def _jwt_expiry(token: str) -> int | None: ...
 def _now_ns() -> int: ...
+def _scope_rule(kind: str) -> str: ...
 def _to_raw(company: str, topic: str, payload: bytes) -> list[tuple[str, bytes]]: ...
 def _next_logs(timeout: float) -> list[tuple[int, str, str]]: ...
 def _logs_dropped() -> int: ...

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import capture_mqtt as cm
 
+from . import _core
 from .client import ENV_VARIABLES, _env_options, _url_options
 
 __all__ = ["main"]
@@ -106,7 +107,15 @@ def _source_client(args: argparse.Namespace) -> cm.SourceClient:
     if args.auth_config:
         return cm.SourceClient.from_auth_config(args.auth_config, host=options.pop("host", None), **options)
     _need_host(options)
-    options.pop("company", None)
+    if options.pop("company", None) is not None:
+        # A company belongs to a user's settings: a user account cannot push (Capture refuses it).
+        raise SystemExit(
+            f"capture-mqtt: pushing needs a source account, and these settings are a user's "
+            f"({options.get('username')!r} of a company, from CAPTURE_MQTT_COMPANY or ?company=): "
+            f"{_core._scope_rule('user')}. Pass --auth-config with the source's auth config (downloaded from "
+            "the source's page in the Capture portal), or set CAPTURE_MQTT_USERNAME and CAPTURE_MQTT_PASSWORD "
+            "to the source's credentials, without CAPTURE_MQTT_COMPANY"
+        )
     source_id = args.source_id or options.pop("username", None)
     if not source_id or "password" not in options:
         raise SystemExit(

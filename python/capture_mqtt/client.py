@@ -138,6 +138,8 @@ class _BaseClient:
         max_packet_size: int = 1024 * 1024,
         inflight: int = 512,
         account_kind: Literal["user", "source", "unknown"] = "user",
+        scope: bool = True,
+        source_id: str | None = None,
         offline: Literal["block", "raise", "drop_oldest"] = "block",
         max_queued: int = 10_000,
     ) -> None:
@@ -194,6 +196,10 @@ class _BaseClient:
             password=None if auth is None or auth.is_callable else auth.secret(),
             token_callable=bool(auth and auth.is_callable),
             account_kind=account_kind,
+            company=company,
+            source_id=source_id,
+            # Capture has no anonymous access: a client without credentials talks to another broker.
+            scope=bool(scope) and auth is not None,
             max_packet_size=max_packet_size,
             inflight=inflight,
             offline=offline,
@@ -763,8 +769,7 @@ class Subscription(_SubscriptionBase):
             try:
                 callback(item)
             except Exception as err:
-                log.exception("a subscription callback raised; the stream goes on")
-                self._report(err)
+                self._report(err, "a callback raised; the stream goes on")
 
     def _items(self, *, report_errors: bool = False) -> Iterator[Any]:
         # Items come in chunks: one wait (with the interpreter lock released) per chunk.
@@ -783,14 +788,15 @@ class Subscription(_SubscriptionBase):
                 if keep(item):
                     yield item
 
-    def _report(self, err: BaseException) -> None:
+    def _report(self, err: BaseException, what: str = "it ended") -> None:
+        # Reported once: to on_error when there is one, else logged (a callback has no caller to raise to).
         if self._on_error is not None:
             try:
                 self._on_error(err)
             except Exception:
                 log.exception("an on_error hook raised")
         else:
-            log.error("subscription to %r: %s", self.filter, err)
+            log.error("subscription to %r: %s: %s", self.filter, what, err, exc_info=err)
 
     def get(self, timeout: float | None = None) -> Any:
         """The next item, waiting up to ``timeout`` seconds (forever with None); None on timeout.

@@ -7,7 +7,7 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self, TypeAlias
 
 from . import _core
 from .client import AsyncClient, AsyncSubscription, Client, Subscription, _BaseClient, _env_options, _url_options
@@ -15,11 +15,9 @@ from .errors import TopicError
 
 __all__ = ["AsyncSourceClient", "SourceClient", "load_auth_config"]
 
-SCOPE_RULE = (
-    "a source account can only publish and subscribe within its own v1/sources/<SourceID>/... subtree; "
-    "it cannot access other sources or the raw tree"
-)
-Timestamp = Any  # datetime (naive = UTC), epoch milliseconds (int), ISO 8601 str, or None
+SCOPE_RULE = _core._scope_rule("source")
+Timestamp = Any  # an aware datetime, epoch milliseconds (int), ISO 8601 str, or None
+Naive: TypeAlias = Literal["refuse", "utc", "local"]
 
 _ALIASES = {
     "source_id": ("sourceid", "source", "id", "clientid"),
@@ -103,16 +101,6 @@ def _slices(frame: Any, rows: int) -> Any:
             return
 
 
-def _check_scope(source_id: str, topic: str, action: str) -> None:
-    prefix = f"v1/sources/{source_id}/"
-    if not topic.startswith(prefix):
-        raise TopicError(
-            f"cannot {action} {topic!r} as source {source_id!r}: {SCOPE_RULE}",
-            segment="topic",
-            value=topic,
-        )
-
-
 class _SourceMixin(_BaseClient):
     source_id: str
 
@@ -144,12 +132,14 @@ class _SourceMixin(_BaseClient):
         fields: Mapping[str, Any],
         tags: Mapping[str, str] | None,
         timestamp: Timestamp,
+        *,
+        naive: Naive = "refuse",
     ) -> tuple[str, bytes]:
         topic = self._topic(connection, measurement)
         if type(fields) is not dict:
             fields = dict(fields)
         tag_dict = tags if type(tags) is dict else (dict(tags) if tags else None)
-        return topic, _core.measurement_payload(fields, tags=tag_dict or None, timestamp=timestamp)
+        return topic, _core.measurement_payload(fields, tags=tag_dict or None, timestamp=timestamp, naive=naive)
 
     def _field_message(
         self,
@@ -160,10 +150,11 @@ class _SourceMixin(_BaseClient):
         *,
         tags: Mapping[str, str] | None,
         timestamp: Timestamp,
+        naive: Naive = "refuse",
     ) -> tuple[str, bytes]:
         topic = self._topic(connection, measurement, key)
         tag_dict = tags if type(tags) is dict else (dict(tags) if tags else None)
-        return topic, _core.field_payload(value, tags=tag_dict or None, timestamp=timestamp)
+        return topic, _core.field_payload(value, tags=tag_dict or None, timestamp=timestamp, naive=naive)
 
     def _command_filter(self, verb: str) -> str:
         if verb != "+":
@@ -193,7 +184,7 @@ class SourceClient(_SourceMixin, Client):
     ) -> None:
         self._setup_source(source_id)
         options.setdefault("account_kind", "source")
-        super().__init__(host, username=username or source_id, password=password, **options)
+        super().__init__(host, username=username or source_id, password=password, source_id=source_id, **options)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> Self:
@@ -253,20 +244,23 @@ class SourceClient(_SourceMixin, Client):
         *,
         tags: Mapping[str, str] | None = None,
         timestamp: Timestamp = None,
+        naive: Naive = "refuse",
         qos: int = 1,
         wait: bool = True,
         timeout: float = 30.0,
     ) -> Any:
-        """Pushes one measurement-level message (several fields). ``timestamp``: a datetime (naive
-        means UTC), epoch milliseconds, an ISO 8601 string, or None to let Capture stamp it. With QoS
-        1 or 2 (and ``wait``) returns once the broker acknowledged it; bad values raise
-        :class:`PayloadError` before anything is sent.
+        """Pushes one measurement-level message (several fields). ``timestamp``: an aware datetime,
+        epoch milliseconds, an ISO 8601 string, or None to let Capture stamp it. A naive datetime (no
+        tzinfo) is refused with :class:`PayloadError`, since Python reads it as local time and Capture
+        as UTC; ``naive="utc"`` or ``naive="local"`` says which it is. With QoS 1 or 2 (and ``wait``)
+        returns once the broker acknowledged it; bad values raise :class:`PayloadError` before anything
+        is sent.
 
         >>> import capture_mqtt as cm
         >>> cm.SourceClient.push.__name__
         'push'
         """
-        topic, payload = self._push_message(connection, measurement, fields, tags, timestamp)
+        topic, payload = self._push_message(connection, measurement, fields, tags, timestamp, naive=naive)
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
         # The topic is the source's own, built and checked above: straight to the native client.
@@ -281,6 +275,7 @@ class SourceClient(_SourceMixin, Client):
         *,
         tags: Mapping[str, str] | None = None,
         timestamp: Timestamp = None,
+        naive: Naive = "refuse",
         qos: int = 1,
         wait: bool = True,
         timeout: float = 30.0,
@@ -291,7 +286,9 @@ class SourceClient(_SourceMixin, Client):
         >>> cm.SourceClient.push_field.__name__
         'push_field'
         """
-        topic, payload = self._field_message(connection, measurement, key, value, tags=tags, timestamp=timestamp)
+        topic, payload = self._field_message(
+            connection, measurement, key, value, tags=tags, timestamp=timestamp, naive=naive
+        )
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
         return self._native.publish(topic, payload, qos=qos, retain=False, wait=wait, timeout=timeout)
@@ -304,14 +301,16 @@ class SourceClient(_SourceMixin, Client):
         measurement: str,
         timestamp_column: str | None = None,
         tag_columns: Sequence[str] = (),
+        naive: Naive = "refuse",
         qos: int = 1,
         timeout: float = 60.0,
     ) -> int:
         """Pushes every row of a DataFrame (pandas or Polars, a pyarrow Table, anything with
         ``__arrow_c_stream__``) as one measurement-level message, converted in Rust. Columns become
         fields, except ``timestamp_column`` (a time index is used when there is one) and ``tag_columns``;
-        a missing value (None, NaN) leaves that field out of the row. Returns the messages sent, once
-        all were acknowledged.
+        a missing value (None, NaN) leaves that field out of the row. A tz-naive time column is refused
+        (:class:`PayloadError`) unless ``naive="utc"`` or ``naive="local"`` says what it holds. Returns
+        the messages sent, once all were acknowledged.
 
         >>> import capture_mqtt as cm
         >>> cm.SourceClient.push_frame.__name__
@@ -328,6 +327,7 @@ class SourceClient(_SourceMixin, Client):
                     tag_columns=list(tag_columns),
                     qos=qos,
                     timeout=timeout,
+                    naive=naive,
                 )
             )
         return sent
@@ -339,7 +339,6 @@ class SourceClient(_SourceMixin, Client):
         >>> cm.SourceClient.publish.__name__
         'publish'
         """
-        _check_scope(self.source_id, topic, "publish to")
         return super().publish(topic, payload, **options)
 
     def subscribe(self, filter: str, **options: Any) -> Subscription:
@@ -349,7 +348,6 @@ class SourceClient(_SourceMixin, Client):
         >>> cm.SourceClient.subscribe.__name__
         'subscribe'
         """
-        _check_scope(self.source_id, filter, "subscribe to")
         return super().subscribe(filter, **options)
 
     def subscribe_raw(self, *args: Any, **kwargs: Any) -> Subscription:
@@ -390,7 +388,7 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
     ) -> None:
         self._setup_source(source_id)
         options.setdefault("account_kind", "source")
-        super().__init__(host, username=username or source_id, password=password, **options)
+        super().__init__(host, username=username or source_id, password=password, source_id=source_id, **options)
 
     async def push(
         self,
@@ -400,6 +398,7 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         *,
         tags: Mapping[str, str] | None = None,
         timestamp: Timestamp = None,
+        naive: Naive = "refuse",
         qos: int = 1,
         timeout: float = 30.0,
     ) -> None:
@@ -409,7 +408,7 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         >>> cm.AsyncSourceClient.push.__name__
         'push'
         """
-        topic, payload = self._push_message(connection, measurement, fields, tags, timestamp)
+        topic, payload = self._push_message(connection, measurement, fields, tags, timestamp, naive=naive)
         await self.publish(topic, payload, qos=qos, timeout=timeout)
 
     async def push_field(
@@ -421,6 +420,7 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         *,
         tags: Mapping[str, str] | None = None,
         timestamp: Timestamp = None,
+        naive: Naive = "refuse",
         qos: int = 1,
         timeout: float = 30.0,
     ) -> None:
@@ -430,7 +430,9 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         >>> cm.AsyncSourceClient.push_field.__name__
         'push_field'
         """
-        topic, payload = self._field_message(connection, measurement, key, value, tags=tags, timestamp=timestamp)
+        topic, payload = self._field_message(
+            connection, measurement, key, value, tags=tags, timestamp=timestamp, naive=naive
+        )
         await self.publish(topic, payload, qos=qos, timeout=timeout)
 
     async def publish(
@@ -442,7 +444,6 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         >>> cm.AsyncSourceClient.publish.__name__
         'publish'
         """
-        _check_scope(self.source_id, topic, "publish to")
         await super().publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
 
     async def commands(self, verb: str = "+", **options: Any) -> AsyncSubscription:
@@ -462,5 +463,4 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         >>> cm.AsyncSourceClient.subscribe.__name__
         'subscribe'
         """
-        _check_scope(self.source_id, filter, "subscribe to")
         return await super().subscribe(filter, **options)

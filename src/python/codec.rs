@@ -1,6 +1,6 @@
 //! Topic builders and payload writers, exposed as module functions.
 
-use super::convert::{push_time, tags_from_py, to_json};
+use super::convert::{naive_option, push_time, tags_from_py, to_json};
 use super::errors::{payload_error, topic_error};
 use crate::payload;
 use crate::topic::{self, Segment};
@@ -110,8 +110,9 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
 
 /// Writes a field-level push payload: `{"Value", "Tags", "UtcTimestamp"}`.
 ///
-/// `value` is an int, float, bool or str; `tags` a dict of str to str; `timestamp` a datetime (naive
-/// means UTC), epoch milliseconds as an int, an ISO 8601 string, or None to let Capture stamp it.
+/// `value` is an int, float, bool or str; `tags` a dict of str to str; `timestamp` an aware datetime
+/// (a naive one is refused unless `naive="utc"` or `naive="local"` says what it means), epoch
+/// milliseconds as an int, an ISO 8601 string, or None to let Capture stamp it.
 /// Datetimes and strings are written as ISO 8601 UTC with milliseconds. Raises `PayloadError` naming
 /// the field for NaN, infinity or an unsupported type.
 ///
@@ -119,16 +120,17 @@ pub fn topic_matches(filter: &str, topic: &str) -> bool {
 /// >>> cm.field_payload(55, tags={"MachineName": "M1"}, timestamp=1731061326260)
 /// b'{"Value":55,"Tags":{"MachineName":"M1"},"UtcTimestamp":1731061326260}'
 #[pyfunction]
-#[pyo3(signature = (value, *, tags = None, timestamp = None))]
+#[pyo3(signature = (value, *, tags = None, timestamp = None, naive = "refuse"))]
 pub fn field_payload<'py>(
     py: Python<'py>,
     value: &Bound<'py, PyAny>,
     tags: Option<&Bound<'py, PyAny>>,
     timestamp: Option<&Bound<'py, PyAny>>,
+    naive: &str,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let value = to_json(value, "Value", false)?;
     let tags = tags_from_py(tags)?;
-    let time = push_time(timestamp, "UtcTimestamp")?;
+    let time = push_time(timestamp, "UtcTimestamp", naive_option(naive)?)?;
     let mut out = Vec::with_capacity(128);
     payload::write_field(&mut out, &value, &tags, time).map_err(|e| payload_error(py, &e))?;
     Ok(PyBytes::new(py, &out))
@@ -142,12 +144,13 @@ pub fn field_payload<'py>(
 /// >>> cm.measurement_payload({"CPU_Temp": 55, "CPU_Load": 23.4})
 /// b'{"Fields":{"CPU_Temp":55,"CPU_Load":23.4},"Tags":{}}'
 #[pyfunction]
-#[pyo3(signature = (fields, *, tags = None, timestamp = None))]
+#[pyo3(signature = (fields, *, tags = None, timestamp = None, naive = "refuse"))]
 pub fn measurement_payload<'py>(
     py: Python<'py>,
     fields: &Bound<'py, PyAny>,
     tags: Option<&Bound<'py, PyAny>>,
     timestamp: Option<&Bound<'py, PyAny>>,
+    naive: &str,
 ) -> PyResult<Bound<'py, PyBytes>> {
     let dict = fields.cast::<PyDict>().map_err(|_| {
         super::errors::payload_error_in(
@@ -170,7 +173,7 @@ pub fn measurement_payload<'py>(
         pairs.push((name, value));
     }
     let tags = tags_from_py(tags)?;
-    let time = push_time(timestamp, "UtcTimestamp")?;
+    let time = push_time(timestamp, "UtcTimestamp", naive_option(naive)?)?;
     let mut out = Vec::with_capacity(64 + 32 * pairs.len());
     payload::write_measurement(&mut out, &pairs, &tags, time).map_err(|e| payload_error(py, &e))?;
     Ok(PyBytes::new(py, &out))
@@ -242,4 +245,14 @@ pub fn command_payload<'py>(
     let mut out = Vec::with_capacity(96);
     payload::write_command(&mut out, &target, mapping, &value);
     Ok(PyBytes::new(py, &out))
+}
+
+/// The scope rule of an account kind (`"user"`, `"source"`), in the words the scope checks use.
+#[pyfunction]
+pub fn _scope_rule(kind: &str) -> &'static str {
+    crate::scope::rule(match kind {
+        "user" => crate::scope::AccountKind::User,
+        "source" => crate::scope::AccountKind::Source,
+        _ => crate::scope::AccountKind::Unknown,
+    })
 }

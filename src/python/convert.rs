@@ -2,7 +2,7 @@
 
 use super::errors::{payload_error_in, timestamp_error};
 use crate::payload::PushTime;
-use crate::timestamp::{self, NANOS_PER_SEC};
+use crate::timestamp::{self, Naive, NANOS_PER_SEC};
 use chrono::{Datelike, Timelike};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -73,10 +73,32 @@ pub fn is_datetime(obj: &Bound<'_, PyAny>) -> PyResult<bool> {
     obj.is_instance(datetime_class(obj.py())?)
 }
 
-/// A `datetime` as nanoseconds since the epoch; a naive one is taken as UTC.
-pub fn datetime_to_nanos(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<i64> {
+/// A `datetime` as nanoseconds since the epoch; a naive one as `naive` says (refused by default).
+pub fn datetime_to_nanos(obj: &Bound<'_, PyAny>, field: &str, naive: Naive) -> PyResult<i64> {
     let py = obj.py();
     let aware = !obj.getattr("tzinfo")?.is_none() && !obj.call_method0("utcoffset")?.is_none();
+    if !aware {
+        let wall = aware_or_wall_nanos(obj, field, false)?;
+        return naive.resolve(wall).ok_or_else(|| {
+            let shown = obj.str().map(|s| s.to_string()).unwrap_or_default();
+            payload_error_in(
+                py,
+                field,
+                &format!(
+                    "{field} {shown} is a naive datetime (no tzinfo): Python reads it as local time, Capture as \
+                     UTC, so it would be shifted by the UTC offset; pass an aware datetime \
+                     (datetime.now(timezone.utc), dt.replace(tzinfo=...)), or say what it means with \
+                     naive=\"utc\" or naive=\"local\""
+                ),
+            )
+        });
+    }
+    aware_or_wall_nanos(obj, field, true)
+}
+
+/// Nanoseconds since the epoch of an aware `datetime`, or of a naive one's wall-clock time read as UTC.
+fn aware_or_wall_nanos(obj: &Bound<'_, PyAny>, field: &str, aware: bool) -> PyResult<i64> {
+    let py = obj.py();
     if aware && obj.get_type().is(datetime_class(py)?) {
         // A plain aware datetime (the common case): two calls. The float seconds are exact to far
         // better than half a second; the microseconds come exactly from the attribute.
@@ -114,9 +136,9 @@ pub fn datetime_to_nanos(obj: &Bound<'_, PyAny>, field: &str) -> PyResult<i64> {
         })
 }
 
-/// A user's timestamp for a push: `None` (Capture stamps it), a `datetime` (naive = UTC), epoch
-/// milliseconds as an `int`, or an ISO 8601 string.
-pub fn push_time(obj: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<PushTime> {
+/// A user's timestamp for a push: `None` (Capture stamps it), a `datetime` (a naive one as `naive`
+/// says), epoch milliseconds as an `int`, or an ISO 8601 string.
+pub fn push_time(obj: Option<&Bound<'_, PyAny>>, field: &str, naive: Naive) -> PyResult<PushTime> {
     let Some(obj) = obj.filter(|o| !o.is_none()) else {
         return Ok(PushTime::Omit);
     };
@@ -138,7 +160,7 @@ pub fn push_time(obj: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<PushTi
             .map_err(|e| timestamp_error(py, field, &e));
     }
     if is_datetime(obj)? {
-        return datetime_to_nanos(obj, field).map(PushTime::Iso);
+        return datetime_to_nanos(obj, field, naive).map(PushTime::Iso);
     }
     let kind = obj.get_type().name()?;
     let hint = if obj.is_instance_of::<PyFloat>() {
@@ -326,10 +348,19 @@ pub fn payload_bytes<'a>(obj: &'a Bound<'_, PyAny>) -> PyResult<Cow<'a, [u8]>> {
 pub fn nanos_or_now(obj: Option<&Bound<'_, PyAny>>, field: &str) -> PyResult<i64> {
     match obj.filter(|o| !o.is_none()) {
         None => Ok(timestamp::now_nanos()),
-        Some(obj) if is_datetime(obj)? => datetime_to_nanos(obj, field),
+        Some(obj) if is_datetime(obj)? => datetime_to_nanos(obj, field, Naive::Utc),
         Some(obj) => Err(pyo3::exceptions::PyTypeError::new_err(format!(
             "{field} must be a datetime or None, not {}",
             obj.get_type().name()?
         ))),
     }
+}
+
+/// The `naive=` argument: what a datetime without a time zone means.
+pub fn naive_option(text: &str) -> PyResult<Naive> {
+    Naive::parse(text).ok_or_else(|| {
+        pyo3::exceptions::PyValueError::new_err(format!(
+            "naive must be \"refuse\", \"utc\" or \"local\", not {text:?}"
+        ))
+    })
 }

@@ -116,5 +116,6 @@ pub fn session_error(py: Python<'_>, err: &SessionError) -> PyErr {
             raise(py, &SESSION_ERRORS[5], "QueueFullError", &message, &[])
         }
         SessionError::TooLarge(_) => payload_error_in(py, "payload", &message),
+        SessionError::OutOfScope(err) => topic_error(py, err),
     }
 }

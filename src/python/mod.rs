@@ -41,6 +41,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(codec::command_topic, m)?)?;
     m.add_function(wrap_pyfunction!(codec::validate_filter, m)?)?;
     m.add_function(wrap_pyfunction!(codec::topic_matches, m)?)?;
+    m.add_function(wrap_pyfunction!(codec::_scope_rule, m)?)?;
     m.add_function(wrap_pyfunction!(codec::field_payload, m)?)?;
     m.add_function(wrap_pyfunction!(codec::measurement_payload, m)?)?;
     m.add_function(wrap_pyfunction!(codec::command_payload, m)?)?;

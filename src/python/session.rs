@@ -7,7 +7,7 @@ use super::model::{PyCommand, PyDataPoint};
 use crate::columnar;
 use crate::session::{
     self, AccountKind, Credentials, CredentialsFuture, CredentialsProvider, Decode, Event, Item,
-    OfflinePolicy, Overflow, Pop, Protocol, Queue, Reconnect, Route, Secret, Session,
+    OfflinePolicy, Overflow, Pop, Protocol, Queue, Reconnect, Route, Scope, Secret, Session,
     SessionConfig, SessionError, StaticCredentials, TlsOptions, Transport,
 };
 use crate::timestamp;
@@ -146,7 +146,7 @@ impl PySession {
     #[new]
     #[pyo3(signature = (host, *, transport, port, path, ca_pem, tls_insecure, client_id, clean_session, keepalive,
                         reconnect, min_delay, max_delay, jitter, connect_timeout, protocol, username, password,
-                        token_callable, account_kind, max_packet_size, inflight, offline, max_queued))]
+                        token_callable, account_kind, company, source_id, scope, max_packet_size, inflight, offline, max_queued))]
     fn new(
         host: String,
         transport: &str,
@@ -167,6 +167,9 @@ impl PySession {
         password: Option<String>,
         token_callable: bool,
         account_kind: &str,
+        company: Option<&str>,
+        source_id: Option<&str>,
+        scope: bool,
         max_packet_size: usize,
         inflight: u16,
         offline: &str,
@@ -201,6 +204,9 @@ impl PySession {
             "source" => AccountKind::Source,
             _ => AccountKind::Unknown,
         };
+        if scope {
+            config.scope = Scope::new(config.account_kind, company, source_id);
+        }
         config.max_packet_size = max_packet_size;
         config.inflight = inflight;
         config.offline_policy = OfflinePolicy::parse(offline).ok_or_else(|| {
@@ -367,7 +373,7 @@ impl PySession {
     /// Publishes every row of an Arrow stream (a pandas or Polars DataFrame, a pyarrow Table, ...) as
     /// one measurement-level message to `topic`, in Rust; waits for the acknowledgements of QoS 1/2.
     /// Returns how many messages were sent (rows without any value are skipped).
-    #[pyo3(signature = (data, topic, *, timestamp_column, tag_columns, qos, timeout))]
+    #[pyo3(signature = (data, topic, *, timestamp_column, tag_columns, qos, timeout, naive = "refuse"))]
     fn push_frame(
         &self,
         py: Python<'_>,
@@ -377,7 +383,9 @@ impl PySession {
         tag_columns: Vec<String>,
         qos: u8,
         timeout: f64,
+        naive: &str,
     ) -> PyResult<usize> {
+        let naive = super::convert::naive_option(naive)?;
         if !data.hasattr("__arrow_c_stream__")? {
             return Err(PyTypeError::new_err(format!(
                 "push_frame takes a pandas or Polars DataFrame, a pyarrow Table, or anything with __arrow_c_stream__, not {}",
@@ -399,9 +407,13 @@ impl PySession {
             let mut sent = 0usize;
             let mut waiting = std::collections::VecDeque::new();
             for batch in batches {
-                let rows =
-                    columnar::FrameRows::new(&batch, timestamp_column.as_deref(), &tag_columns)
-                        .map_err(FrameError::Payload)?;
+                let rows = columnar::FrameRows::new(
+                    &batch,
+                    timestamp_column.as_deref(),
+                    &tag_columns,
+                    naive,
+                )
+                .map_err(FrameError::Payload)?;
                 for row in 0..rows.len() {
                     let Some(payload) = rows.payload(row).map_err(FrameError::Payload)? else {
                         continue;

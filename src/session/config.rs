@@ -80,16 +80,7 @@ pub struct Credentials {
     pub password: Secret,
 }
 
-/// The kind of account, for error messages that say what the account may access.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AccountKind {
-    /// A user account (password, JWT or API token): subscribes to the raw tree, sends commands.
-    User,
-    /// A source (device) account: only its own `v1/sources/<id>/...` subtree.
-    Source,
-    /// Not known (a plain MQTT broker).
-    Unknown,
-}
+pub use crate::scope::{AccountKind, Scope};
 
 pub type CredentialsFuture = Pin<Box<dyn Future<Output = Result<Credentials, String>> + Send>>;
 
@@ -204,6 +195,8 @@ pub struct SessionConfig {
     /// Who the credentials belong to (for error messages), e.g. the username.
     pub account_name: String,
     pub account_kind: AccountKind,
+    /// What the account may subscribe to and publish to, checked before anything is sent.
+    pub scope: Scope,
     /// Largest packet sent or received: Capture's 1 MB by default (the broker's own limit under MQTT 5 when smaller).
     pub max_packet_size: usize,
     /// Most unacknowledged QoS 1/2 publishes at once.
@@ -243,6 +236,7 @@ impl SessionConfig {
             credentials: None,
             account_name: String::new(),
             account_kind: AccountKind::Unknown,
+            scope: Scope::Open,
             max_packet_size: 1024 * 1024,
             inflight: 512,
             offline_capacity: 10_000,

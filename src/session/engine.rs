@@ -574,11 +574,8 @@ impl Task {
                         &topic,
                         "the broker closed the connection right after the PUBLISH, three times, as Capture does",
                     );
-                    log::warn!("{error}");
                     if let Some(mut tag) = self.proto.forget(pkid) {
-                        if let Some(tx) = tag.tx.take() {
-                            let _ = tx.send(Err(error));
-                        }
+                        report_failure(tag.tx.take(), error);
                     }
                 }
             }
@@ -596,8 +593,9 @@ impl Task {
             *routes = kept;
             refused
         };
+        // Reported once: by the exception of subscribe(), or as the subscription's last item.
+        log::debug!("{error}");
         for route in refused {
-            log::warn!("{error}");
             route.queue.push_control(Item::Error(error.clone()));
             route.queue.close();
             route.settle(RouteState::Failed(error.clone()));
@@ -752,14 +750,15 @@ impl Task {
                         }
                         Ok(())
                     }
-                    Err(how) => {
-                        let error = authorization(shared, Action::Publish, &tag.topic, &how);
-                        log::warn!("{error}");
-                        Err(error)
-                    }
+                    Err(how) => Err(authorization(shared, Action::Publish, &tag.topic, &how)),
                 };
-                if let Some(tx) = tag.tx.take() {
-                    let _ = tx.send(outcome);
+                match outcome {
+                    Ok(()) => {
+                        if let Some(tx) = tag.tx.take() {
+                            let _ = tx.send(Ok(()));
+                        }
+                    }
+                    Err(error) => report_failure(tag.tx.take(), error),
                 }
             }
             Output::SubAck(tag, codes) => {
@@ -1030,10 +1029,7 @@ impl Task {
                     }
                     Err((too_large, mut tag)) => {
                         let error = super::too_large(&tag.topic, too_large.size, too_large.limit);
-                        log::warn!("{error}");
-                        if let Some(tx) = tag.tx.take() {
-                            let _ = tx.send(Err(error));
-                        }
+                        report_failure(tag.tx.take(), error);
                     }
                 }
             }
@@ -1247,5 +1243,18 @@ impl Drop for Task {
         if !self.shared.events.is_closed() {
             self.finish();
         }
+    }
+}
+
+/// Hands a failed publish's error to whoever waits for it: a failure is reported once, by that
+/// exception (with the detail at DEBUG); only when nobody waits for it any more is it a WARNING.
+fn report_failure(tx: Option<oneshot::Sender<Result<(), SessionError>>>, error: SessionError) {
+    log::debug!("{error}");
+    let unheard = match tx {
+        Some(tx) => tx.send(Err(error)).err().and_then(Result::err),
+        None => Some(error),
+    };
+    if let Some(error) = unheard {
+        log::warn!("{error} (nobody waited for this publish's outcome)");
     }
 }

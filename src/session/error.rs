@@ -3,12 +3,8 @@
 use super::config::AccountKind;
 use std::fmt;
 
-/// Whether an authorization refusal was for a subscribe or a publish.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
-    Subscribe,
-    Publish,
-}
+pub use crate::scope::Action;
+use crate::topic::TopicError;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionError {
@@ -30,6 +26,8 @@ pub enum SessionError {
     QueueFull(String),
     /// A message over the packet size limit: never sent.
     TooLarge(String),
+    /// A subscribe or publish outside the account's scope, refused before anything was sent.
+    OutOfScope(TopicError),
     /// The session was closed.
     Closed,
 }
@@ -37,17 +35,7 @@ pub enum SessionError {
 impl SessionError {
     /// The scope rule of an account kind, quoted from Capture's MQTT page.
     pub fn scope_rule(kind: AccountKind) -> &'static str {
-        match kind {
-            AccountKind::User => {
-                "a user account may subscribe to its company's raw tree (v1/raw/<Company>/..., the company \
-                 named exactly) and publish commands to v1/sources/<SourceID>/cmd/writedata of its company's sources"
-            }
-            AccountKind::Source => {
-                "a source account can only publish and subscribe within its own v1/sources/<SourceID>/... \
-                 subtree; it cannot access other sources or the raw tree"
-            }
-            AccountKind::Unknown => "check the account's access rules (ACL) on the broker",
-        }
+        crate::scope::rule(kind)
     }
 }
 
@@ -85,6 +73,7 @@ impl fmt::Display for SessionError {
             SessionError::Timeout(what)
             | SessionError::QueueFull(what)
             | SessionError::TooLarge(what) => f.write_str(what),
+            SessionError::OutOfScope(err) => err.fmt(f),
             SessionError::Closed => f.write_str("the client is closed"),
         }
     }

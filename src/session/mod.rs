@@ -24,7 +24,7 @@ mod tests;
 
 pub use config::{
     AccountKind, Credentials, CredentialsFuture, CredentialsProvider, OfflinePolicy, Protocol,
-    Reconnect, Secret, SessionConfig, StaticCredentials, TlsOptions, Transport,
+    Reconnect, Scope, Secret, SessionConfig, StaticCredentials, TlsOptions, Transport,
 };
 pub use error::{Action, SessionError};
 pub use queue::{Offer, Overflow, Pop, Queue};
@@ -393,6 +393,11 @@ impl Session {
         if self.is_closed() {
             return Err(SessionError::Closed);
         }
+        self.shared
+            .config
+            .scope
+            .check(Action::Subscribe, filter)
+            .map_err(SessionError::OutOfScope)?;
         let route = Arc::new(Route {
             id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
             filter: filter.to_owned(),
@@ -475,8 +480,12 @@ impl Session {
         if self.is_closed() {
             return Err(SessionError::Closed);
         }
-        self.check_size(topic, payload, qos)?;
         let config = &self.shared.config;
+        config
+            .scope
+            .check(Action::Publish, topic)
+            .map_err(SessionError::OutOfScope)?;
+        self.check_size(topic, payload, qos)?;
         let capacity = config.offline_capacity.max(1);
         {
             let mut outbox = self.shared.outbox();
