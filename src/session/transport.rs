@@ -64,22 +64,49 @@ async fn tls_stream(
 
 fn tls_error(config: &SessionConfig, e: &std::io::Error) -> SessionError {
     let address = config.address();
-    let text = e.to_string();
-    let hint = if text.contains("UnknownIssuer") {
-        "; the broker's certificate is signed by a CA this machine does not trust: pass its CA with ca_file= (or ca_pem=)"
-    } else if text.contains("NotValidForName") {
-        "; the certificate does not name this host: connect with the host name the certificate was issued for"
-    } else if text.contains("Expired") {
-        "; the broker's certificate has expired (or this machine's clock is wrong)"
-    } else if matches!(
-        e.kind(),
-        ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::InvalidData
-    ) {
-        "; is this a TLS port? For plain MQTT use transport=\"mqtt\" (port 1883)"
-    } else {
-        ""
+    let rustls_error = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let hint = match rustls_error {
+        Some(rustls::Error::InvalidCertificate(certificate)) => certificate_hint(certificate),
+        Some(rustls::Error::InvalidMessage(_)) => {
+            "; the server did not answer in TLS: is this a TLS port? For plain MQTT use transport=\"mqtt\" \
+             (port 1883)"
+        }
+        None if matches!(
+            e.kind(),
+            ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted
+        ) =>
+        {
+            "; the server hung up during the TLS handshake: is this a TLS port? For plain MQTT use \
+             transport=\"mqtt\" (port 1883)"
+        }
+        _ => "",
     };
-    SessionError::Connect(format!("TLS with {address} failed: {text}{hint}"))
+    SessionError::Connect(format!("TLS with {address} failed: {e}{hint}"))
+}
+
+/// What to do about a certificate the client refused.
+fn certificate_hint(error: &rustls::CertificateError) -> &'static str {
+    use rustls::CertificateError as C;
+    match error {
+        C::UnknownIssuer => {
+            "; the broker's certificate is signed by a CA this machine does not trust: pass its CA with \
+             ca_file= (or ca_pem=)"
+        }
+        C::NotValidForName | C::NotValidForNameContext { .. } => {
+            "; the certificate does not name this host: connect with the host name the certificate was \
+             issued for (an IP address works only when the certificate lists it)"
+        }
+        C::Expired | C::ExpiredContext { .. } => {
+            "; the broker's certificate has expired (or this machine's clock is wrong): the broker needs a \
+             new certificate"
+        }
+        C::NotValidYet | C::NotValidYetContext { .. } => {
+            "; the broker's certificate is not valid yet: check this machine's clock"
+        }
+        _ => "; the broker's certificate was refused: check ca_file= and the host name",
+    }
 }
 
 async fn websocket<S>(config: &SessionConfig, stream: S) -> Result<BoxStream, SessionError>
