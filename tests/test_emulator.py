@@ -270,7 +270,8 @@ def test_the_pytest_plugin_works_in_a_project_outside_this_repository(tmp_path: 
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        # As a project with `filterwarnings = error` runs it: a leaked file or socket fails the run.
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error", str(tmp_path)],
         cwd=tmp_path,
         capture_output=True,
         text=True,

@@ -294,17 +294,22 @@ class Mosquitto:
         """Starts the broker and waits until every listener accepts connections."""
         if self._process is not None and self._process.poll() is None:
             return self
-        self._process = subprocess.Popen(
-            [self.binary, "-c", str(self.workdir / "mosquitto.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
+        # The broker's stderr goes to a file: the broker holds its own handle, ours is closed at once,
+        # so nothing is left open for a ResourceWarning (a pipe would be, until someone read it).
+        stderr_path = self.workdir / "stderr.log"
+        with stderr_path.open("wb") as stderr:
+            self._process = subprocess.Popen(
+                [self.binary, "-c", str(self.workdir / "mosquitto.conf")],
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                start_new_session=True,
+            )
         ports = [p for p in (self.mqtt_port, self.mqtts_port, self.wss_port, self.ws_port) if p]
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                err = self._process.stderr.read().decode() if self._process.stderr else ""
+                err = stderr_path.read_text(errors="replace")
+                self._process = None
                 raise RuntimeError(f"Mosquitto exited at start: {err.strip()}\n{self.log_tail()}")
             if all(_accepts(self.host, port) for port in ports):
                 return self
