@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -42,6 +43,18 @@ def test_tail_prints_json_lines(capture_user: User, plant: SimulatedPlant) -> No
     assert {r["tags"]["MachineName"] for r in records} <= {"Press1", "Press2"}
     assert all(r["topic"].startswith(f"v1/raw/{capture_user.company.name}/") for r in records)
     assert {"timestamp", "source_id", "connection_tag", "measurement", "key", "value"} <= set(records[0])
+    # One timestamp form, whole seconds included: UTC with microseconds and "Z".
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", r["timestamp"]) for r in records)
+
+
+def test_tail_json_writes_one_timestamp_form_whole_seconds_included() -> None:
+    from capture_mqtt.cli import _point_record
+
+    topic = "v1/raw/AcmeCorp/s1/PLC/Monitoring/CPU_Temp"
+    whole = cm.parse_raw(topic, b'{"Value": 1, "UtcTimestamp": "2024-11-08T10:22:06Z"}')
+    fraction = cm.parse_raw(topic, b'{"Value": 1, "UtcTimestamp": "2024-11-08T10:22:06.26Z"}')
+    assert _point_record(whole)["timestamp"] == "2024-11-08T10:22:06.000000Z"
+    assert _point_record(fraction)["timestamp"] == "2024-11-08T10:22:06.260000Z"
 
 
 def test_tail_prints_a_live_table_over_websockets(capture_user: User, plant: SimulatedPlant) -> None:
@@ -50,7 +63,7 @@ def test_tail_prints_a_live_table_over_websockets(capture_user: User, plant: Sim
     )
     assert done.returncode == 0, done.stderr
     header, *rows = done.stdout.splitlines()
-    assert header.split()[:6] == ["time", "source", "connection", "measurement", "key", "value"]
+    assert header.split()[:6] == ["time(UTC)", "source", "connection", "measurement", "key", "value"]
     assert len(rows) == 3 and all("Temperature" in row and "MachineName=Press" in row for row in rows)
 
 
@@ -62,7 +75,8 @@ def test_collect_writes_a_file(capture_user: User, plant: SimulatedPlant, tmp_pa
     frame = pd.read_parquet(output) if suffix == ".parquet" else pd.read_csv(output)
     assert len(frame) >= 20 and f"wrote {len(frame)} rows" in done.stdout
     assert set(frame["MachineName"]) == {"Press1", "Press2"}
-    assert "rows" in done.stderr  # the progress bar
+    # The progress bar runs over the 1.5 seconds asked for, with the rows beside it.
+    assert "1.5/1.5" in done.stderr and "rows=" in done.stderr
 
 
 def test_push_sends_typed_fields_and_tags(capture_client: cm.Client, capture_source: Source) -> None:

@@ -253,7 +253,7 @@ def test_closed_clients_raise_closed_error(watched: tuple[Mosquitto, Spy]) -> No
         client.publish("a/b", b"1")
     with pytest.raises(cm.ClosedError):
         client.subscribe_raw()
-    with pytest.raises(cm.ClosedError):
+    with pytest.raises(cm.ClosedError, match="the client is closed"):
         sub.get(timeout=0.1)
     assert spy.nothing_arrived(0.3)
 

@@ -305,8 +305,9 @@ def test_close_unsubscribes_at_the_broker(broker: Mosquitto) -> None:
         pipeline.publish(TOPIC, cm.field_payload(1), qos=1)
         assert sub.get(timeout=5) is not None
         sub.close()
-        with pytest.raises(cm.ClosedError):
+        with pytest.raises(cm.ClosedError, match=r"the subscription to \"v1/raw/.*\" has ended"):
             sub.get(timeout=1)
+        assert client.is_connected
         for i in range(5):
             pipeline.publish(TOPIC, cm.field_payload(i), qos=1)
         time.sleep(0.5)

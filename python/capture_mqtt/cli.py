@@ -131,7 +131,8 @@ def _source_client(args: argparse.Namespace) -> cm.SourceClient:
 def _point_record(point: Any) -> dict[str, Any]:
     return {
         "topic": point.topic,
-        "timestamp": point.timestamp.isoformat().replace("+00:00", "Z"),
+        # One form for every record: UTC, microseconds always written, "Z".
+        "timestamp": point.timestamp.isoformat(timespec="microseconds").replace("+00:00", "Z"),
         "source_id": point.source_id,
         "connection_tag": point.connection_tag,
         "measurement": point.measurement,
@@ -146,7 +147,7 @@ def _short(value: object, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-COLUMNS = (("time", 12), ("source", 10), ("connection", 12), ("measurement", 14), ("key", 16), ("value", 14))
+COLUMNS = (("time(UTC)", 12), ("source", 10), ("connection", 12), ("measurement", 14), ("key", 16), ("value", 14))
 
 
 def _table_header() -> str:

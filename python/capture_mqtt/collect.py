@@ -30,6 +30,30 @@ def _progress_bar(progress: bool | None, total: float | None, unit: str) -> Any:
     return tqdm(total=total, unit=unit, desc="collecting", dynamic_ncols=True)
 
 
+class _Progress:
+    """A bar over the seconds when time is the limit (the rows beside it), else over the rows."""
+
+    def __init__(self, progress: bool | None, seconds: float | None, max_rows: int | None) -> None:
+        self.by_time = max_rows is None and seconds is not None
+        self.seconds = float(seconds or 0)
+        self.start = time.monotonic()
+        self.bar = _progress_bar(progress, seconds if self.by_time else max_rows, "s" if self.by_time else "rows")
+
+    def update(self, added: int, rows: int) -> None:
+        if self.bar is None:
+            return
+        if self.by_time:
+            self.bar.n = round(min(self.seconds, time.monotonic() - self.start), 1)
+            self.bar.set_postfix(rows=rows, refresh=False)
+            self.bar.refresh()
+        elif added:
+            self.bar.update(added)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _check_limits(seconds: float | None, max_rows: int | None) -> None:
     if seconds is None and max_rows is None:
         raise ValueError("give seconds=..., max_rows=... or both: collect needs to know when to stop")
@@ -68,7 +92,7 @@ def collect(
     else:
         subscription = source
     deadline = None if seconds is None else time.monotonic() + seconds
-    bar = _progress_bar(progress, max_rows, "rows")
+    bar = _Progress(progress, seconds, max_rows)
     parts: list[Batch] = []
     rows = 0
     try:
@@ -86,13 +110,11 @@ def collect(
             if len(part):
                 parts.append(part)
                 rows += len(part)
-                if bar is not None:
-                    bar.update(len(part))
+            bar.update(len(part), rows)
     except KeyboardInterrupt:
         log.info("collect interrupted: keeping the %d rows gathered", rows)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         if owned:
             with contextlib.suppress(Exception):
                 subscription.close()

@@ -111,7 +111,9 @@ pub fn session_error(py: Python<'_>, err: &SessionError) -> PyErr {
             )
         }
         SessionError::Timeout(_) => raise(py, &SESSION_ERRORS[3], "TimeoutError", &message, &[]),
-        SessionError::Closed => raise(py, &SESSION_ERRORS[4], "ClosedError", &message, &[]),
+        SessionError::Closed | SessionError::Ended(_) => {
+            raise(py, &SESSION_ERRORS[4], "ClosedError", &message, &[])
+        }
         SessionError::QueueFull(_) => {
             raise(py, &SESSION_ERRORS[5], "QueueFullError", &message, &[])
         }

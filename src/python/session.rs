@@ -645,6 +645,16 @@ pub struct PySubscription {
 }
 
 impl PySubscription {
+    /// The error of a subscription with nothing more to give: the client's closing, or its own end.
+    fn ended(&self, py: Python<'_>) -> PyErr {
+        let error = if self.session.is_closed() {
+            SessionError::Closed
+        } else {
+            SessionError::Ended(self.route.filter.clone())
+        };
+        session_error(py, &error)
+    }
+
     /// Converts up to `max_items` queued items, stopping before an error item (left for the next call).
     fn take_ready<'py>(
         &self,
@@ -714,7 +724,7 @@ impl PySubscription {
             match py.detach(|| queue.pop_wait(Some(wait))) {
                 Pop::Item(item) => return item_to_py(py, item).map(Some),
                 Pop::Closed => {
-                    return Err(session_error(py, &SessionError::Closed));
+                    return Err(self.ended(py));
                 }
                 Pop::Timeout => {
                     py.check_signals()?;
@@ -752,7 +762,7 @@ impl PySubscription {
             match self.route.queue.try_pop() {
                 Pop::Item(Item::Error(err)) => return Err(session_error(py, &err)),
                 Pop::Item(other) => return Ok(vec![item_to_py(py, other)?]),
-                Pop::Closed => return Err(session_error(py, &SessionError::Closed)),
+                Pop::Closed => return Err(self.ended(py)),
                 Pop::Timeout => {}
             }
         }
@@ -831,7 +841,7 @@ impl PySubscription {
             }
         }
         if closed && builder.is_empty() && malformed.is_empty() {
-            return Err(session_error(py, &SessionError::Closed));
+            return Err(self.ended(py));
         }
         let batch = builder
             .finish()

@@ -30,6 +30,8 @@ pub enum SessionError {
     OutOfScope(TopicError),
     /// The session was closed.
     Closed,
+    /// A subscription ended (closed, or refused) while its client goes on: its filter.
+    Ended(String),
 }
 
 impl SessionError {
@@ -75,6 +77,10 @@ impl fmt::Display for SessionError {
             | SessionError::TooLarge(what) => f.write_str(what),
             SessionError::OutOfScope(err) => err.fmt(f),
             SessionError::Closed => f.write_str("the client is closed"),
+            SessionError::Ended(filter) => write!(
+                f,
+                "the subscription to {filter:?} has ended (it was closed or refused); subscribe again to go on"
+            ),
         }
     }
 }
