@@ -3,12 +3,17 @@
 //!
 //! Columns: `timestamp` and `received_at` (UTC, nanoseconds), `company`, `source_id`,
 //! `connection_tag`, `measurement`, `key`, `value` (float64: numbers, and booleans as 1.0/0.0),
-//! `value_text` (strings; lists and objects as JSON text; null for numbers and booleans), `tags`
-//! (a map of string to string), and one string column per tag asked for in `tag_columns`.
+//! `value_text` (strings; lists and objects as JSON text; null for numbers and booleans),
+//! `value_type` (what the JSON value was: `int`, `float`, `bool`, `string`, `json` or `null`, so that
+//! a frame can give each key its natural dtype), `tags` (a map of string to string), and one string
+//! column per tag asked for in `tag_columns`.
 
 use crate::payload::RawPoint;
 use arrow_array::builder::{Float64Builder, MapBuilder, StringBuilder, TimestampNanosecondBuilder};
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::types::Int8Type;
+use arrow_array::{
+    Array, ArrayRef, DictionaryArray, Int8Array, MapArray, RecordBatch, StringArray, StructArray,
+};
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef, TimeUnit};
 use serde_json::Value;
 use std::sync::Arc;
@@ -22,6 +27,32 @@ pub struct BatchOptions {
 
 fn utc_timestamp() -> DataType {
     DataType::Timestamp(TimeUnit::Nanosecond, Some("UTC".into()))
+}
+
+/// The kinds of JSON value in the `value_type` column, by their dictionary key.
+pub const VALUE_TYPES: [&str; 6] = ["int", "float", "bool", "string", "json", "null"];
+
+/// The one dictionary of every `value_type` column: batches that share it concatenate without
+/// repeating it (pandas refuses a categorical with repeated categories).
+fn value_type_names() -> ArrayRef {
+    static NAMES: std::sync::OnceLock<ArrayRef> = std::sync::OnceLock::new();
+    Arc::clone(NAMES.get_or_init(|| Arc::new(StringArray::from(VALUE_TYPES.to_vec()))))
+}
+
+fn value_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::Int8), Box::new(DataType::Utf8))
+}
+
+/// The dictionary key of a JSON value's kind in `VALUE_TYPES`.
+fn kind_of(value: &Value) -> i8 {
+    match value {
+        Value::Number(n) if n.is_f64() => 1,
+        Value::Number(_) => 0,
+        Value::Bool(_) => 2,
+        Value::String(_) => 3,
+        Value::Array(_) | Value::Object(_) => 4,
+        Value::Null => 5,
+    }
 }
 
 /// The schema of batches built with `options`.
@@ -47,6 +78,7 @@ pub fn schema(options: &BatchOptions) -> SchemaRef {
         Field::new("key", DataType::Utf8, false),
         Field::new("value", DataType::Float64, true),
         Field::new("value_text", DataType::Utf8, true),
+        Field::new("value_type", value_type(), false),
         Field::new("tags", DataType::Map(Arc::new(entries), false), false),
     ];
     for tag in &options.tag_columns {
@@ -67,6 +99,7 @@ pub struct BatchBuilder {
     key: StringBuilder,
     value: Float64Builder,
     value_text: StringBuilder,
+    value_type: Vec<i8>,
     tags: MapBuilder<StringBuilder, StringBuilder>,
     tag_columns: Vec<StringBuilder>,
     rows: usize,
@@ -86,6 +119,7 @@ impl BatchBuilder {
             key: text(),
             value: Float64Builder::with_capacity(capacity),
             value_text: text(),
+            value_type: Vec::with_capacity(capacity),
             tags: MapBuilder::new(None, StringBuilder::new(), StringBuilder::new()),
             tag_columns,
             options,
@@ -109,6 +143,7 @@ impl BatchBuilder {
             .append_value(point.topic.connection_tag());
         self.measurement.append_value(point.topic.measurement());
         self.key.append_value(point.topic.key());
+        self.value_type.push(kind_of(&point.value));
         match &point.value {
             Value::Number(n) => {
                 self.value.append_option(n.as_f64());
@@ -156,6 +191,10 @@ impl BatchBuilder {
             Arc::new(self.key.finish()),
             Arc::new(self.value.finish()),
             Arc::new(self.value_text.finish()),
+            Arc::new(DictionaryArray::<Int8Type>::try_new(
+                Int8Array::from(std::mem::take(&mut self.value_type)),
+                value_type_names(),
+            )?),
             Arc::new(self.tags.finish()),
         ];
         for column in &mut self.tag_columns {
@@ -164,6 +203,67 @@ impl BatchBuilder {
         self.rows = 0;
         RecordBatch::try_new(schema(&self.options), columns)
     }
+}
+
+/// `batch` with its `tags` map as a struct of one nullable string field per tag name that occurs
+/// (sorted by name), null where a row lacks the tag: a cell reads as a dict in pandas
+/// (`df.tags[0]["MachineName"]`) and a field as a column (`df.tags.struct.field("MachineName")`).
+pub fn tags_to_struct(batch: &RecordBatch) -> Result<RecordBatch, ArrowError> {
+    let schema = batch.schema();
+    let Ok(at) = schema.index_of("tags") else {
+        return Ok(batch.clone());
+    };
+    let Some(map) = batch.column(at).as_any().downcast_ref::<MapArray>() else {
+        return Ok(batch.clone());
+    };
+    let keys = map
+        .keys()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .ok_or_else(|| ArrowError::SchemaError("tag names must be strings".into()))?;
+    let values = map
+        .values()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .ok_or_else(|| ArrowError::SchemaError("tag values must be strings".into()))?;
+    let mut names: Vec<&str> = keys.iter().flatten().collect();
+    names.sort_unstable();
+    names.dedup();
+    let slot: std::collections::HashMap<&str, usize> =
+        names.iter().enumerate().map(|(i, n)| (*n, i)).collect();
+    let rows = map.len();
+    let mut columns: Vec<Vec<Option<&str>>> = vec![vec![None; rows]; names.len()];
+    let offsets = map.value_offsets();
+    for row in 0..rows {
+        #[allow(clippy::cast_sign_loss)] // offsets of a valid array are never negative
+        for entry in offsets[row] as usize..offsets[row + 1] as usize {
+            if keys.is_null(entry) {
+                continue;
+            }
+            let cell = &mut columns[slot[keys.value(entry)]][row];
+            if cell.is_none() && values.is_valid(entry) {
+                *cell = Some(values.value(entry));
+            }
+        }
+    }
+    let fields: Vec<Field> = names
+        .iter()
+        .map(|n| Field::new(*n, DataType::Utf8, true))
+        .collect();
+    let arrays: Vec<ArrayRef> = columns
+        .into_iter()
+        .map(|c| Arc::new(StringArray::from(c)) as ArrayRef)
+        .collect();
+    let tags = if fields.is_empty() {
+        StructArray::new_empty_fields(rows, None)
+    } else {
+        StructArray::try_new(fields.into(), arrays, None)?
+    };
+    let mut new_fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    new_fields[at] = Field::new("tags", tags.data_type().clone(), false);
+    let mut new_columns = batch.columns().to_vec();
+    new_columns[at] = Arc::new(tags);
+    RecordBatch::try_new(Arc::new(Schema::new(new_fields)), new_columns)
 }
 
 /// One record batch of `points`.
@@ -250,6 +350,58 @@ mod tests {
         assert_eq!(tags.value(3).len(), 2);
         let keys = batch.column_by_name("key").unwrap().as_string::<i32>();
         assert_eq!(keys.value(4), "list");
+        let kinds = batch
+            .column_by_name("value_type")
+            .unwrap()
+            .as_dictionary::<Int8Type>();
+        let named: Vec<&str> = kinds
+            .keys()
+            .values()
+            .iter()
+            .map(|k| VALUE_TYPES[usize::try_from(*k).unwrap()])
+            .collect();
+        assert_eq!(named, ["int", "float", "bool", "string", "json", "null"]);
+    }
+
+    #[test]
+    fn tags_become_a_struct_with_a_field_per_name() {
+        let points = vec![
+            point(
+                "a",
+                r#"{"Value": 1, "Tags": {"MachineName": "M1", "Line": "2"}}"#,
+            ),
+            point("b", r#"{"Value": 2}"#),
+            point("c", r#"{"Value": 3, "Tags": {"MachineName": "M2"}}"#),
+        ];
+        let batch = build(&points, &BatchOptions::default()).unwrap();
+        let shaped = tags_to_struct(&batch).unwrap();
+        let tags = shaped.column_by_name("tags").unwrap().as_struct();
+        assert_eq!(tags.column_names(), ["Line", "MachineName"]);
+        let machine = tags
+            .column_by_name("MachineName")
+            .unwrap()
+            .as_string::<i32>();
+        assert_eq!(machine.value(0), "M1");
+        assert!(machine.is_null(1));
+        assert_eq!(machine.value(2), "M2");
+        let line = tags.column_by_name("Line").unwrap().as_string::<i32>();
+        assert!(line.is_null(2));
+        let empty = build(&[point("b", r#"{"Value": 2}"#)], &BatchOptions::default()).unwrap();
+        assert_eq!(tags_to_struct(&empty).unwrap().num_rows(), 1);
+    }
+
+    #[test]
+    fn concatenated_batches_share_one_value_type_dictionary() {
+        let options = BatchOptions::default();
+        let a = build(&[point("a", r#"{"Value": 1}"#)], &options).unwrap();
+        let b = build(&[point("b", r#"{"Value": "x"}"#)], &options).unwrap();
+        let joined = concat(&schema(&options), &[a, b]).unwrap();
+        let kinds = joined
+            .column_by_name("value_type")
+            .unwrap()
+            .as_dictionary::<Int8Type>();
+        assert_eq!(kinds.values().len(), VALUE_TYPES.len());
+        assert_eq!(kinds.keys().values().to_vec(), vec![0, 3]);
     }
 
     #[test]

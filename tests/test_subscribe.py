@@ -158,13 +158,62 @@ def test_batches_to_pandas_with_exact_values(broker: Mosquitto) -> None:
     assert frame["MachineName"][0] == "M1"
     assert str(frame["timestamp"].dtype) == "datetime64[ns, UTC]"
     assert frame["timestamp"][0] == STAMP
-    assert dict(frame["tags"][2]) == {"Ort": "Zürich"}
+    assert frame["tags"][2]["Ort"] == "Zürich" and frame["tags"][2]["MachineName"] is None
+    assert frame["tags"][0]["MachineName"] == "M1"
+    assert list(frame["value_type"].astype(str)) == ["int", "float", "string", "bool", "int", "string", "json"]
     assert batch.to_pandas(tags="dict")["tags"][0] == {"MachineName": "M1"}
+    assert dict(batch.to_pandas(tags="arrow")["tags"][2]) == {"Ort": "Zürich"}
     arrow = batch.to_arrow()
     assert arrow.num_rows == len(CASES)
     assert batch.to_polars().height == len(CASES)
     wide = batch.to_wide()
-    assert wide.loc[(STAMP, "src-1"), "Monitoring/CPU_Temp"] == 55.0
+    assert wide.loc[("src-1", STAMP), "Monitoring/CPU_Temp"] == 55
+    assert wide.loc[("src-1", STAMP), "MachineName"] == "M1"
+
+
+def _point(source: str, key: str, value: str, second: int, machine: str) -> cm.DataPoint:
+    payload = (
+        f'{{"Value": {value}, "Tags": {{"MachineName": "{machine}"}}, "UtcTimestamp": "2024-11-08T10:22:{second:02}Z"}}'
+    )
+    return cm.parse_raw(f"v1/raw/{COMPANY}/{source}/PLC/Press/{key}", payload)
+
+
+def test_wide_frames_are_shaped_for_analysis() -> None:
+    """Indexed by source then time, in time order per source (so that a plot of one source is one
+    line), with the requested tag columns, and each key in its natural dtype."""
+    points = []
+    for second in (3, 1, 2):  # arriving out of order, two machines interleaved
+        for source, machine in (("src-b", "Press2"), ("src-a", "Press1")):
+            points += [
+                _point(source, "Count", str(second * 10), second, machine),
+                _point(source, "Running", "true" if second % 2 else "false", second, machine),
+                _point(source, "Temp", f"{second}.5" if second != 2 else "2", second, machine),
+                _point(source, "Mode", '"Auto"', second, machine),
+                _point(source, "Mixed", "1" if second == 1 else '"one"', second, machine),
+            ]
+    wide = cm.Batch.from_points(points, tag_columns=["MachineName"]).to_wide()
+    assert list(wide.index.names) == ["source_id", "timestamp"]
+    assert [source for source, _ in wide.index] == ["src-a"] * 3 + ["src-b"] * 3
+    times = [stamp.second for _, stamp in wide.index]
+    assert times == [1, 2, 3, 1, 2, 3], "sorted by time within each source"
+    assert wide.columns[0] == "MachineName"
+    assert wide["MachineName"].tolist() == ["Press1"] * 3 + ["Press2"] * 3
+    dtypes = {column: str(dtype) for column, dtype in wide.dtypes.items()}
+    assert dtypes == {
+        "MachineName": "string",
+        "Press/Count": "Int64",
+        "Press/Mode": "string",
+        "Press/Mixed": "object",
+        "Press/Running": "boolean",
+        "Press/Temp": "float64",
+    }
+    assert wide["Press/Count"].tolist()[3:] == [10, 20, 30]  # src-b
+    assert wide["Press/Running"].tolist()[:3] == [True, False, True]  # src-a
+    assert wide["Press/Mixed"].tolist()[:3] == [1.0, "one", "one"]
+    # The long frame's tags index like dicts; each tag is also a column of its own.
+    long = cm.Batch.from_points(points).to_pandas()
+    assert long.tags[0]["MachineName"] == "Press2"
+    assert set(long.tags.struct.field("MachineName")) == {"Press1", "Press2"}
 
 
 def test_batches_loop_ends_when_the_subscription_closes(broker: Mosquitto) -> None:

@@ -62,6 +62,14 @@ impl PyBatch {
         })
     }
 
+    /// The same batch with its `tags` map as a struct of one field per tag name (see
+    /// `columnar::tags_to_struct`).
+    fn with_struct_tags(&self) -> PyResult<Self> {
+        Ok(PyBatch {
+            batch: columnar::tags_to_struct(&self.batch).map_err(|e| arrow_error(&e))?,
+        })
+    }
+
     fn __len__(&self) -> usize {
         self.batch.num_rows()
     }
