@@ -99,11 +99,11 @@ def cm_latency(scenario: str, port: int, note: Callable[[str], None], done: thre
 
     with cm.Client("127.0.0.1", transport="mqtt", port=port) as client:
         if scenario == "cm_callback":
-            client.subscribe(FILTER, callback=lambda point: note(point.tags["SentNs"]))
+            client.subscribe(FILTER, decode="raw", callback=lambda point: note(point.tags["SentNs"]))
             print("ready", flush=True)
             done.wait(120)
             return
-        with client.subscribe(FILTER) as sub:
+        with client.subscribe(FILTER, decode="raw") as sub:
             print("ready", flush=True)
             for point in sub:
                 note(point.tags["SentNs"])
@@ -129,7 +129,7 @@ def asyncio_latency(scenario: str, port: int, note: Callable[[str], None], done:
             import capture_mqtt as cm
 
             async with cm.AsyncClient("127.0.0.1", transport="mqtt", port=port) as cm_client:
-                sub = await cm_client.subscribe(FILTER)
+                sub = await cm_client.subscribe(FILTER, decode="raw")
                 print("ready", flush=True)
                 async for point in sub:
                     note(point.tags["SentNs"])

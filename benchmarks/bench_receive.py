@@ -148,13 +148,13 @@ def run_cm(port: int, n: int, mode: str) -> None:
                     marks.append(time.perf_counter())
                 got.append(point)
 
-            client.subscribe(FILTER, callback=on_point, queue_size=100_000)
+            client.subscribe(FILTER, decode="raw", callback=on_point, queue_size=100_000)
             client.connect()
             while len(got) < n:
                 time.sleep(0.001)
             report(marks[0], time.perf_counter())
             return
-        sub = client.subscribe(FILTER, queue_size=100_000)
+        sub = client.subscribe(FILTER, decode="raw", queue_size=100_000)
         client.connect()
         if mode == "frame":
             parts = [sub.batch(max_rows=1, timeout=None)]
@@ -191,7 +191,7 @@ def run_cm_async(port: int, n: int) -> None:
 
     async def main() -> None:
         client = cm.AsyncClient("127.0.0.1", **options)
-        sub = await client.subscribe(FILTER, queue_size=100_000)
+        sub = await client.subscribe(FILTER, decode="raw", queue_size=100_000)
         async with client:
             points: list[Any] = []
             first = 0.0

@@ -102,8 +102,8 @@ def test_a_consumer_that_reads_nothing_for_ten_keepalives_keeps_its_connection(b
     events = Events()
     with (
         connect(broker, keepalive=1, on_event=events) as client,
-        client.subscribe(f"v1/raw/{COMPANY}/src-1/Conn/Q1/#", qos=1, queue_size=50) as q1,
-        client.subscribe(f"v1/raw/{COMPANY}/src-1/Conn/Q0/#", qos=0, queue_size=50) as q0,
+        client.subscribe(f"v1/raw/{COMPANY}/src-1/Conn/Q1/#", decode="raw", qos=1, queue_size=50) as q1,
+        client.subscribe(f"v1/raw/{COMPANY}/src-1/Conn/Q0/#", decode="raw", qos=0, queue_size=50) as q0,
         connect(broker, "pipeline") as pipeline,
     ):
         publish_values(pipeline, 400, qos=1, topic=f"v1/raw/{COMPANY}/src-1/Conn/Q1/V")
@@ -140,8 +140,8 @@ def test_a_ten_times_too_slow_consumer_stays_bounded_in_order_and_connected(brok
     peaks = {0: 0, 1: 0}
     with (
         connect(broker, keepalive=2, on_event=events) as client,
-        client.subscribe(f"v1/raw/{COMPANY}/src-1/Conn/S1/#", qos=1, queue_size=200) as s1,
-        client.subscribe(f"v1/raw/{COMPANY}/src-1/Conn/S0/#", qos=0, queue_size=200) as s0,
+        client.subscribe(f"v1/raw/{COMPANY}/src-1/Conn/S1/#", decode="raw", qos=1, queue_size=200) as s1,
+        client.subscribe(f"v1/raw/{COMPANY}/src-1/Conn/S0/#", decode="raw", qos=0, queue_size=200) as s0,
         connect(broker, "pipeline") as pipeline,
     ):
         stop = threading.Event()
@@ -312,8 +312,8 @@ def test_pubacks_leave_in_arrival_order_when_subscriptions_are_read_at_different
 ) -> None:
     with (
         scripted(copy_broker) as client,
-        client.subscribe(f"v1/raw/{COMPANY}/fast/#", qos=1, queue_size=1000) as fast,
-        client.subscribe(f"v1/raw/{COMPANY}/slow/#", qos=1, queue_size=5) as slow,
+        client.subscribe(f"v1/raw/{COMPANY}/fast/#", decode="raw", qos=1, queue_size=1000) as fast,
+        client.subscribe(f"v1/raw/{COMPANY}/slow/#", decode="raw", qos=1, queue_size=5) as slow,
         scripted(copy_broker) as pipeline,
     ):
         for i in range(100):
@@ -323,7 +323,7 @@ def test_pubacks_leave_in_arrival_order_when_subscriptions_are_read_at_different
         got_slow: list[Any] = []
         deadline = time.monotonic() + 30
         while (len(got_fast) < 100 or len(got_slow) < 100) and time.monotonic() < deadline:
-            got_fast += [p.value for p in iter(lambda: fast.get(timeout=0.01), None)]
+            got_fast += [p.value for p in iter(lambda: fast.get(timeout=0.01), None) if p is not None]
             point = slow.get(timeout=0.01)
             if point is not None:
                 got_slow.append(point.value)

@@ -35,7 +35,7 @@ class Pipeline:
 
     def __init__(self, broker: Mosquitto, **options: Any) -> None:
         self.client = connect(broker, "pipeline", **options)
-        self.sub = self.client.subscribe("v1/sources/+/data/read/#", qos=1, callback=self._republish)
+        self.sub = self.client.subscribe("v1/sources/+/data/read/#", decode="bytes", qos=1, callback=self._republish)
 
     def _republish(self, message: cm.Message) -> None:
         for topic, payload in _core._to_raw(COMPANY, message.topic, message.payload):
@@ -64,7 +64,7 @@ def source(broker: Mosquitto, **options: Any) -> cm.SourceClient:
     )
 
 
-def receive(sub: cm.Subscription, count: int, timeout: float = 10) -> list[Any]:
+def receive(sub: cm.Subscription[Any], count: int, timeout: float = 10) -> list[Any]:
     got: list[Any] = []
     deadline = time.monotonic() + timeout
     while len(got) < count:

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import capture_mqtt as cm
-from capture_mqtt.testing import Mosquitto
+from capture_mqtt.testing import Mosquitto, wait_for_many
 from soak import scenarios
 
 from .conftest import COMPANY, PASSWORDS, SOURCE_ID, capture_accounts, connect
@@ -129,7 +129,7 @@ def test_malformed_broker_messages_are_counted_and_the_stream_goes_on() -> None:
             pipeline.publish(topic, payload, qos=1)
             if bad is not None:
                 pipeline.publish(bad[1], bad[2], qos=1)
-        arrived = [sub.get(timeout=10) for _ in good]
+        arrived = wait_for_many(sub, len(good))
         assert sub.get(timeout=0.5) is None
         stats = sub.stats
     assert [p.key for p in arrived] == [topic.rsplit("/", 1)[1] for topic, _ in good]
@@ -180,7 +180,7 @@ def _bad_calls(
         ("wildcard company filter", lambda: client.subscribe("v1/raw/+/#"), cm.TopicError, "company"),
         ("empty filter", lambda: client.subscribe(""), cm.TopicError, ""),
         ("queue of size 0", lambda: client.subscribe(sub_filter, queue_size=0), ValueError, "queue_size"),
-        ("unknown overflow", lambda: client.subscribe(sub_filter, overflow="bogus"), ValueError, "overflow"),  # type: ignore[arg-type]
+        ("unknown overflow", lambda: client.subscribe(sub_filter, overflow="bogus"), ValueError, "overflow"),  # type: ignore[call-overload]
         ("NaN value", lambda: source.push_field("PLC", "M", "k", nan), cm.PayloadError, "NaN"),
         ("infinite value", lambda: source.push("PLC", "M", {"k": math.inf}), cm.PayloadError, "inf"),
         ("no fields", lambda: source.push("PLC", "M", {}), cm.PayloadError, "field"),

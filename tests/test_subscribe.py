@@ -9,12 +9,12 @@ import json
 import threading
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
 import capture_mqtt as cm
-from capture_mqtt.testing import Mosquitto
+from capture_mqtt.testing import Mosquitto, wait_for_many
 
 from .conftest import COMPANY, PASSWORDS, async_client, connect
 from .test_connect import wait_until
@@ -294,7 +294,9 @@ def test_overlapping_filters_get_exactly_their_messages(broker: Mosquitto, proto
 
 
 @pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
-def test_drop_policies_bound_memory_and_count_exactly(broker: Mosquitto, overflow: str) -> None:
+def test_drop_policies_bound_memory_and_count_exactly(
+    broker: Mosquitto, overflow: Literal["drop_newest", "drop_oldest"]
+) -> None:
     with connect(broker) as client, connect(broker, "pipeline") as pipeline:
         sub = client.subscribe_raw(queue_size=100, overflow=overflow)
         for i in range(1000):
@@ -303,7 +305,7 @@ def test_drop_policies_bound_memory_and_count_exactly(broker: Mosquitto, overflo
         stats = sub.stats
         assert stats["queued"] == 100
         assert stats["dropped"] == 900
-        values = [sub.get(timeout=1).value for _ in range(100)]
+        values = [p.value for p in wait_for_many(sub, 100)]
         assert values == (list(range(100)) if overflow == "drop_newest" else list(range(900, 1000)))
         assert sub.stats["delivered"] == 100
 
@@ -323,7 +325,7 @@ def test_block_policy_loses_nothing_and_keeps_the_connection(fresh_broker: Mosqu
         time.sleep(3.5)  # a stalled consumer, for longer than 1.5 keepalives
         assert sub.stats["queued"] <= 50  # the client's bound, whatever the broker's window does
         assert client.is_connected
-        values = [sub.get(timeout=5).value for _ in range(1000)]
+        values = [p.value for p in wait_for_many(sub, 1000)]
         assert values == list(range(1000))
         assert sub.stats["dropped"] == 0
         assert [e.kind for e in events] == ["connected"]
@@ -341,7 +343,7 @@ def test_malformed_messages_are_counted_and_handed_over(broker: Mosquitto) -> No
         pipeline.publish(TOPIC, b"\xff\xfe", qos=1)
         pipeline.publish(f"v1/raw/{COMPANY}/a/b/c/d/too-deep", b'{"Value": 2}', qos=1)
         pipeline.publish(TOPIC, b'{"Value": 3}', qos=1)
-        assert [sub.get(timeout=5).value for _ in range(2)] == [1, 3]
+        assert [p.value for p in wait_for_many(sub, 2)] == [1, 3]
         assert sub.stats["malformed"] == 3
     assert [m.payload for m in bad] == [b"not json", b"\xff\xfe", b'{"Value": 2}']
     assert "more than 7 levels" in bad[2].reason
@@ -370,7 +372,7 @@ def test_shared_subscriptions_split_one_stream(broker: Mosquitto) -> None:
         connect(broker, protocol=5) as second,
         connect(broker, "pipeline") as pipeline,
     ):
-        subs = [first.subscribe(group, qos=1), second.subscribe(group, qos=1)]
+        subs = [first.subscribe(group, decode="raw", qos=1), second.subscribe(group, decode="raw", qos=1)]
         for i in range(200):
             pipeline.publish(TOPIC, cm.field_payload(i), qos=1)
         got: list[int] = []

@@ -19,9 +19,10 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal, Self, TypeAlias
+from typing import Any, Generic, Literal, Self, TypeAlias, TypedDict, TypeVar, Unpack, overload
 
 from . import _core
+from ._core import Command, DataPoint, MalformedMessage, Message
 from .auth import Auth
 from .batch import Batch
 from .errors import ClosedError, TopicError
@@ -41,6 +42,25 @@ Transport: TypeAlias = Literal["mqtts", "wss", "mqtt", "ws"]
 Overflow: TypeAlias = Literal["block", "drop_oldest", "drop_newest"]
 DEFAULT_PORTS = {"mqtts": 8883, "wss": 443, "mqtt": 1883, "ws": 80}
 DEFAULT_QUEUE_SIZE = 10_000
+
+#: What a subscription yields: DataPoint (raw tree), Message (other topics) or Command (a source's).
+ItemT = TypeVar("ItemT")
+
+
+class AsyncSubscribeOptions(TypedDict, total=False):
+    """The keyword options of ``AsyncClient.subscribe`` besides ``decode`` (see :meth:`Client.subscribe`)."""
+
+    qos: int
+    queue_size: int
+    overflow: Overflow
+    on_malformed: Callable[[MalformedMessage], object] | None
+    timeout: float
+
+
+class SubscribeOptions(AsyncSubscribeOptions, total=False):
+    """The keyword options of ``Client.subscribe`` besides ``decode`` and ``callback``."""
+
+    on_error: Callable[[BaseException], object] | None
 
 
 @dataclass(frozen=True)
@@ -471,6 +491,42 @@ class Client(_BaseClient):
     ) -> None:
         self.close()
 
+    @overload
+    def subscribe(
+        self,
+        filter: str,
+        *,
+        decode: Literal["raw"],
+        callback: Callable[[DataPoint], object] | None = None,
+        **options: Unpack[SubscribeOptions],
+    ) -> Subscription[DataPoint]: ...
+    @overload
+    def subscribe(
+        self,
+        filter: str,
+        *,
+        decode: Literal["bytes"],
+        callback: Callable[[Message], object] | None = None,
+        **options: Unpack[SubscribeOptions],
+    ) -> Subscription[Message]: ...
+    @overload
+    def subscribe(
+        self,
+        filter: str,
+        *,
+        decode: Literal["command"],
+        callback: Callable[[Command], object] | None = None,
+        **options: Unpack[SubscribeOptions],
+    ) -> Subscription[Command]: ...
+    @overload
+    def subscribe(
+        self,
+        filter: str,
+        *,
+        decode: Literal["auto"] = "auto",
+        callback: Callable[[DataPoint | Message], object] | None = None,
+        **options: Unpack[SubscribeOptions],
+    ) -> Subscription[DataPoint | Message]: ...
     def subscribe(
         self,
         filter: str,
@@ -479,15 +535,16 @@ class Client(_BaseClient):
         callback: Callable[[Any], object] | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         overflow: Overflow = "block",
-        on_malformed: Callable[[Any], object] | None = None,
+        on_malformed: Callable[[MalformedMessage], object] | None = None,
         on_error: Callable[[BaseException], object] | None = None,
         decode: Literal["auto", "raw", "bytes", "command"] = "auto",
         timeout: float = 10.0,
-    ) -> Subscription:
+    ) -> Subscription[Any]:
         """Subscribes to ``filter`` and returns a :class:`Subscription` to iterate, ``get`` from, or
         read in batches; with ``callback``, each item is passed to it on a dispatcher thread instead.
 
-        Filters under ``v1/raw/`` yield :class:`DataPoint`; other filters yield :class:`Message`.
+        Filters under ``v1/raw/`` yield :class:`DataPoint`; other filters yield :class:`Message`
+        (``decode="raw"``, ``"bytes"`` or ``"command"`` says which, and types the subscription).
         Raises :class:`TopicError` for a filter Capture would refuse (nothing is sent), and
         :class:`AuthorizationError` when the broker refuses it.
 
@@ -506,15 +563,19 @@ class Client(_BaseClient):
         connection: str = "+",
         measurement: str = "+",
         key: str = "#",
-        **options: Any,
-    ) -> Subscription:
+        *,
+        callback: Callable[[DataPoint], object] | None = None,
+        **options: Unpack[SubscribeOptions],
+    ) -> Subscription[DataPoint]:
         """Subscribes to the client's company's raw tree; the levels are names, ``+`` or ``#``.
 
         >>> import capture_mqtt as cm
         >>> cm.Client.subscribe_raw.__name__
         'subscribe_raw'
         """
-        return self.subscribe(self._raw_filter_for(source, connection, measurement, key), **options)
+        return self.subscribe(
+            self._raw_filter_for(source, connection, measurement, key), decode="raw", callback=callback, **options
+        )
 
     def publish(
         self,
@@ -641,6 +702,22 @@ class AsyncClient(_BaseClient):
     ) -> None:
         await self.close()
 
+    @overload
+    async def subscribe(
+        self, filter: str, *, decode: Literal["raw"], **options: Unpack[AsyncSubscribeOptions]
+    ) -> AsyncSubscription[DataPoint]: ...
+    @overload
+    async def subscribe(
+        self, filter: str, *, decode: Literal["bytes"], **options: Unpack[AsyncSubscribeOptions]
+    ) -> AsyncSubscription[Message]: ...
+    @overload
+    async def subscribe(
+        self, filter: str, *, decode: Literal["command"], **options: Unpack[AsyncSubscribeOptions]
+    ) -> AsyncSubscription[Command]: ...
+    @overload
+    async def subscribe(
+        self, filter: str, *, decode: Literal["auto"] = "auto", **options: Unpack[AsyncSubscribeOptions]
+    ) -> AsyncSubscription[DataPoint | Message]: ...
     async def subscribe(
         self,
         filter: str,
@@ -648,10 +725,10 @@ class AsyncClient(_BaseClient):
         qos: int = 0,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         overflow: Overflow = "block",
-        on_malformed: Callable[[Any], object] | None = None,
+        on_malformed: Callable[[MalformedMessage], object] | None = None,
         decode: Literal["auto", "raw", "bytes", "command"] = "auto",
         timeout: float = 10.0,
-    ) -> AsyncSubscription:
+    ) -> AsyncSubscription[Any]:
         """Subscribes; ``async for`` over the result. Same rules as :meth:`Client.subscribe`.
 
         >>> import capture_mqtt as cm
@@ -676,15 +753,15 @@ class AsyncClient(_BaseClient):
         connection: str = "+",
         measurement: str = "+",
         key: str = "#",
-        **options: Any,
-    ) -> AsyncSubscription:
+        **options: Unpack[AsyncSubscribeOptions],
+    ) -> AsyncSubscription[DataPoint]:
         """Subscribes to the client's company's raw tree.
 
         >>> import capture_mqtt as cm
         >>> cm.AsyncClient.subscribe_raw.__name__
         'subscribe_raw'
         """
-        return await self.subscribe(self._raw_filter_for(source, connection, measurement, key), **options)
+        return await self.subscribe(self._raw_filter_for(source, connection, measurement, key), decode="raw", **options)
 
     async def publish(
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, timeout: float = 30.0
@@ -701,7 +778,7 @@ class AsyncClient(_BaseClient):
 
 
 class _SubscriptionBase:
-    def __init__(self, native: Any, on_malformed: Callable[[Any], object] | None) -> None:
+    def __init__(self, native: Any, on_malformed: Callable[[MalformedMessage], object] | None) -> None:
         self._native = native
         self._on_malformed = on_malformed
 
@@ -736,7 +813,7 @@ class _SubscriptionBase:
         return f"{type(self).__name__}(filter={self.filter!r}, stats={self.stats})"
 
 
-class Subscription(_SubscriptionBase):
+class Subscription(_SubscriptionBase, Generic[ItemT]):
     """A live subscription: iterate it, ``get`` one item, or let a callback consume it.
 
     Malformed messages are counted in ``stats["malformed"]`` and passed to ``on_malformed``
@@ -751,8 +828,8 @@ class Subscription(_SubscriptionBase):
         self,
         native: Any,
         *,
-        callback: Callable[[Any], object] | None = None,
-        on_malformed: Callable[[Any], object] | None = None,
+        callback: Callable[[ItemT], object] | None = None,
+        on_malformed: Callable[[MalformedMessage], object] | None = None,
         on_error: Callable[[BaseException], object] | None = None,
     ) -> None:
         super().__init__(native, on_malformed)
@@ -764,14 +841,14 @@ class Subscription(_SubscriptionBase):
             )
             self._thread.start()
 
-    def _run_callback(self, callback: Callable[[Any], object]) -> None:
+    def _run_callback(self, callback: Callable[[ItemT], object]) -> None:
         for item in self._items(report_errors=True):
             try:
                 callback(item)
             except Exception as err:
                 self._report(err, "a callback raised; the stream goes on")
 
-    def _items(self, *, report_errors: bool = False) -> Iterator[Any]:
+    def _items(self, *, report_errors: bool = False) -> Iterator[ItemT]:
         # Items come in chunks: one wait (with the interpreter lock released) per chunk.
         native, keep = self._native, self._keep
         while True:
@@ -798,7 +875,7 @@ class Subscription(_SubscriptionBase):
         else:
             log.error("subscription to %r: %s: %s", self.filter, what, err, exc_info=err)
 
-    def get(self, timeout: float | None = None) -> Any:
+    def get(self, timeout: float | None = None) -> ItemT | None:
         """The next item, waiting up to ``timeout`` seconds (forever with None); None on timeout.
         Raises :class:`ClosedError` once the subscription has ended and everything was read.
 
@@ -809,9 +886,9 @@ class Subscription(_SubscriptionBase):
         while True:
             item = self._native.get(timeout)
             if item is None or self._keep(item):
-                return item
+                return item  # type: ignore[no-any-return]  # the native queue holds ItemT
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[ItemT]:
         return self._items()
 
     def batch(self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()) -> Batch:
@@ -862,7 +939,7 @@ class Subscription(_SubscriptionBase):
         self.close()
 
 
-class AsyncSubscription(_SubscriptionBase):
+class AsyncSubscription(_SubscriptionBase, Generic[ItemT]):
     """A subscription for asyncio: ``async for item in sub``. Items reach the event loop in chunks
     (one wake-up per chunk, not per message).
 
@@ -871,9 +948,9 @@ class AsyncSubscription(_SubscriptionBase):
     'AsyncSubscription'
     """
 
-    def __init__(self, native: Any, *, on_malformed: Callable[[Any], object] | None = None) -> None:
+    def __init__(self, native: Any, *, on_malformed: Callable[[MalformedMessage], object] | None = None) -> None:
         super().__init__(native, on_malformed)
-        self._buffer: collections.deque[Any] = collections.deque()
+        self._buffer: collections.deque[ItemT] = collections.deque()
         self._bell: int | None = native.bell_fd()
         self._waiting: asyncio.Future[None] | None = None
 
@@ -903,10 +980,10 @@ class AsyncSubscription(_SubscriptionBase):
             self._waiting = None
             self._native.clear_bell()
 
-    def __aiter__(self) -> AsyncIterator[Any]:
+    def __aiter__(self) -> AsyncIterator[ItemT]:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> ItemT:
         while True:
             if self._buffer:
                 return self._buffer.popleft()
@@ -932,7 +1009,7 @@ class AsyncSubscription(_SubscriptionBase):
             raise RuntimeError("batch() after a partial async iteration would reorder items; use one or the other")
         return await asyncio.to_thread(self._batch, max_rows, timeout, tag_columns)
 
-    async def get(self, timeout: float | None = None) -> Any:
+    async def get(self, timeout: float | None = None) -> ItemT | None:
         """The next item, or None after ``timeout`` seconds.
 
         >>> import capture_mqtt as cm

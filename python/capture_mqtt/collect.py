@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ._core import DataPoint
 from .batch import Batch
 from .client import Client, Subscription
 from .errors import ClosedError
@@ -64,7 +65,7 @@ def _check_limits(seconds: float | None, max_rows: int | None) -> None:
 
 
 def collect(
-    source: Client | Subscription,
+    source: Client | Subscription[DataPoint],
     filter: str | None = None,
     *,
     seconds: float | None = None,

@@ -7,10 +7,21 @@ import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Self, TypeAlias
+from typing import Any, Literal, Self, TypeAlias, Unpack
 
 from . import _core
-from .client import AsyncClient, AsyncSubscription, Client, Subscription, _BaseClient, _env_options, _url_options
+from ._core import Command, DataPoint
+from .client import (
+    AsyncClient,
+    AsyncSubscribeOptions,
+    AsyncSubscription,
+    Client,
+    SubscribeOptions,
+    Subscription,
+    _BaseClient,
+    _env_options,
+    _url_options,
+)
 from .errors import TopicError
 
 __all__ = ["AsyncSourceClient", "SourceClient", "load_auth_config"]
@@ -332,29 +343,17 @@ class SourceClient(_SourceMixin, Client):
             )
         return sent
 
-    def publish(self, topic: str, payload: bytes | str, **options: Any) -> Any:
-        """Publishes within the source's own subtree; anything else is a :class:`TopicError`.
-
-        >>> import capture_mqtt as cm
-        >>> cm.SourceClient.publish.__name__
-        'publish'
-        """
-        return super().publish(topic, payload, **options)
-
-    def subscribe(self, filter: str, **options: Any) -> Subscription:
-        """Subscribes within the source's own subtree; anything else is a :class:`TopicError`.
-
-        >>> import capture_mqtt as cm
-        >>> cm.SourceClient.subscribe.__name__
-        'subscribe'
-        """
-        return super().subscribe(filter, **options)
-
-    def subscribe_raw(self, *args: Any, **kwargs: Any) -> Subscription:
+    def subscribe_raw(self, *args: Any, **kwargs: Any) -> Subscription[DataPoint]:
         """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`)."""
         raise TopicError(f"a source cannot subscribe to the raw tree: {SCOPE_RULE}", segment="topic", value="v1/raw")
 
-    def commands(self, verb: str = "+", **options: Any) -> Subscription:
+    def commands(
+        self,
+        verb: str = "+",
+        *,
+        callback: Callable[[Command], object] | None = None,
+        **options: Unpack[SubscribeOptions],
+    ) -> Subscription[Command]:
         """The commands sent to this source (``v1/sources/<id>/cmd/+``), as :class:`Command` objects:
         ``for cmd in src.commands(): ...``.
 
@@ -363,9 +362,11 @@ class SourceClient(_SourceMixin, Client):
         'commands'
         """
         options.setdefault("qos", 1)
-        return self.subscribe(self._command_filter(verb), decode="command", **options)
+        return self.subscribe(self._command_filter(verb), decode="command", callback=callback, **options)
 
-    def on_command(self, callback: Callable[[Any], object], verb: str = "+", **options: Any) -> Subscription:
+    def on_command(
+        self, callback: Callable[[Command], object], verb: str = "+", **options: Unpack[SubscribeOptions]
+    ) -> Subscription[Command]:
         """Calls ``callback(command)`` for every command, on a dispatcher thread.
 
         >>> import capture_mqtt as cm
@@ -435,18 +436,7 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         )
         await self.publish(topic, payload, qos=qos, timeout=timeout)
 
-    async def publish(
-        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, timeout: float = 30.0
-    ) -> None:
-        """Publishes within the source's own subtree; anything else is a :class:`TopicError`.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncSourceClient.publish.__name__
-        'publish'
-        """
-        await super().publish(topic, payload, qos=qos, retain=retain, timeout=timeout)
-
-    async def commands(self, verb: str = "+", **options: Any) -> AsyncSubscription:
+    async def commands(self, verb: str = "+", **options: Unpack[AsyncSubscribeOptions]) -> AsyncSubscription[Command]:
         """The commands sent to this source: ``async for cmd in await src.commands(): ...``.
 
         >>> import capture_mqtt as cm
@@ -455,12 +445,3 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         """
         options.setdefault("qos", 1)
         return await self.subscribe(self._command_filter(verb), decode="command", **options)
-
-    async def subscribe(self, filter: str, **options: Any) -> AsyncSubscription:
-        """Subscribes within the source's own subtree; anything else is a :class:`TopicError`.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncSourceClient.subscribe.__name__
-        'subscribe'
-        """
-        return await super().subscribe(filter, **options)

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 __all__ = ["wait_for", "wait_for_many", "wait_until"]
 
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
-class _Gettable(Protocol):
-    def get(self, timeout: float | None = None) -> Any: ...
+
+class _Gettable(Protocol[T_co]):
+    def get(self, timeout: float | None = None) -> T_co | None: ...
 
 
 def _describe(seen: list[Any]) -> str:
@@ -21,8 +24,8 @@ def _describe(seen: list[Any]) -> str:
 
 
 def wait_for_many(
-    subscription: _Gettable, count: int, predicate: Callable[[Any], bool] | None = None, timeout: float = 10.0
-) -> list[Any]:
+    subscription: _Gettable[T], count: int, predicate: Callable[[T], bool] | None = None, timeout: float = 10.0
+) -> list[T]:
     """Takes messages from ``subscription`` until ``count`` of them satisfy ``predicate`` (every
     message when it is None) and returns those; messages that do not match are skipped. Fails with an
     ``AssertionError`` saying what did arrive when the deadline passes first.
@@ -38,8 +41,8 @@ def wait_for_many(
     if count < 0 or timeout < 0:
         raise ValueError(f"count and timeout must not be negative, got count={count!r}, timeout={timeout!r}")
     deadline = time.monotonic() + timeout
-    matched: list[Any] = []
-    skipped: list[Any] = []
+    matched: list[T] = []
+    skipped: list[T] = []
     while len(matched) < count:
         left = deadline - time.monotonic()
         item = subscription.get(timeout=max(0.0, left)) if left > 0 else None
@@ -51,7 +54,7 @@ def wait_for_many(
     return matched
 
 
-def wait_for(subscription: _Gettable, predicate: Callable[[Any], bool] | None = None, timeout: float = 10.0) -> Any:
+def wait_for(subscription: _Gettable[T], predicate: Callable[[T], bool] | None = None, timeout: float = 10.0) -> T:
     """The first message from ``subscription`` that satisfies ``predicate`` (any message when it is
     None), skipping others; an ``AssertionError`` saying what did arrive when ``timeout`` passes first.
 
