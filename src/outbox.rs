@@ -1,0 +1,717 @@
+//! The durable outbox: QoS 1 pushes kept on local disk until the broker acknowledged them, so that a
+//! device loses nothing across crashes, reboots and long outages.
+//!
+//! The store is `SQLite` (bundled, through `rusqlite`) in WAL mode: one row per message, in the order
+//! they were pushed (`id`), removed once acknowledged. A record is written before `append` returns;
+//! the `sync` mode says when it is forced to the disk: `Always` at every append (safe against power
+//! loss, slowest), `Batch` (the default) every few milliseconds or every N records from a background
+//! thread (a process crash loses nothing; a power loss at most that window), `Never` (left to the
+//! operating system). One process at a time: a lock file next to the store names the holder.
+//!
+//! A damaged store never stops the device: an unreadable file is moved aside, what can be read from
+//! it is kept, and the count of what could not be read is reported once. A full disk makes appends
+//! fail with `OutboxError::Full`, which the caller reports and works around (the message stays in
+//! memory), and pushing goes on.
+
+use rusqlite::{params, Connection, ErrorCode, OpenFlags};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// When appended records are forced to the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// Every few milliseconds or every `sync_records` records, from a background thread.
+    #[default]
+    Batch,
+    /// At every append.
+    Always,
+    /// When the operating system writes it back.
+    Never,
+}
+
+impl SyncMode {
+    /// `"batch"`, `"always"` or `"never"`.
+    pub fn parse(text: &str) -> Option<SyncMode> {
+        match text {
+            "batch" => Some(SyncMode::Batch),
+            "always" => Some(SyncMode::Always),
+            "never" => Some(SyncMode::Never),
+            _ => None,
+        }
+    }
+}
+
+/// How a durable outbox behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct OutboxOptions {
+    pub sync: SyncMode,
+    /// The most payload and topic bytes held; an append beyond it is `OutboxError::Full`.
+    pub max_bytes: u64,
+    /// Under `SyncMode::Batch`: the longest a record waits to be forced to the disk ...
+    pub sync_interval: Duration,
+    /// ... and the most records that wait.
+    pub sync_records: u64,
+}
+
+impl Default for OutboxOptions {
+    fn default() -> Self {
+        OutboxOptions {
+            sync: SyncMode::Batch,
+            max_bytes: 1 << 30,
+            sync_interval: Duration::from_millis(5),
+            sync_records: 1000,
+        }
+    }
+}
+
+/// One message held in the outbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub id: i64,
+    pub topic: String,
+    pub payload: Vec<u8>,
+    pub qos: u8,
+}
+
+/// Why the outbox could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OutboxError {
+    /// Another process holds the outbox.
+    Locked { path: PathBuf, holder: String },
+    /// The outbox holds `max_bytes` already (or the disk is full).
+    Full(String),
+    /// The store could not be opened, read or written.
+    Store(String),
+}
+
+impl std::fmt::Display for OutboxError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OutboxError::Locked { path, holder } => write!(
+                f,
+                "the outbox {} is in use by {holder}: one process per outbox; stop that process, or give \
+                 this one an outbox of its own",
+                path.display()
+            ),
+            OutboxError::Full(why) | OutboxError::Store(why) => f.write_str(why),
+        }
+    }
+}
+
+impl std::error::Error for OutboxError {}
+
+/// What opening an existing outbox found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OpenReport {
+    /// Records found, to be sent before new ones.
+    pub records: u64,
+    /// Records that could not be read from a damaged store, where it still said how many it held.
+    pub lost: u64,
+    /// The damaged store could not even say how many records it held.
+    pub uncounted: bool,
+    /// Where a damaged store was moved to.
+    pub moved_to: Option<PathBuf>,
+}
+
+/// Counters of an outbox, readable at any time.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    pub records: u64,
+    pub bytes: u64,
+    /// Records sent again after a restart.
+    pub replayed: u64,
+    /// Records dropped (the `drop_oldest` policy) or lost to damage.
+    pub dropped: u64,
+    /// Appends that failed (full disk, damaged store): those messages were kept in memory only.
+    pub unsaved: u64,
+}
+
+struct Inner {
+    conn: Connection,
+    /// Records committed since the last forced write.
+    unsynced: u64,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    wal: PathBuf,
+    options: OutboxOptions,
+    records: AtomicU64,
+    bytes: AtomicU64,
+    dropped: AtomicU64,
+    unsaved: AtomicU64,
+    replayed: AtomicU64,
+    closing: AtomicBool,
+    /// Wakes the batch-sync thread.
+    due: (Mutex<bool>, Condvar),
+}
+
+impl Shared {
+    fn inner(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Forces what was committed to the disk (the WAL file holds every commit not yet checkpointed).
+    fn sync(&self, inner: &mut Inner) {
+        if inner.unsynced == 0 {
+            return;
+        }
+        if let Ok(file) = File::open(&self.wal) {
+            if let Err(err) = file.sync_data() {
+                log::warn!("forcing the outbox to disk failed: {err}");
+            }
+        }
+        inner.unsynced = 0;
+    }
+}
+
+/// A durable outbox on local disk. Cheap to share (`Arc` inside).
+pub struct DurableOutbox {
+    shared: Arc<Shared>,
+    path: PathBuf,
+    /// Held open for the lock; released when the outbox is dropped.
+    _lock: File,
+    syncer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for DurableOutbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DurableOutbox")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_error(path: &Path, what: &str, err: impl std::fmt::Display) -> OutboxError {
+    OutboxError::Store(format!("the outbox {}: {what}: {err}", path.display()))
+}
+
+fn is_full(err: &rusqlite::Error) -> bool {
+    matches!(err.sqlite_error_code(), Some(ErrorCode::DiskFull))
+}
+
+/// Takes the lock file next to the store, writing this process's id into it.
+fn lock(path: &Path) -> Result<File, OutboxError> {
+    let lock_path = path.with_extension("lock");
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&lock_path)
+        .map_err(|e| store_error(&lock_path, "cannot open the lock file", e))?;
+    if file.try_lock().is_err() {
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        let holder = match holder.trim() {
+            "" => "another process".to_owned(),
+            pid => format!("process {pid}"),
+        };
+        return Err(OutboxError::Locked {
+            path: path.to_owned(),
+            holder,
+        });
+    }
+    let _ = file.set_len(0);
+    let _ = file.seek(SeekFrom::Start(0));
+    let _ = write!(file, "{}", std::process::id());
+    let _ = file.sync_data();
+    Ok(file)
+}
+
+const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL
+)";
+
+fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+    )?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    // FULL forces the WAL at every commit; under Batch and Never the commits go to the operating
+    // system only (a process crash loses nothing), and Batch forces them on its own schedule.
+    let synchronous = if sync == SyncMode::Always {
+        "FULL"
+    } else {
+        "OFF"
+    };
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.execute_batch(SCHEMA)?;
+    conn.query_row("PRAGMA quick_check", [], |row| row.get::<_, String>(0))
+        .and_then(|verdict| {
+            if verdict == "ok" {
+                Ok(())
+            } else {
+                Err(rusqlite::Error::SqliteFailure(
+                    rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                    Some(verdict),
+                ))
+            }
+        })?;
+    Ok(conn)
+}
+
+/// Reads what can be read from a damaged store, row by row: the records, and how many were lost
+/// (None when the store could not say how many it held).
+fn salvage(path: &Path) -> (Vec<Record>, Option<u64>) {
+    let Ok(conn) = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return (Vec::new(), None);
+    };
+    let bounds: Option<(i64, i64)> = conn
+        .query_row("SELECT MIN(id), MAX(id) FROM outbox", [], |row| {
+            Ok((row.get(0)?, row.get(1)?))
+        })
+        .ok();
+    let mut found = Vec::new();
+    if let Ok(mut statement) =
+        conn.prepare("SELECT id, topic, payload, qos FROM outbox ORDER BY id")
+    {
+        if let Ok(rows) = statement.query_map([], |row| {
+            Ok(Record {
+                id: row.get(0)?,
+                topic: row.get(1)?,
+                payload: row.get(2)?,
+                qos: row.get(3)?,
+            })
+        }) {
+            // A damaged page ends the scan: what came before it is kept.
+            found.extend(rows.map_while(Result::ok));
+        }
+    }
+    let lost = bounds.map(|(low, high)| {
+        u64::try_from(high - low + 1)
+            .unwrap_or(0)
+            .saturating_sub(found.len() as u64)
+    });
+    (found, lost)
+}
+
+impl DurableOutbox {
+    /// Opens (or creates) the outbox at `path`. A store that cannot be read is moved aside and what
+    /// could be read from it is kept; the report says how many records there are and how many were lost.
+    pub fn open(
+        path: &Path,
+        options: OutboxOptions,
+    ) -> Result<(DurableOutbox, OpenReport), OutboxError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| store_error(path, "cannot create its folder", e))?;
+        }
+        let lock = lock(path)?;
+        let mut report = OpenReport::default();
+        let conn = match connect(path, options.sync) {
+            Ok(conn) => conn,
+            Err(err) => {
+                let (kept, lost) = salvage(path);
+                let aside = path.with_extension(format!(
+                    "damaged-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs())
+                ));
+                for suffix in ["", "-wal", "-shm"] {
+                    let from = PathBuf::from(format!("{}{suffix}", path.display()));
+                    let to = PathBuf::from(format!("{}{suffix}", aside.display()));
+                    if from.exists() {
+                        let _ = std::fs::rename(&from, &to);
+                    }
+                }
+                let lost_text = lost.map_or_else(
+                    || "the rest could not be counted".to_owned(),
+                    |n| format!("{n} lost"),
+                );
+                log::warn!(
+                    "the outbox {} could not be read ({err}): moved to {}; {} record(s) kept, {lost_text}",
+                    path.display(),
+                    aside.display(),
+                    kept.len(),
+                );
+                let conn = connect(path, options.sync)
+                    .map_err(|e| store_error(path, "cannot create a new store", e))?;
+                for record in &kept {
+                    conn.execute(
+                        "INSERT INTO outbox (id, topic, payload, qos) VALUES (?1, ?2, ?3, ?4)",
+                        params![record.id, record.topic, record.payload, record.qos],
+                    )
+                    .map_err(|e| store_error(path, "cannot keep what was read", e))?;
+                }
+                report.lost = lost.unwrap_or(0);
+                report.uncounted = lost.is_none();
+                report.moved_to = Some(aside);
+                conn
+            }
+        };
+        let (records, bytes): (i64, i64) = conn
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(topic) + LENGTH(payload)), 0) FROM outbox",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .map_err(|e| store_error(path, "cannot count its records", e))?;
+        report.records = u64::try_from(records).unwrap_or(0);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner { conn, unsynced: 0 }),
+            wal: PathBuf::from(format!("{}-wal", path.display())),
+            options,
+            records: AtomicU64::new(report.records),
+            bytes: AtomicU64::new(u64::try_from(bytes).unwrap_or(0)),
+            dropped: AtomicU64::new(report.lost),
+            unsaved: AtomicU64::new(0),
+            replayed: AtomicU64::new(0),
+            closing: AtomicBool::new(false),
+            due: (Mutex::new(false), Condvar::new()),
+        });
+        let syncer = if options.sync == SyncMode::Batch {
+            let shared = Arc::clone(&shared);
+            Some(
+                std::thread::Builder::new()
+                    .name("capture-mqtt-outbox-sync".into())
+                    .spawn(move || batch_sync(&shared))
+                    .map_err(|e| store_error(path, "cannot start its sync thread", e))?,
+            )
+        } else {
+            None
+        };
+        Ok((
+            DurableOutbox {
+                shared,
+                path: path.to_owned(),
+                _lock: lock,
+                syncer,
+            },
+            report,
+        ))
+    }
+
+    /// The records held, oldest first (to be sent before anything new).
+    pub fn records(&self) -> Result<Vec<Record>, OutboxError> {
+        let inner = self.shared.inner();
+        let mut statement = inner
+            .conn
+            .prepare_cached("SELECT id, topic, payload, qos FROM outbox ORDER BY id")
+            .map_err(|e| store_error(&self.path, "cannot read its records", e))?;
+        let rows = statement
+            .query_map([], |row| {
+                Ok(Record {
+                    id: row.get(0)?,
+                    topic: row.get(1)?,
+                    payload: row.get(2)?,
+                    qos: row.get(3)?,
+                })
+            })
+            .map_err(|e| store_error(&self.path, "cannot read its records", e))?;
+        Ok(rows.map_while(Result::ok).collect())
+    }
+
+    /// Writes a record; it is in the store when this returns (forced to the disk as `sync` says).
+    pub fn append(&self, topic: &str, payload: &[u8], qos: u8) -> Result<i64, OutboxError> {
+        let size = (topic.len() + payload.len()) as u64;
+        let held = self.shared.bytes.load(Ordering::Acquire);
+        if held + size > self.shared.options.max_bytes {
+            return Err(OutboxError::Full(format!(
+                "the outbox {} holds {held} bytes, and this message of {size} would pass max_bytes={}",
+                self.path.display(),
+                self.shared.options.max_bytes
+            )));
+        }
+        let mut inner = self.shared.inner();
+        let result = inner
+            .conn
+            .prepare_cached("INSERT INTO outbox (topic, payload, qos) VALUES (?1, ?2, ?3)")
+            .and_then(|mut statement| statement.execute(params![topic, payload, qos]))
+            .map(|_| inner.conn.last_insert_rowid());
+        let id = match result {
+            Ok(id) => id,
+            Err(err) => {
+                self.shared.unsaved.fetch_add(1, Ordering::Relaxed);
+                return Err(if is_full(&err) {
+                    OutboxError::Full(format!(
+                        "the disk of the outbox {} is full: {err}",
+                        self.path.display()
+                    ))
+                } else {
+                    store_error(&self.path, "cannot write", err)
+                });
+            }
+        };
+        self.shared.records.fetch_add(1, Ordering::Relaxed);
+        self.shared.bytes.fetch_add(size, Ordering::Release);
+        inner.unsynced += 1;
+        match self.shared.options.sync {
+            SyncMode::Always => inner.unsynced = 0, // synchronous=FULL forced it
+            SyncMode::Batch if inner.unsynced >= self.shared.options.sync_records => {
+                self.shared.sync(&mut inner);
+            }
+            SyncMode::Batch => {
+                if inner.unsynced == 1 {
+                    let (flag, bell) = &self.shared.due;
+                    *flag.lock().unwrap_or_else(PoisonError::into_inner) = true;
+                    bell.notify_one();
+                }
+            }
+            SyncMode::Never => {}
+        }
+        Ok(id)
+    }
+
+    /// Removes acknowledged records.
+    pub fn remove(&self, ids: &[i64]) -> Result<(), OutboxError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut inner = self.shared.inner();
+        let transaction = inner
+            .conn
+            .transaction()
+            .map_err(|e| store_error(&self.path, "cannot remove", e))?;
+        let mut removed = 0u64;
+        let mut freed = 0u64;
+        {
+            let mut statement = transaction
+                .prepare_cached(
+                    "DELETE FROM outbox WHERE id = ?1 RETURNING LENGTH(topic) + LENGTH(payload)",
+                )
+                .map_err(|e| store_error(&self.path, "cannot remove", e))?;
+            for id in ids {
+                let size: Option<i64> = statement.query_row(params![id], |row| row.get(0)).ok();
+                if let Some(size) = size {
+                    removed += 1;
+                    freed += u64::try_from(size).unwrap_or(0);
+                }
+            }
+        }
+        transaction
+            .commit()
+            .map_err(|e| store_error(&self.path, "cannot remove", e))?;
+        self.shared.records.fetch_sub(removed, Ordering::Relaxed);
+        self.shared.bytes.fetch_sub(freed, Ordering::Release);
+        Ok(())
+    }
+
+    /// Drops the oldest record (the `drop_oldest` policy): its id, or None when the outbox is empty.
+    pub fn drop_oldest(&self) -> Result<Option<i64>, OutboxError> {
+        let oldest: Option<i64> = self
+            .shared
+            .inner()
+            .conn
+            .query_row("SELECT MIN(id) FROM outbox", [], |row| row.get(0))
+            .map_err(|e| store_error(&self.path, "cannot read", e))?;
+        if let Some(id) = oldest {
+            self.remove(&[id])?;
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(oldest)
+    }
+
+    /// Counts a record sent again after a restart.
+    pub fn note_replayed(&self, count: u64) {
+        self.shared.replayed.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Forces everything appended so far to the disk.
+    pub fn flush(&self) {
+        let mut inner = self.shared.inner();
+        self.shared.sync(&mut inner);
+    }
+
+    pub fn stats(&self) -> OutboxStats {
+        OutboxStats {
+            records: self.shared.records.load(Ordering::Relaxed),
+            bytes: self.shared.bytes.load(Ordering::Relaxed),
+            replayed: self.shared.replayed.load(Ordering::Relaxed),
+            dropped: self.shared.dropped.load(Ordering::Relaxed),
+            unsaved: self.shared.unsaved.load(Ordering::Relaxed),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for DurableOutbox {
+    fn drop(&mut self) {
+        self.shared.closing.store(true, Ordering::Release);
+        let (flag, bell) = &self.shared.due;
+        *flag.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        bell.notify_one();
+        if let Some(syncer) = self.syncer.take() {
+            let _ = syncer.join();
+        }
+        self.flush();
+    }
+}
+
+/// The `Batch` mode's thread: forces the store to disk within `sync_interval` of the first record
+/// that waits for it.
+fn batch_sync(shared: &Shared) {
+    let (flag, bell) = &shared.due;
+    loop {
+        {
+            let mut due = flag.lock().unwrap_or_else(PoisonError::into_inner);
+            while !*due {
+                due = bell.wait(due).unwrap_or_else(PoisonError::into_inner);
+            }
+            *due = false;
+        }
+        if shared.closing.load(Ordering::Acquire) {
+            return;
+        }
+        let deadline = Instant::now() + shared.options.sync_interval;
+        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+        let mut inner = shared.inner();
+        shared.sync(&mut inner);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder(name: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("capture-mqtt-outbox-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn records_survive_a_reopen_in_order_until_removed() {
+        let path = folder("reopen").join("outbox.db");
+        {
+            let (outbox, report) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+            assert_eq!(report, OpenReport::default());
+            let ids: Vec<i64> = (0..5)
+                .map(|i| outbox.append(&format!("t/{i}"), b"{}", 1).unwrap())
+                .collect();
+            outbox.remove(&ids[..2]).unwrap();
+            assert_eq!(outbox.stats().records, 3);
+            assert_eq!(outbox.stats().bytes, 3 * 5);
+        }
+        let (outbox, report) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+        assert_eq!(report.records, 3);
+        let topics: Vec<String> = outbox
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.topic)
+            .collect();
+        assert_eq!(topics, ["t/2", "t/3", "t/4"]);
+        let next = outbox.append("t/5", b"{}", 1).unwrap();
+        assert!(next > outbox.records().unwrap()[2].id, "ids keep growing");
+    }
+
+    #[test]
+    fn a_second_process_gets_an_error_naming_the_holder() {
+        let path = folder("lock").join("outbox.db");
+        let (_first, _) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+        let err = DurableOutbox::open(&path, OutboxOptions::default()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("process {}", std::process::id())),
+            "{text}"
+        );
+        assert!(text.contains("one process per outbox"), "{text}");
+    }
+
+    #[test]
+    fn max_bytes_bounds_the_outbox() {
+        let path = folder("bytes").join("outbox.db");
+        let options = OutboxOptions {
+            max_bytes: 100,
+            ..OutboxOptions::default()
+        };
+        let (outbox, _) = DurableOutbox::open(&path, options).unwrap();
+        for _ in 0..9 {
+            outbox.append("topic", b"12345", 1).unwrap(); // 10 bytes each
+        }
+        outbox.append("topic", b"12345", 1).unwrap();
+        let err = outbox.append("topic", b"12345", 1).unwrap_err();
+        assert!(matches!(err, OutboxError::Full(_)), "{err}");
+        assert!(err.to_string().contains("max_bytes=100"));
+        assert_eq!(outbox.drop_oldest().unwrap(), Some(1));
+        outbox.append("topic", b"12345", 1).unwrap();
+        assert_eq!(outbox.stats().dropped, 1);
+    }
+
+    #[test]
+    fn a_truncated_store_is_moved_aside_and_what_is_readable_is_kept() {
+        let dir = folder("truncated");
+        let path = dir.join("outbox.db");
+        {
+            let options = OutboxOptions {
+                sync: SyncMode::Always,
+                ..OutboxOptions::default()
+            };
+            let (outbox, _) = DurableOutbox::open(&path, options).unwrap();
+            let big = vec![b'x'; 3000];
+            for i in 0..200 {
+                outbox.append(&format!("t/{i}"), &big, 1).unwrap();
+            }
+            // Checkpoint into the main file, so that truncating it loses data.
+            outbox
+                .shared
+                .inner()
+                .conn
+                .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+                .unwrap();
+        }
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        let length = file.metadata().unwrap().len();
+        file.set_len(length / 2).unwrap();
+        drop(file);
+        let (outbox, report) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+        assert!(report.moved_to.is_some(), "{report:?}");
+        assert!(
+            report.records + report.lost >= 1 || report.uncounted,
+            "{report:?}"
+        );
+        // It goes on: new records are taken.
+        outbox.append("t/new", b"{}", 1).unwrap();
+        assert_eq!(outbox.records().unwrap().last().unwrap().topic, "t/new");
+    }
+
+    #[test]
+    fn garbage_instead_of_a_store_never_stops_the_device() {
+        let dir = folder("garbage");
+        let path = dir.join("outbox.db");
+        std::fs::write(&path, b"this is not a database, someone wrote over it").unwrap();
+        let (outbox, report) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+        assert_eq!(report.records, 0);
+        assert!(report.moved_to.is_some());
+        outbox.append("t", b"{}", 1).unwrap();
+        assert_eq!(outbox.stats().records, 1);
+    }
+
+    #[test]
+    fn every_sync_mode_keeps_what_was_appended() {
+        for (i, sync) in [SyncMode::Batch, SyncMode::Always, SyncMode::Never]
+            .into_iter()
+            .enumerate()
+        {
+            let path = folder(&format!("sync{i}")).join("outbox.db");
+            {
+                let options = OutboxOptions {
+                    sync,
+                    ..OutboxOptions::default()
+                };
+                let (outbox, _) = DurableOutbox::open(&path, options).unwrap();
+                for n in 0..100 {
+                    outbox.append(&format!("t/{n}"), b"{}", 1).unwrap();
+                }
+            }
+            let (outbox, report) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+            assert_eq!(report.records, 100, "{sync:?}");
+            assert_eq!(outbox.records().unwrap().len(), 100);
+        }
+    }
+}
