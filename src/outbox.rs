@@ -13,7 +13,7 @@
 //! fail with `OutboxError::Full`, which the caller reports and works around (the message stays in
 //! memory), and pushing goes on.
 
-use rusqlite::{params, Connection, ErrorCode, OpenFlags};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -160,12 +160,12 @@ impl Shared {
         if inner.unsynced == 0 {
             return;
         }
-        if let Ok(file) = File::open(&self.wal) {
-            if let Err(err) = file.sync_data() {
-                log::warn!("forcing the outbox to disk failed: {err}");
-            }
+        match File::open(&self.wal).and_then(|file| file.sync_data()) {
+            Ok(()) => inner.unsynced = 0,
+            // No WAL: everything was checkpointed into the database, which NORMAL forced.
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => inner.unsynced = 0,
+            Err(err) => log::warn!("forcing the outbox to disk failed (it is tried again): {err}"),
         }
-        inner.unsynced = 0;
     }
 }
 
@@ -190,6 +190,13 @@ fn store_error(path: &Path, what: &str, err: impl std::fmt::Display) -> OutboxEr
     OutboxError::Store(format!("the outbox {}: {what}: {err}", path.display()))
 }
 
+fn is_damage(err: &rusqlite::Error) -> bool {
+    matches!(
+        err.sqlite_error_code(),
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    )
+}
+
 fn is_full(err: &rusqlite::Error) -> bool {
     matches!(err.sqlite_error_code(), Some(ErrorCode::DiskFull))
 }
@@ -204,7 +211,10 @@ fn lock(path: &Path) -> Result<File, OutboxError> {
         .truncate(false)
         .open(&lock_path)
         .map_err(|e| store_error(&lock_path, "cannot open the lock file", e))?;
-    if file.try_lock().is_err() {
+    if let Err(err) = file.try_lock() {
+        if !matches!(err, std::fs::TryLockError::WouldBlock) {
+            return Err(store_error(&lock_path, "cannot lock", err));
+        }
         let mut holder = String::new();
         let _ = file.read_to_string(&mut holder);
         let holder = match holder.trim() {
@@ -236,12 +246,13 @@ fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
     )?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    // FULL forces the WAL at every commit; under Batch and Never the commits go to the operating
-    // system only (a process crash loses nothing), and Batch forces them on its own schedule.
-    let synchronous = if sync == SyncMode::Always {
-        "FULL"
-    } else {
-        "OFF"
+    // FULL forces the WAL at every commit. NORMAL leaves commits to the operating system (a process
+    // crash loses nothing) but forces checkpoints, so what Batch forced stays forced when the WAL is
+    // folded into the database; Never forces nothing.
+    let synchronous = match sync {
+        SyncMode::Always => "FULL",
+        SyncMode::Batch => "NORMAL",
+        SyncMode::Never => "OFF",
     };
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.execute_batch(SCHEMA)?;
@@ -309,6 +320,9 @@ impl DurableOutbox {
         let mut report = OpenReport::default();
         let conn = match connect(path, options.sync) {
             Ok(conn) => conn,
+            // Only a damaged store is moved aside; any other failure (permissions, a full disk, a
+            // read-only file system) is the caller's to see, and the store stays where it is.
+            Err(err) if !is_damage(&err) => return Err(store_error(path, "cannot open", err)),
             Err(err) => {
                 let (kept, lost) = salvage(path);
                 let aside = path.with_extension(format!(
@@ -351,7 +365,7 @@ impl DurableOutbox {
         };
         let (records, bytes): (i64, i64) = conn
             .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(topic) + LENGTH(payload)), 0) FROM outbox",
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(topic AS BLOB)) + LENGTH(payload)), 0) FROM outbox",
                 [],
                 |row| Ok((row.get(0)?, row.get(1)?)),
             )
@@ -477,11 +491,14 @@ impl DurableOutbox {
         {
             let mut statement = transaction
                 .prepare_cached(
-                    "DELETE FROM outbox WHERE id = ?1 RETURNING LENGTH(topic) + LENGTH(payload)",
+                    "DELETE FROM outbox WHERE id = ?1 RETURNING LENGTH(CAST(topic AS BLOB)) + LENGTH(payload)",
                 )
                 .map_err(|e| store_error(&self.path, "cannot remove", e))?;
             for id in ids {
-                let size: Option<i64> = statement.query_row(params![id], |row| row.get(0)).ok();
+                let size: Option<i64> = statement
+                    .query_row(params![id], |row| row.get(0))
+                    .optional()
+                    .map_err(|e| store_error(&self.path, "cannot remove", e))?;
                 if let Some(size) = size {
                     removed += 1;
                     freed += u64::try_from(size).unwrap_or(0);
@@ -608,6 +625,22 @@ mod tests {
         assert_eq!(topics, ["t/2", "t/3", "t/4"]);
         let next = outbox.append("t/5", b"{}", 1).unwrap();
         assert!(next > outbox.records().unwrap()[2].id, "ids keep growing");
+    }
+
+    #[test]
+    fn bytes_are_counted_in_bytes_whatever_the_topic_holds() {
+        let path = folder("utf8").join("outbox.db");
+        {
+            let (outbox, _) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+            let id = outbox
+                .append("v1/sources/s/data/read/Zürich/Maß", b"{}", 1)
+                .unwrap();
+            outbox.append("t", b"{}", 1).unwrap();
+            outbox.remove(&[id]).unwrap();
+            assert_eq!(outbox.stats().bytes, 3);
+        }
+        let (outbox, _) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+        assert_eq!(outbox.stats().bytes, 3);
     }
 
     #[test]

@@ -107,6 +107,14 @@ def test_tls_verifies_by_default(broker: Mosquitto, transport: str) -> None:
     assert PASSWORDS["alice"] not in str(info.value)
 
 
+def test_tls_connects_by_a_host_name_the_certificate_names(broker: Mosquitto) -> None:
+    # The certificate names 127.0.0.1 and localhost; the listener is on 127.0.0.1.
+    with cm.Client(
+        "localhost", port=broker.mqtts_port, username="alice", password=PASSWORDS["alice"], ca_file=broker.ca_file
+    ) as client:
+        assert client.is_connected
+
+
 def test_tls_insecure_connects_and_warns(broker: Mosquitto, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="capture_mqtt")
     with cm.Client(
@@ -709,6 +717,11 @@ def test_scope_false_is_the_escape_hatch_for_other_brokers(broker: Mosquitto) ->
     # A client without credentials is not a Capture account: nothing to check.
     with cm.Client(broker.host, transport="mqtt", port=broker.mqtt_port, connect=False) as anonymous:
         anonymous.publish("sensors/temperature", b"21", qos=0)
+        assert anonymous.stats["queued"] == 1, "taken for sending once connected"
+    # subscribe_raw still takes decode= from a caller that passes it (untyped code).
+    untyped: Any = {"decode": "bytes"}
+    with connect(broker) as client, client.subscribe_raw(**untyped) as raw_bytes:
+        assert raw_bytes.filter.startswith("v1/raw/AcmeCorp/")
 
 
 # MQTT 5

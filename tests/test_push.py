@@ -295,6 +295,16 @@ def test_bad_pushes_name_the_field_and_send_nothing(broker: Mosquitto) -> None:
             src.publish("v1/sources/other-source/data/read/C/M", b"{}")
         assert src.stats["published"] == 0
 
+    async def async_source_refuses_the_raw_tree() -> None:
+        async_src = cm.AsyncSourceClient("127.0.0.1", transport="mqtt", source_id=SOURCE_ID, password="-")
+        try:
+            with pytest.raises(cm.TopicError, match="raw tree"):
+                await async_src.subscribe_raw()
+        finally:
+            await async_src.close()
+
+    asyncio.run(async_source_refuses_the_raw_tree())
+
 
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_every_qos_and_handles(broker: Mosquitto, pipeline: Pipeline, qos: int) -> None:

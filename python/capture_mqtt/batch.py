@@ -179,7 +179,7 @@ class Batch:
         for field in numbers.columns:
             kind = kinds.get(field, set()) - {"null"}
             number, text = numbers[field], texts[field]
-            if kind and kind <= {"int"}:
+            if kind and kind <= {"int"} and number.abs().max() < 2**63:
                 columns[field] = number.astype("Int64")
             elif kind == {"bool"}:
                 columns[field] = number.astype("boolean")

@@ -110,8 +110,8 @@ def _source_client(args: argparse.Namespace) -> cm.SourceClient:
     if options.pop("company", None) is not None:
         # A company belongs to a user's settings: a user account cannot push (Capture refuses it).
         raise SystemExit(
-            f"capture-mqtt: pushing needs a source account, and these settings are a user's "
-            f"({options.get('username')!r} of a company, from CAPTURE_MQTT_COMPANY or ?company=): "
+            "capture-mqtt: pushing needs a source account, and these settings are a user's (they name a "
+            "company, from CAPTURE_MQTT_COMPANY or ?company=): "
             f"{_core._scope_rule('user')}. Pass --auth-config with the source's auth config (downloaded from "
             "the source's page in the Capture portal), or set CAPTURE_MQTT_USERNAME and CAPTURE_MQTT_PASSWORD "
             "to the source's credentials, without CAPTURE_MQTT_COMPANY"

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypeAlias, TypedDict, TypeVar, Unpack, overload
+from typing import Any, Generic, Literal, Self, TypeAlias, TypedDict, TypeVar, Unpack, cast, overload
 
 from . import _core
 from ._core import Command, DataPoint, MalformedMessage, Message
@@ -573,8 +573,10 @@ class Client(_BaseClient):
         >>> cm.Client.subscribe_raw.__name__
         'subscribe_raw'
         """
+        extra = cast("dict[str, Any]", options)  # an untyped caller may still pass decode=
+        decode = extra.pop("decode", "raw")
         return self.subscribe(
-            self._raw_filter_for(source, connection, measurement, key), decode="raw", callback=callback, **options
+            self._raw_filter_for(source, connection, measurement, key), decode=decode, callback=callback, **extra
         )
 
     def publish(
@@ -761,7 +763,12 @@ class AsyncClient(_BaseClient):
         >>> cm.AsyncClient.subscribe_raw.__name__
         'subscribe_raw'
         """
-        return await self.subscribe(self._raw_filter_for(source, connection, measurement, key), decode="raw", **options)
+        extra = cast("dict[str, Any]", options)  # an untyped caller may still pass decode=
+        decode = extra.pop("decode", "raw")
+        subscription: AsyncSubscription[DataPoint] = await self.subscribe(
+            self._raw_filter_for(source, connection, measurement, key), decode=decode, **extra
+        )
+        return subscription
 
     async def publish(
         self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, timeout: float = 30.0

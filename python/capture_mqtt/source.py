@@ -436,6 +436,10 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         )
         await self.publish(topic, payload, qos=qos, timeout=timeout)
 
+    async def subscribe_raw(self, *args: Any, **kwargs: Any) -> AsyncSubscription[DataPoint]:
+        """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`)."""
+        raise TopicError(f"a source cannot subscribe to the raw tree: {SCOPE_RULE}", segment="topic", value="v1/raw")
+
     async def commands(self, verb: str = "+", **options: Unpack[AsyncSubscribeOptions]) -> AsyncSubscription[Command]:
         """The commands sent to this source: ``async for cmd in await src.commands(): ...``.
 
