@@ -38,6 +38,9 @@ SCENARIOS = {
     "cm_m0": ("capture-mqtt push(), QoS 0", "push"),
     "paho_m1": ("paho-mqtt, measurement level, QoS 1", "push"),
     "cm_m1": ("capture-mqtt push(), QoS 1", "push"),
+    "cm_m1_batch": ("capture-mqtt push(), QoS 1, outbox on disk (batch)", "push"),
+    "cm_m1_always": ("capture-mqtt push(), QoS 1, outbox on disk (always)", "push"),
+    "cm_m1_never": ("capture-mqtt push(), QoS 1, outbox on disk (never)", "push"),
     "paho_f1": ("paho-mqtt, field level, QoS 1", "push"),
     "cm_f1": ("capture-mqtt push_field(), QoS 1", "push"),
     "paho_frame": ("paho-mqtt, DataFrame rows in a loop, QoS 1", "frame"),
@@ -51,6 +54,9 @@ SCENARIOS = {
 BASELINE = {
     "cm_m0": "paho_m0",
     "cm_m1": "paho_m1",
+    "cm_m1_batch": "paho_m1",
+    "cm_m1_always": "paho_m1",
+    "cm_m1_never": "paho_m1",
     "cm_f1": "paho_f1",
     "cm_frame": "paho_frame",
     "cm_loop0": "paho_loop0",
@@ -64,6 +70,13 @@ LOOP_PAYLOAD = json.dumps({"Fields": {"Temperature": 61.5, "Pressure": 1.52, "Co
 def row(i: int) -> tuple[dict[str, Any], dict[str, str], datetime]:
     fields = {"Temperature": 60 + (i % 100) / 10, "Pressure": 1.5 + (i % 7) / 100, "Count": i}
     return fields, {"MachineName": f"Press{i % 4}", "Line": "2"}, START + timedelta(milliseconds=i)
+
+
+def wait_until_connected(client: Any) -> None:
+    # A client with a durable outbox connects in the background.
+    deadline = time.monotonic() + 10
+    while not client.is_connected and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def report(started: float) -> None:
@@ -194,10 +207,17 @@ def write_syscalls(port: int) -> int | None:
     return count(SYSCALL_PUBLISHES) - count(0)
 
 
-def run_cm(port: int, n: int, qos: int, field_level: bool) -> None:
+def run_cm(port: int, n: int, qos: int, field_level: bool, sync: str | None = None) -> None:
+    import tempfile
+
     import capture_mqtt as cm
 
-    with cm.SourceClient("127.0.0.1", transport="mqtt", port=port, source_id=SOURCE, password="-") as src:
+    durable: dict[str, Any] = {}
+    if sync is not None:  # a durable outbox on local disk, in a fresh folder
+        durable = {"outbox": tempfile.mkdtemp(prefix="bench-outbox-", dir=RESULTS), "outbox_sync": sync}
+    with cm.SourceClient("127.0.0.1", transport="mqtt", port=port, source_id=SOURCE, password="-", **durable) as src:
+        if durable:
+            wait_until_connected(src)
         handles = []
         started = time.perf_counter()
         for i in range(n):
@@ -213,6 +233,10 @@ def run_cm(port: int, n: int, qos: int, field_level: bool) -> None:
         for handle in handles:
             handle.wait(60)
         report(started)
+    if durable:
+        import shutil
+
+        shutil.rmtree(durable["outbox"], ignore_errors=True)
 
 
 def frame(n: int) -> Any:
@@ -274,6 +298,7 @@ def child(argv: list[str]) -> None:
     scenario, port, n = argv[0], int(argv[1]), int(argv[2])
     ca_file = argv[3] if len(argv) > 3 else None
     qos = 0 if scenario.endswith("0") else 1
+    sync = scenario.removeprefix("cm_m1_") if scenario.startswith("cm_m1_") else None
     field_level = "_f" in scenario
     if scenario.startswith("paho_loop0"):
         run_paho_loop(port, n, ca_file)
@@ -288,7 +313,7 @@ def child(argv: list[str]) -> None:
     elif scenario.startswith("paho"):
         run_paho(port, n, qos, field_level)
     else:
-        run_cm(port, n, qos, field_level)
+        run_cm(port, n, qos, field_level, sync)
 
 
 def main() -> int:
@@ -333,6 +358,9 @@ def main() -> int:
         print(f"{label:46} {current['rate']:>10,.0f} {ratio_text} {current['seconds']:8.2f} {current['rss_mb']:7.0f}MB")
     ceiling = rows["cm_m0"]["rate"] / rows["mosquitto_pub"]["rate"]
     print(f"push() QoS 0 at {ceiling:.0%} of mosquitto_pub -l's rate")
+    for sync in ("batch", "always", "never"):
+        share = rows[f"cm_m1_{sync}"]["rate"] / rows["cm_m1"]["rate"]
+        print(f"push() QoS 1 with a durable outbox (sync={sync!r}) at {share:.0%} of the in-memory rate")
     print(f"write syscalls for {SYSCALL_PUBLISHES:,} QoS 0 publish() calls (strace -c): {syscalls}")
     (RESULTS / "push.json").write_text(
         json.dumps(

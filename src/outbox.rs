@@ -173,8 +173,8 @@ impl Shared {
 pub struct DurableOutbox {
     shared: Arc<Shared>,
     path: PathBuf,
-    /// Held open for the lock; released when the outbox is dropped.
-    _lock: File,
+    /// Held open for the lock; released by `release` or when the outbox is dropped.
+    lock: Mutex<Option<File>>,
     syncer: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -398,7 +398,7 @@ impl DurableOutbox {
             DurableOutbox {
                 shared,
                 path: path.to_owned(),
-                _lock: lock,
+                lock: Mutex::new(Some(lock)),
                 syncer,
             },
             report,
@@ -551,6 +551,20 @@ impl DurableOutbox {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Forces what was appended to the disk and lets another process open the outbox (the client
+    /// closed). Records stay in the store for the next process.
+    pub fn release(&self) {
+        self.flush();
+        if let Some(lock) = self
+            .lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            let _ = lock.unlock();
+        }
     }
 }
 

@@ -45,6 +45,7 @@ from .errors import (
     CaptureError,
     ClosedError,
     ConnectError,
+    OutboxError,
     PayloadError,
     QueueFullError,
     TimeoutError,  # noqa: A004 - the documented public name, also a builtins.TimeoutError
@@ -71,6 +72,7 @@ __all__ = [
     "DataPoint",
     "MalformedMessage",
     "Message",
+    "OutboxError",
     "PayloadError",
     "QueueFullError",
     "Reconnect",

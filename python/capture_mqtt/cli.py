@@ -104,6 +104,9 @@ def _client(args: argparse.Namespace) -> cm.Client:
 
 def _source_client(args: argparse.Namespace) -> cm.SourceClient:
     options = _options(args)
+    if getattr(args, "outbox", None):
+        Path(args.outbox).mkdir(parents=True, exist_ok=True)
+        options["outbox"] = args.outbox
     if args.auth_config:
         return cm.SourceClient.from_auth_config(args.auth_config, host=options.pop("host", None), **options)
     _need_host(options)
@@ -416,6 +419,12 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--frame", help="push every row of this CSV or Parquet file instead of KEY=VALUE pairs")
     push.add_argument("--timestamp-column", help="with --frame: the column holding each row's time")
     push.add_argument("--tag-column", action="append", default=[], help="with --frame: a column to send as a tag")
+    push.add_argument(
+        "--outbox",
+        metavar="DIR",
+        help="keep QoS 1 pushes in a durable outbox in DIR until the broker acknowledged them; what an "
+        "earlier run left there is sent first",
+    )
     _connection_flags(push, source=True)
 
     command = add("command", "send a writedata command to a source", cmd_command)

@@ -162,6 +162,9 @@ class _BaseClient:
         source_id: str | None = None,
         offline: Literal["block", "raise", "drop_oldest"] = "block",
         max_queued: int = 10_000,
+        outbox: str | os.PathLike[str] | None = None,
+        outbox_sync: Literal["batch", "always", "never"] = "batch",
+        outbox_max_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         if not isinstance(host, str) or not host:
             raise ValueError(f"host must be a non-empty str, got {host!r}")
@@ -224,6 +227,9 @@ class _BaseClient:
             inflight=inflight,
             offline=offline,
             max_queued=max_queued,
+            outbox=_outbox_path(outbox),
+            outbox_sync=outbox_sync,
+            outbox_max_bytes=outbox_max_bytes,
         )
         self._closed = False
         self._dispatcher = threading.Thread(
@@ -256,6 +262,14 @@ class _BaseClient:
         persistent session's messages waiting for a matching subscribe()), oversize (packets over
         max_packet_size: dropped and logged), reconnects."""
         return dict(self._native.stats())
+
+    @property
+    def outbox_stats(self) -> dict[str, int | str] | None:
+        """The durable outbox (``outbox=``) at this moment: records and bytes held, replayed (sent
+        again after a restart), dropped, unsaved (kept in memory only: a full disk or a damaged
+        store), and its path; None without a durable outbox."""
+        stats = self._native.outbox_stats()
+        return None if stats is None else dict(stats)
 
     def on_event(self, callback: Callable[[ConnectionEvent], object]) -> None:
         """Calls ``callback(event)`` for every :class:`ConnectionEvent`, on the dispatcher thread."""
@@ -355,6 +369,14 @@ class _BaseClient:
         )
 
 
+def _outbox_path(outbox: str | os.PathLike[str] | None) -> str | None:
+    # A folder holds the outbox as outbox.db (with its WAL and lock files beside it).
+    if outbox is None:
+        return None
+    path = Path(outbox)
+    return str(path / "outbox.db" if path.is_dir() else path)
+
+
 def _random_client_id() -> str:
     return f"capture-mqtt-{os.urandom(6).hex()}"
 
@@ -427,7 +449,9 @@ class Client(_BaseClient):
         super().__init__(host, **options)
         if connect:
             try:
-                self.connect()
+                # With a durable outbox the client connects in the background: a device that starts
+                # during an outage goes on, its pushes kept on disk until the broker is back.
+                self.connect(wait=options.get("outbox") is None)
             except BaseException:
                 self._close_now(grace=0.2)
                 raise
@@ -462,8 +486,11 @@ class Client(_BaseClient):
         merged = _env_options() | options
         return cls(merged.pop("host"), **merged)
 
-    def connect(self) -> None:
-        """Connects (when constructed with ``connect=False``); raises the connection's error.
+    def connect(self, *, wait: bool = True) -> None:
+        """Connects (when constructed with ``connect=False``); raises the connection's error. With
+        ``wait=False`` it starts connecting in the background and returns at once: a failed attempt
+        is retried with backoff, as after a lost connection (a device that starts during an outage
+        goes on pushing into its outbox).
 
         >>> import capture_mqtt as cm
         >>> cm.Client("127.0.0.1", transport="mqtt", port=1, connect=False).connect()
@@ -473,7 +500,10 @@ class Client(_BaseClient):
         """
         if self._closed:
             raise ClosedError("the client is closed")
-        self._native.connect()
+        if wait:
+            self._native.connect()
+        else:
+            self._native.start()
 
     def close(self) -> None:
         """Disconnects cleanly and stops the client's threads; subscriptions end. Idempotent.
@@ -671,8 +701,8 @@ class AsyncClient(_BaseClient):
         merged = _env_options() | options
         return cls(merged.pop("host"), **merged)
 
-    async def connect(self) -> None:
-        """Connects; raises the connection's error.
+    async def connect(self, *, wait: bool = True) -> None:
+        """Connects; raises the connection's error. ``wait=False``: as :meth:`Client.connect`.
 
         >>> import capture_mqtt as cm
         >>> cm.AsyncClient.connect.__name__
@@ -680,7 +710,10 @@ class AsyncClient(_BaseClient):
         """
         if self._closed:
             raise ClosedError("the client is closed")
-        await self._native.connect_async()
+        if wait:
+            await self._native.connect_async()
+        else:
+            self._native.start()
 
     async def close(self) -> None:
         """Disconnects cleanly; subscriptions end. Idempotent.

@@ -14,6 +14,7 @@ __all__ = [
     "CaptureError",
     "ClosedError",
     "ConnectError",
+    "OutboxError",
     "PayloadError",
     "QueueFullError",
     "TimeoutError",
@@ -140,5 +141,15 @@ class QueueFullError(CaptureError):
 
     >>> import capture_mqtt as cm
     >>> issubclass(cm.QueueFullError, cm.CaptureError)
+    True
+    """
+
+
+class OutboxError(CaptureError, OSError):
+    """A durable outbox (``outbox=``) could not be opened: another process holds it (the message
+    names it), or its folder cannot be written.
+
+    >>> import capture_mqtt as cm
+    >>> issubclass(cm.OutboxError, cm.CaptureError)
     True
     """

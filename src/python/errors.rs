@@ -62,6 +62,13 @@ pub fn timestamp_error(py: Python<'_>, field: &str, err: &TimestampError) -> PyE
     payload_error_in(py, field, &format!("{field}: {err}"))
 }
 
+static OUTBOX_ERROR: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+
+/// `cm.OutboxError` for a durable outbox that could not be opened.
+pub fn outbox_error(py: Python<'_>, err: &crate::outbox::OutboxError) -> PyErr {
+    raise(py, &OUTBOX_ERROR, "OutboxError", &err.to_string(), &[])
+}
+
 static SESSION_ERRORS: [PyOnceLock<Py<PyType>>; 6] = [
     PyOnceLock::new(),
     PyOnceLock::new(),

@@ -146,7 +146,8 @@ impl PySession {
     #[new]
     #[pyo3(signature = (host, *, transport, port, path, ca_pem, tls_insecure, client_id, clean_session, keepalive,
                         reconnect, min_delay, max_delay, jitter, connect_timeout, protocol, username, password,
-                        token_callable, account_kind, company, source_id, scope, max_packet_size, inflight, offline, max_queued))]
+                        token_callable, account_kind, company, source_id, scope, max_packet_size, inflight, offline, max_queued,
+                        outbox = None, outbox_sync = "batch", outbox_max_bytes = 256 * 1024 * 1024))]
     fn new(
         host: String,
         transport: &str,
@@ -174,6 +175,9 @@ impl PySession {
         inflight: u16,
         offline: &str,
         max_queued: usize,
+        outbox: Option<std::path::PathBuf>,
+        outbox_sync: &str,
+        outbox_max_bytes: u64,
     ) -> PyResult<Self> {
         let transport = Transport::parse(transport)
             .ok_or_else(|| PyValueError::new_err(format!("unknown transport {transport:?}")))?;
@@ -215,6 +219,9 @@ impl PySession {
             ))
         })?;
         config.offline_capacity = max_queued.max(1);
+        if let Some(path) = outbox {
+            config.durable = Some(open_outbox(&path, outbox_sync, outbox_max_bytes)?);
+        }
         let jobs: Arc<Queue<Job>> = Arc::new(Queue::new(4096, Overflow::DropOldest));
         if let Some(username) = username {
             config.account_name.clone_from(&username);
@@ -244,6 +251,11 @@ impl PySession {
     fn connect(&self, py: Python<'_>) -> PyResult<()> {
         let session = self.session.clone();
         block_on(py, async move { session.connect().await })?.map_err(|e| session_error(py, &e))
+    }
+
+    /// Starts connecting in the background (retried with backoff); returns at once.
+    fn start(&self, py: Python<'_>) -> PyResult<()> {
+        self.session.start().map_err(|e| session_error(py, &e))
     }
 
     /// Connects from asyncio: an awaitable.
@@ -297,6 +309,22 @@ impl PySession {
         dict.set_item("queued", self.session.queued())?;
         dict.set_item("dropped", stats.dropped.load(Ordering::Relaxed))?;
         Ok(dict)
+    }
+
+    /// The durable outbox's counters (records, bytes, replayed, dropped, unsaved), or None without one.
+    fn outbox_stats<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(durable) = &self.session.config().durable else {
+            return Ok(None);
+        };
+        let stats = durable.stats();
+        let dict = PyDict::new(py);
+        dict.set_item("records", stats.records)?;
+        dict.set_item("bytes", stats.bytes)?;
+        dict.set_item("replayed", stats.replayed)?;
+        dict.set_item("dropped", stats.dropped)?;
+        dict.set_item("unsaved", stats.unsaved)?;
+        dict.set_item("path", durable.path().display().to_string())?;
+        Ok(Some(dict))
     }
 
     /// The dispatcher's next job, waiting up to `timeout` seconds: `("event", (kind, session_present,
@@ -949,4 +977,42 @@ pub fn _now_ns() -> i64 {
 /// Starts the network runtime and hands it to pyo3-async-runtimes (once).
 pub fn init_runtime() {
     let _ = pyo3_async_runtimes::tokio::init_with_runtime(session::runtime());
+}
+
+/// Opens a durable outbox for a session: one process per outbox (`cm.OutboxError` names the holder).
+fn open_outbox(
+    path: &std::path::Path,
+    sync: &str,
+    max_bytes: u64,
+) -> PyResult<Arc<crate::outbox::DurableOutbox>> {
+    use crate::outbox::{DurableOutbox, OutboxOptions, SyncMode};
+    let sync = SyncMode::parse(sync).ok_or_else(|| {
+        PyValueError::new_err(format!(
+            "outbox_sync must be \"batch\", \"always\" or \"never\", not {sync:?}"
+        ))
+    })?;
+    let options = OutboxOptions {
+        sync,
+        max_bytes,
+        ..OutboxOptions::default()
+    };
+    match DurableOutbox::open(path, options) {
+        Ok((outbox, report)) => {
+            if report.moved_to.is_some() {
+                log::warn!(
+                    "the outbox {} was damaged: {} record(s) kept, {} lost{}",
+                    path.display(),
+                    report.records,
+                    report.lost,
+                    if report.uncounted {
+                        " (and what else it held could not be counted)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(Arc::new(outbox))
+        }
+        Err(err) => Err(Python::attach(|py| super::errors::outbox_error(py, &err))),
+    }
 }

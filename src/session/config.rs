@@ -197,6 +197,10 @@ pub struct SessionConfig {
     pub account_kind: AccountKind,
     /// What the account may subscribe to and publish to, checked before anything is sent.
     pub scope: Scope,
+    /// A durable outbox: QoS 1/2 publishes are kept on disk until acknowledged, and what an earlier
+    /// process left there is sent first. It then bounds the publishes waiting (by bytes) instead of
+    /// `offline_capacity`.
+    pub durable: Option<std::sync::Arc<crate::outbox::DurableOutbox>>,
     /// Largest packet sent or received: Capture's 1 MB by default (the broker's own limit under MQTT 5 when smaller).
     pub max_packet_size: usize,
     /// Most unacknowledged QoS 1/2 publishes at once.
@@ -237,6 +241,7 @@ impl SessionConfig {
             account_name: String::new(),
             account_kind: AccountKind::Unknown,
             scope: Scope::Open,
+            durable: None,
             max_packet_size: 1024 * 1024,
             inflight: 512,
             offline_capacity: 10_000,

@@ -44,6 +44,8 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 /// A publish on its way: who waits for its outcome.
 pub(super) struct PubTag {
     id: u64,
+    /// Its record in the durable outbox.
+    stored: Option<i64>,
     qos: u8,
     topic: String,
     sent_at: Instant,
@@ -266,7 +268,7 @@ enum Wake {
 impl Task {
     pub(super) fn new(
         shared: Arc<Shared>,
-        first: oneshot::Sender<Result<(), SessionError>>,
+        first: Option<oneshot::Sender<Result<(), SessionError>>>,
     ) -> Task {
         let config = &shared.config;
         let settings = Settings {
@@ -285,7 +287,7 @@ impl Task {
         Task {
             proto: Engine::new(settings, Instant::now()),
             shared,
-            first: Some(first),
+            first,
             attempt: 0,
             refusals: Refusals::default(),
             filters: HashMap::new(),
@@ -754,6 +756,12 @@ impl Task {
                 };
                 match outcome {
                     Ok(()) => {
+                        if let (Some(durable), Some(id)) = (&shared.config.durable, tag.stored) {
+                            if let Err(err) = durable.remove(&[id]) {
+                                log::warn!("{err}: the message may be sent again after a restart");
+                            }
+                            shared.space.notify_waiters();
+                        }
                         if let Some(tx) = tag.tx.take() {
                             let _ = tx.send(Ok(()));
                         }
@@ -1003,6 +1011,7 @@ impl Task {
             took += batch.len();
             for Pending {
                 id,
+                stored,
                 topic,
                 payload,
                 qos,
@@ -1012,6 +1021,7 @@ impl Task {
             {
                 let tag = PubTag {
                     id,
+                    stored,
                     qos,
                     topic: topic.clone(),
                     sent_at: now,

@@ -151,6 +151,8 @@ impl Route {
 #[derive(Debug)]
 pub(crate) struct Pending {
     id: u64,
+    /// Its record in the durable outbox, removed once the broker acknowledged it.
+    stored: Option<i64>,
     topic: String,
     payload: Bytes,
     qos: u8,
@@ -307,11 +309,39 @@ impl Session {
             // Fail early on a bad CA, before any connection attempt.
             tls::client_config(&config.tls).map_err(SessionError::Connect)?;
         }
+        let mut outbox = Outbox::default();
+        let mut next_id = 1;
+        if let Some(durable) = &config.durable {
+            // What an earlier process left: sent first, in order; nobody waits for it.
+            let records = durable
+                .records()
+                .map_err(|e| SessionError::Connect(e.to_string()))?;
+            durable.note_replayed(records.len() as u64);
+            if !records.is_empty() {
+                log::info!(
+                    "the outbox {} holds {} message(s) from before: they go out first",
+                    durable.path().display(),
+                    records.len()
+                );
+            }
+            for record in records {
+                outbox.items.push_back(Pending {
+                    id: next_id,
+                    stored: Some(record.id),
+                    topic: record.topic,
+                    payload: Bytes::from(record.payload),
+                    qos: record.qos,
+                    retain: false,
+                    tx: None,
+                });
+                next_id += 1;
+            }
+        }
         let shared = Arc::new(Shared {
             sink,
             max_outgoing: AtomicUsize::new(config.max_packet_size),
             config,
-            outbox: Mutex::new(Outbox::default()),
+            outbox: Mutex::new(outbox),
             control: Mutex::new(VecDeque::new()),
             wake: Notify::new(),
             space: Notify::new(),
@@ -321,7 +351,7 @@ impl Session {
             closed: AtomicBool::new(false),
             close_signal: Notify::new(),
             close_grace: Mutex::new(Duration::from_secs(2)),
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(next_id),
             filter_ids: Mutex::new(HashMap::new()),
             stats: Stats::default(),
         });
@@ -361,7 +391,7 @@ impl Session {
             ));
         }
         let (first_tx, first_rx) = oneshot::channel();
-        let task = engine::Task::new(Arc::clone(&self.shared), first_tx);
+        let task = engine::Task::new(Arc::clone(&self.shared), Some(first_tx));
         let handle = runtime().spawn(task.run());
         *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
         let outcome = first_rx.await.unwrap_or(Err(SessionError::Closed));
@@ -378,6 +408,24 @@ impl Session {
             }
         }
         outcome
+    }
+
+    /// Starts connecting without waiting for the broker: a failed attempt is retried with backoff like
+    /// a lost connection, so a device that starts during an outage goes on (its publishes wait in the
+    /// outbox) and connects when the broker is back.
+    pub fn start(&self) -> Result<(), SessionError> {
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        if self.started.swap(true, Ordering::AcqRel) {
+            return Err(SessionError::Connect(
+                "connect() was already called on this client".to_owned(),
+            ));
+        }
+        let task = engine::Task::new(Arc::clone(&self.shared), None);
+        let handle = runtime().spawn(task.run());
+        *self.task.lock().unwrap_or_else(PoisonError::into_inner) = Some(handle);
+        Ok(())
     }
 
     /// Adds a subscription. When connected, the SUBSCRIBE is sent now and `wait_granted` tells the
@@ -486,7 +534,18 @@ impl Session {
             .check(Action::Publish, topic)
             .map_err(SessionError::OutOfScope)?;
         self.check_size(topic, payload, qos)?;
-        let capacity = config.offline_capacity.max(1);
+        let capacity = if config.durable.is_some() {
+            usize::MAX // bounded by the durable outbox's bytes instead
+        } else {
+            config.offline_capacity.max(1)
+        };
+        let stored = match &config.durable {
+            Some(durable) if qos > 0 => self.store(durable, topic, payload, qos)?,
+            _ => None,
+        };
+        if stored == Some(-1) {
+            return Ok(None); // full under offline="block": wait for acknowledgements to free room
+        }
         {
             let mut outbox = self.shared.outbox();
             if outbox.items.len() >= capacity {
@@ -502,6 +561,7 @@ impl Session {
             let wake = outbox.items.is_empty();
             outbox.items.push_back(Pending {
                 id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
+                stored,
                 topic: topic.to_owned(),
                 payload: payload.clone(),
                 qos,
@@ -531,6 +591,56 @@ impl Session {
                 return Ok(token);
             }
             space.await;
+        }
+    }
+
+    /// Writes a publish to the durable outbox: its record id; `Some(-1)` when the outbox is full and
+    /// the policy is to wait; None when it could not be written (a full disk, a damaged store): the
+    /// message then stays in memory only, and that is counted and logged.
+    fn store(
+        &self,
+        durable: &crate::outbox::DurableOutbox,
+        topic: &str,
+        payload: &Bytes,
+        qos: u8,
+    ) -> Result<Option<i64>, SessionError> {
+        use crate::outbox::OutboxError;
+        loop {
+            match durable.append(topic, payload, qos) {
+                Ok(id) => return Ok(Some(id)),
+                Err(OutboxError::Full(why)) if why.contains("max_bytes") => {
+                    match self.shared.config.offline_policy {
+                        OfflinePolicy::Block => return Ok(Some(-1)),
+                        OfflinePolicy::Raise => {
+                            return Err(SessionError::QueueFull(format!(
+                                "{why} (offline=\"raise\"); wait for the connection, or choose \
+                                 offline=\"block\" or a larger outbox_max_bytes"
+                            )))
+                        }
+                        OfflinePolicy::DropOldest => {
+                            let dropped = durable
+                                .drop_oldest()
+                                .map_err(|e| SessionError::QueueFull(e.to_string()))?;
+                            let Some(id) = dropped else {
+                                return Err(SessionError::QueueFull(why));
+                            };
+                            self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                            log::warn!(
+                                "the durable outbox is full: its oldest message was dropped \
+                                 (offline=\"drop_oldest\"); raise outbox_max_bytes, or choose offline=\"block\""
+                            );
+                            // Its copy in memory, if still waiting, goes too.
+                            self.shared.outbox().items.retain(|p| p.stored != Some(id));
+                        }
+                    }
+                }
+                Err(err) => {
+                    log::warn!(
+                        "{err}: this message is kept in memory only until the broker acknowledges it"
+                    );
+                    return Ok(None);
+                }
+            }
         }
     }
 
@@ -612,6 +722,9 @@ pub(crate) fn finish(shared: &Shared) {
         }
     }
     shared.space.notify_waiters();
+    if let Some(durable) = &shared.config.durable {
+        durable.release(); // what is not acknowledged stays on disk for the next process
+    }
     if !shared.events.is_closed() {
         log::debug!("session with {} closed", shared.config.address());
         shared.emit(Event::Closed);

@@ -1,0 +1,201 @@
+"""The durable outbox: what a device pushed reaches Capture across crashes, restarts and outages."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import capture_mqtt as cm
+from capture_mqtt.testing import BrokerLimits, Mosquitto, wait_until
+
+from .conftest import PASSWORDS, SOURCE_ID, capture_accounts, connect
+
+# A device: pushes field values START..COUNT-1 at QoS 1 through a durable outbox, printing each
+# value once push() returned (the record is then on disk), and waits for the acknowledgements.
+DEVICE = """
+import sys, time, capture_mqtt as cm
+port, outbox, start, count = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+with cm.SourceClient("127.0.0.1", transport="mqtt", port=port, source_id=sys.argv[5], password=sys.argv[6],
+                     outbox=outbox, reconnect=cm.Reconnect(0.05, 0.5)) as src:  # connects in the background
+    print("replayed", src.outbox_stats["replayed"], flush=True)
+    for i in range(start, count):
+        src.push_field("Conn", "Outbox", "V", i, wait=False)
+        print(i, flush=(i % 50 == 0))
+    sys.stdout.flush()
+    if len(sys.argv) > 7:  # wait until everything was acknowledged
+        deadline = time.monotonic() + 120
+        while src.outbox_stats["records"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("drained", src.outbox_stats["records"], flush=True)
+"""
+
+
+def device(broker: Mosquitto, outbox: Path, start: int, count: int, *, drain: bool = False) -> subprocess.Popen[str]:
+    args = [str(broker.mqtt_port), str(outbox), str(start), str(count), SOURCE_ID, PASSWORDS[SOURCE_ID]]
+    return subprocess.Popen(
+        [sys.executable, "-c", DEVICE, *args, *(["drain"] if drain else [])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def last_pushed(output: str, start: int) -> int:
+    """The next value to push after a device's output (what it printed was on disk)."""
+    numbers = [int(line) for line in output.split() if line.isdigit()]
+    return max(numbers, default=start - 1) + 1
+
+
+@pytest.fixture
+def roomy_broker() -> Iterator[Mosquitto]:
+    # The listener must not lose at the broker what these tests count.
+    with Mosquitto(
+        accounts=capture_accounts(), tls=False, websockets=False, limits=BrokerLimits(queued=1_000_000)
+    ) as b:
+        yield b
+
+
+class Listener:
+    """Capture's server side, as far as these tests go: every value pushed, in arrival order."""
+
+    def __init__(self, broker: Mosquitto) -> None:
+        self.values: list[int] = []
+        self.client = connect(broker, "pipeline")
+        self.sub = self.client.subscribe(
+            f"v1/sources/{SOURCE_ID}/data/read/#", decode="bytes", qos=1, queue_size=1_000_000, callback=self._take
+        )
+
+    def _take(self, message: cm.Message) -> None:
+        import json
+
+        self.values.append(int(json.loads(message.payload)["Value"]))
+
+    def close(self) -> None:
+        self.sub.close()
+        self.client.close()
+
+
+def check_every_value_once_in_order(values: list[int], count: int) -> int:
+    """Every value arrived; first arrivals in order; returns the duplicates (allowed by QoS 1)."""
+    first: list[int] = []
+    seen: set[int] = set()
+    for value in values:
+        if value not in seen:
+            seen.add(value)
+            first.append(value)
+    assert seen == set(range(count)), f"missing {sorted(set(range(count)) - seen)[:10]}"
+    assert first == sorted(first), "first arrivals out of order"
+    return len(values) - len(first)
+
+
+def test_a_device_killed_again_and_again_loses_nothing(roomy_broker: Mosquitto, tmp_path: Path) -> None:
+    count = int(os.environ.get("OUTBOX_KILL_MESSAGES", "40000"))
+    kills = int(os.environ.get("OUTBOX_KILLS", "4"))
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    listener = Listener(roomy_broker)
+    rng = random.Random(7)  # noqa: S311 - moments to kill at, not secrets
+    start = 0
+    starts = []
+    try:
+        for _ in range(kills):
+            child = device(roomy_broker, outbox, start, count)
+            time.sleep(rng.uniform(0.4, 1.2))  # a random moment: starting, replaying or pushing
+            child.send_signal(signal.SIGKILL)
+            output, _ = child.communicate(timeout=30)
+            start = last_pushed(output, start)
+            starts.append(start)
+        assert any(0 < s < count for s in starts), f"no kill came mid-stream: {starts}"
+        child = device(roomy_broker, outbox, start, count, drain=True)
+        output, errors = child.communicate(timeout=180)
+        assert child.returncode == 0, errors
+        assert "drained 0" in output, output[-300:] + errors
+        wait_until(lambda: len(set(listener.values)) >= count, timeout=60)
+        duplicates = check_every_value_once_in_order(listener.values, count)
+        print(f"{kills} kills (resumed at {starts}), {count} values, {duplicates} duplicates")
+    finally:
+        listener.close()
+
+
+def test_an_outage_across_restarts_loses_nothing(roomy_broker: Mosquitto, tmp_path: Path) -> None:
+    count = 6000
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    listener = Listener(roomy_broker)
+    try:
+        roomy_broker.stop()  # the plant network is down
+        start = 0
+        for end in (2000, 4000, 6000):  # the device pushes and restarts twice while it is down
+            child = device(roomy_broker, outbox, start, end)
+            output, errors = child.communicate(timeout=60)
+            assert child.returncode == 0, errors
+            start = end
+        # The store holds all of them, across the restarts.
+        with cm.SourceClient(
+            "127.0.0.1", transport="mqtt", source_id=SOURCE_ID, password="-", outbox=outbox, connect=False
+        ) as peek:
+            assert peek.outbox_stats is not None and peek.outbox_stats["records"] == count
+        roomy_broker.start()
+        wait_until(lambda: listener.client.is_connected, timeout=30)
+        child = device(roomy_broker, outbox, count, count, drain=True)
+        output, errors = child.communicate(timeout=120)
+        assert "replayed 6000" in output and "drained 0" in output, output + errors
+        wait_until(lambda: len(set(listener.values)) >= count, timeout=60)
+        check_every_value_once_in_order(listener.values, count)
+    finally:
+        listener.close()
+
+
+def test_one_process_per_outbox(roomy_broker: Mosquitto, tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    options: dict[str, Any] = {"transport": "mqtt", "port": roomy_broker.mqtt_port, "connect": False}
+    with cm.SourceClient("127.0.0.1", source_id=SOURCE_ID, password=PASSWORDS[SOURCE_ID], outbox=outbox, **options):
+        script = (
+            "import sys, capture_mqtt as cm\n"
+            "try:\n"
+            "    cm.SourceClient('127.0.0.1', source_id='s', password='p', outbox=sys.argv[1], transport='mqtt',"
+            " connect=False)\n"
+            "except cm.OutboxError as err:\n"
+            "    print(err)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", script, str(outbox)], capture_output=True, text=True, timeout=60, check=False
+        )
+    assert f"in use by process {os.getpid()}" in done.stdout, done.stdout + done.stderr
+    assert "one process per outbox" in done.stdout
+    # Once the holder closed, the outbox is free.
+    with cm.SourceClient("127.0.0.1", source_id=SOURCE_ID, password=PASSWORDS[SOURCE_ID], outbox=outbox, **options):
+        pass
+
+
+def test_a_damaged_outbox_never_stops_the_device(roomy_broker: Mosquitto, tmp_path: Path) -> None:
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    (outbox / "outbox.db").write_bytes(b"someone wrote over the outbox" * 100)
+    listener = Listener(roomy_broker)
+    try:
+        with cm.SourceClient(
+            "127.0.0.1",
+            transport="mqtt",
+            port=roomy_broker.mqtt_port,
+            source_id=SOURCE_ID,
+            password=PASSWORDS[SOURCE_ID],
+            outbox=outbox,
+        ) as src:
+            src.push_field("Conn", "Outbox", "V", 0)
+            stats = src.outbox_stats
+            assert stats is not None and stats["records"] == 0 and stats["unsaved"] == 0
+        assert any(p.name.startswith("outbox.damaged-") for p in outbox.iterdir())
+        wait_until(lambda: listener.values == [0], timeout=10)
+    finally:
+        listener.close()
