@@ -193,8 +193,9 @@ def test_a_damaged_outbox_never_stops_the_device(roomy_broker: Mosquitto, tmp_pa
             outbox=outbox,
         ) as src:
             src.push_field("Conn", "Outbox", "V", 0)
-            stats = src.outbox_stats
-            assert stats is not None and stats["records"] == 0 and stats["unsaved"] == 0
+            # Written to the new store, and removed once acknowledged.
+            wait_until(lambda: src.outbox_stats is not None and src.outbox_stats["records"] == 0, timeout=10)
+            assert src.outbox_stats is not None and src.outbox_stats["unsaved"] == 0
         assert any(p.name.startswith("outbox.damaged-") for p in outbox.iterdir())
         wait_until(lambda: listener.values == [0], timeout=10)
     finally:

@@ -121,6 +121,8 @@ pub(super) struct Task {
     held: VecDeque<(Instant, Publish)>,
     /// Routes that were offered the held messages already (each is, once, when it appears).
     handed: std::collections::HashSet<u64>,
+    /// Durable-outbox records acknowledged this turn, removed together at its end.
+    acked: Vec<i64>,
     stalled: Option<Stalled>,
     renew_at: Option<Instant>,
     warn_unrouted: RateLimited,
@@ -293,6 +295,7 @@ impl Task {
             filters: HashMap::new(),
             held: VecDeque::new(),
             handed: std::collections::HashSet::new(),
+            acked: Vec::new(),
             stalled: None,
             renew_at: None,
             warn_unrouted: RateLimited::default(),
@@ -756,11 +759,8 @@ impl Task {
                 };
                 match outcome {
                     Ok(()) => {
-                        if let (Some(durable), Some(id)) = (&shared.config.durable, tag.stored) {
-                            if let Err(err) = durable.remove(&[id]) {
-                                log::warn!("{err}: the message may be sent again after a restart");
-                            }
-                            shared.space.notify_waiters();
+                        if let Some(id) = tag.stored {
+                            self.acked.push(id);
                         }
                         if let Some(tx) = tag.tx.take() {
                             let _ = tx.send(Ok(()));
@@ -968,6 +968,7 @@ impl Task {
         while let Some(output) = self.proto.poll_output() {
             self.on_output(output, now);
         }
+        self.remove_acked();
         while self
             .held
             .front()
@@ -1236,8 +1237,23 @@ impl Task {
         }
     }
 
+    /// Removes the durable-outbox records acknowledged since the last call, in one transaction.
+    fn remove_acked(&mut self) {
+        if self.acked.is_empty() {
+            return;
+        }
+        if let Some(durable) = &self.shared.config.durable {
+            if let Err(err) = durable.remove(&self.acked) {
+                log::warn!("{err}: these messages may be sent again after a restart");
+            }
+            self.shared.space.notify_waiters();
+        }
+        self.acked.clear();
+    }
+
     /// The session ends: queues end, waiting publishes fail, `Closed` is the last event.
     fn finish(&mut self) {
+        self.remove_acked();
         for mut tag in self.proto.abandon() {
             if let Some(tx) = tag.tx.take() {
                 let _ = tx.send(Err(SessionError::Closed));
