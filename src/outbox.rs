@@ -82,8 +82,10 @@ pub struct Record {
 pub enum OutboxError {
     /// Another process holds the outbox.
     Locked { path: PathBuf, holder: String },
-    /// The outbox holds `max_bytes` already (or the disk is full).
+    /// The outbox holds `max_bytes` already.
     Full(String),
+    /// The disk under the outbox is full.
+    DiskFull(String),
     /// The store could not be opened, read or written.
     Store(String),
 }
@@ -97,7 +99,9 @@ impl std::fmt::Display for OutboxError {
                  this one an outbox of its own",
                 path.display()
             ),
-            OutboxError::Full(why) | OutboxError::Store(why) => f.write_str(why),
+            OutboxError::Full(why) | OutboxError::DiskFull(why) | OutboxError::Store(why) => {
+                f.write_str(why)
+            }
         }
     }
 }
@@ -447,7 +451,7 @@ impl DurableOutbox {
             Err(err) => {
                 self.shared.unsaved.fetch_add(1, Ordering::Relaxed);
                 return Err(if is_full(&err) {
-                    OutboxError::Full(format!(
+                    OutboxError::DiskFull(format!(
                         "the disk of the outbox {} is full: {err}",
                         self.path.display()
                     ))

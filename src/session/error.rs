@@ -34,13 +34,6 @@ pub enum SessionError {
     Ended(String),
 }
 
-impl SessionError {
-    /// The scope rule of an account kind, quoted from Capture's MQTT page.
-    pub fn scope_rule(kind: AccountKind) -> &'static str {
-        crate::scope::rule(kind)
-    }
-}
-
 impl fmt::Display for SessionError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -69,7 +62,7 @@ impl fmt::Display for SessionError {
                 write!(
                     f,
                     "not authorized to {verb} {topic:?} as {who} ({how}): {}",
-                    SessionError::scope_rule(*kind)
+                    crate::scope::rule(*kind)
                 )
             }
             SessionError::Timeout(what)

@@ -147,6 +147,16 @@ impl Route {
     }
 }
 
+/// Where a publish went in the durable outbox.
+enum Stored {
+    /// Written: its record id.
+    Record(i64),
+    /// Not written (a full disk, a damaged store): kept in memory only, counted and logged.
+    MemoryOnly,
+    /// The outbox is full and the policy is to wait for room.
+    Wait,
+}
+
 /// A publish in the outbox.
 #[derive(Debug)]
 pub(crate) struct Pending {
@@ -540,12 +550,14 @@ impl Session {
             config.offline_capacity.max(1)
         };
         let stored = match &config.durable {
-            Some(durable) if qos > 0 => self.store(durable, topic, payload, qos)?,
+            Some(durable) if qos > 0 => match self.store(durable, topic, payload, qos)? {
+                Stored::Record(id) => Some(id),
+                Stored::MemoryOnly => None,
+                // Full under offline="block": wait for acknowledgements to free room.
+                Stored::Wait => return Ok(None),
+            },
             _ => None,
         };
-        if stored == Some(-1) {
-            return Ok(None); // full under offline="block": wait for acknowledgements to free room
-        }
         {
             let mut outbox = self.shared.outbox();
             if outbox.items.len() >= capacity {
@@ -594,23 +606,21 @@ impl Session {
         }
     }
 
-    /// Writes a publish to the durable outbox: its record id; `Some(-1)` when the outbox is full and
-    /// the policy is to wait; None when it could not be written (a full disk, a damaged store): the
-    /// message then stays in memory only, and that is counted and logged.
+    /// Writes a publish to the durable outbox, under the offline policy when it is full.
     fn store(
         &self,
         durable: &crate::outbox::DurableOutbox,
         topic: &str,
         payload: &Bytes,
         qos: u8,
-    ) -> Result<Option<i64>, SessionError> {
+    ) -> Result<Stored, SessionError> {
         use crate::outbox::OutboxError;
         loop {
             match durable.append(topic, payload, qos) {
-                Ok(id) => return Ok(Some(id)),
-                Err(OutboxError::Full(why)) if why.contains("max_bytes") => {
+                Ok(id) => return Ok(Stored::Record(id)),
+                Err(OutboxError::Full(why)) => {
                     match self.shared.config.offline_policy {
-                        OfflinePolicy::Block => return Ok(Some(-1)),
+                        OfflinePolicy::Block => return Ok(Stored::Wait),
                         OfflinePolicy::Raise => {
                             return Err(SessionError::QueueFull(format!(
                                 "{why} (offline=\"raise\"); wait for the connection, or choose \
@@ -638,7 +648,7 @@ impl Session {
                     log::warn!(
                         "{err}: this message is kept in memory only until the broker acknowledges it"
                     );
-                    return Ok(None);
+                    return Ok(Stored::MemoryOnly);
                 }
             }
         }
