@@ -9,6 +9,7 @@ sends the same rows in a Python loop.
 
     python benchmarks/bench_push.py
     BENCH_PUSHES=20000 BENCH_FRAME_ROWS=100000 BENCH_REPEATS=1 python benchmarks/bench_push.py
+    BENCH_ONLY=paho_m1,cm_m1,cm_m1_batch,cm_m1_always,cm_m1_never python benchmarks/bench_push.py
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ HERE = Path(__file__).resolve().parent
 PUSHES = int(os.environ.get("BENCH_PUSHES", "50000"))
 FRAME_ROWS = int(os.environ.get("BENCH_FRAME_ROWS", "1000000"))
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+# A comma-separated subset of the scenarios (the ratios need their baselines in it too).
+ONLY = [name for name in os.environ.get("BENCH_ONLY", "").split(",") if name]
 RESULTS = HERE / "results"
 SOURCE = "5b0f2c1e-6d1a-4c55-9d64-2f3f4b6c7a10"
 TOPIC = f"v1/sources/{SOURCE}/data/read/PLC/Press"
@@ -62,6 +65,11 @@ BASELINE = {
     "cm_loop0": "paho_loop0",
     "cm_loop0_tls": "paho_loop0_tls",
 }
+if ONLY:
+    unknown = sorted(set(ONLY) - set(SCENARIOS))
+    if unknown:
+        raise SystemExit(f"BENCH_ONLY names unknown scenarios: {unknown}; choose among {sorted(SCENARIOS)}")
+    SCENARIOS = {name: SCENARIOS[name] for name in ONLY}
 # Write syscalls (strace -c) per this many QoS 0 publishes from capture-mqtt's publish() loop.
 SYSCALL_PUBLISHES = 10_000
 LOOP_PAYLOAD = json.dumps({"Fields": {"Temperature": 61.5, "Pressure": 1.52, "Count": 7}, "Tags": {"Line": "2"}})
@@ -352,16 +360,20 @@ def main() -> int:
     for scenario, (label, _) in SCENARIOS.items():
         current = rows[scenario]
         base = BASELINE.get(scenario)
-        ratio = current["rate"] / rows[base]["rate"] if base else None
+        ratio = current["rate"] / rows[base]["rate"] if base in rows else None
         table.append({"scenario": scenario, "label": label, **current, "ratio": ratio, "baseline": base})
         ratio_text = f"{ratio:7.1f}x" if ratio else f"{'':8}"
         print(f"{label:46} {current['rate']:>10,.0f} {ratio_text} {current['seconds']:8.2f} {current['rss_mb']:7.0f}MB")
-    ceiling = rows["cm_m0"]["rate"] / rows["mosquitto_pub"]["rate"]
-    print(f"push() QoS 0 at {ceiling:.0%} of mosquitto_pub -l's rate")
+    if "cm_m0" in rows and "mosquitto_pub" in rows:
+        ceiling = rows["cm_m0"]["rate"] / rows["mosquitto_pub"]["rate"]
+        print(f"push() QoS 0 at {ceiling:.0%} of mosquitto_pub -l's rate")
     for sync in ("batch", "always", "never"):
-        share = rows[f"cm_m1_{sync}"]["rate"] / rows["cm_m1"]["rate"]
-        print(f"push() QoS 1 with a durable outbox (sync={sync!r}) at {share:.0%} of the in-memory rate")
+        if f"cm_m1_{sync}" in rows and "cm_m1" in rows:
+            share = rows[f"cm_m1_{sync}"]["rate"] / rows["cm_m1"]["rate"]
+            print(f"push() QoS 1 with a durable outbox (sync={sync!r}) at {share:.0%} of the in-memory rate")
     print(f"write syscalls for {SYSCALL_PUBLISHES:,} QoS 0 publish() calls (strace -c): {syscalls}")
+    if ONLY:
+        return 0  # a subset does not replace the recorded results
     (RESULTS / "push.json").write_text(
         json.dumps(
             {

@@ -13,13 +13,14 @@
 //! fail with `OutboxError::Full`, which the caller reports and works around (the message stays in
 //! memory), and pushing goes on.
 
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags};
+use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// When appended records are forced to the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,6 +76,20 @@ pub struct Record {
     pub topic: String,
     pub payload: Vec<u8>,
     pub qos: u8,
+    /// When it was appended, in milliseconds since the Unix epoch.
+    pub at: i64,
+}
+
+const SELECT_RECORDS: &str = "SELECT id, topic, payload, qos, at FROM outbox ORDER BY id";
+
+fn read_record(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        id: row.get(0)?,
+        topic: row.get(1)?,
+        payload: row.get(2)?,
+        qos: row.get(3)?,
+        at: row.get(4)?,
+    })
 }
 
 /// Why the outbox could not do what was asked.
@@ -132,12 +147,23 @@ pub struct OutboxStats {
     pub dropped: u64,
     /// Appends that failed (full disk, damaged store): those messages were kept in memory only.
     pub unsaved: u64,
+    /// When the oldest record held was appended (ms since the Unix epoch), if any is held.
+    pub oldest_at: Option<i64>,
 }
 
 struct Inner {
-    conn: Connection,
+    /// None once released: the connection is closed, which lets another process open the store.
+    conn: Option<Connection>,
+    /// Appends that failed in a row (a full disk, a damaged store): reported at the first and when
+    /// the store works again, not at each.
+    failing: u64,
     /// Records committed since the last forced write.
     unsynced: u64,
+    /// The size (topic and payload bytes) of each record held, by id.
+    sizes: BTreeMap<i64, Held>,
+    /// The next record's id: never one this process gave before, so that an acknowledgement of a
+    /// dropped record cannot remove a newer one.
+    next_id: i64,
 }
 
 struct Shared {
@@ -154,22 +180,46 @@ struct Shared {
     due: (Mutex<bool>, Condvar),
 }
 
+impl Inner {
+    fn conn(&mut self, path: &Path) -> Result<&mut Connection, OutboxError> {
+        self.conn.as_mut().ok_or_else(|| {
+            OutboxError::Store(format!(
+                "the outbox {} was released (its client closed)",
+                path.display()
+            ))
+        })
+    }
+}
+
 impl Shared {
     fn inner(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Forces what was committed to the disk (the WAL file holds every commit not yet checkpointed).
-    fn sync(&self, inner: &mut Inner) {
-        if inner.unsynced == 0 {
-            return;
+    /// Forces what was committed to the disk (the WAL file holds every commit not yet checkpointed),
+    /// without holding the store while the disk works: appends go on meanwhile. Returns how many
+    /// records still wait (appended during the sync), or None if it failed.
+    fn sync(&self, inner: MutexGuard<'_, Inner>) -> Option<u64> {
+        let waiting = inner.unsynced;
+        if waiting == 0 {
+            return Some(0);
         }
-        match File::open(&self.wal).and_then(|file| file.sync_data()) {
-            Ok(()) => inner.unsynced = 0,
+        drop(inner);
+        let forced = match File::open(&self.wal).and_then(|file| file.sync_data()) {
+            Ok(()) => true,
             // No WAL: everything was checkpointed into the database, which NORMAL forced.
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => inner.unsynced = 0,
-            Err(err) => log::warn!("forcing the outbox to disk failed (it is tried again): {err}"),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => true,
+            Err(err) => {
+                log::warn!("forcing the outbox to disk failed (it is tried again): {err}");
+                false
+            }
+        };
+        if !forced {
+            return None;
         }
+        let mut inner = self.inner();
+        inner.unsynced = inner.unsynced.saturating_sub(waiting);
+        Some(inner.unsynced)
     }
 }
 
@@ -237,18 +287,27 @@ fn lock(path: &Path) -> Result<File, OutboxError> {
     Ok(file)
 }
 
+// Ids are given by the outbox (one past the largest ever held in this process), not by
+// AUTOINCREMENT, whose bookkeeping table would be a second page written at every commit.
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS outbox (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
-    qos INTEGER NOT NULL
+    qos INTEGER NOT NULL,
+    at INTEGER NOT NULL -- when it was appended, in ms since the Unix epoch
 )";
 
 fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     let conn = Connection::open_with_flags(
         path,
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+        // No mutex inside SQLite: the connection is used under the outbox's own lock only.
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
+    // The lock file keeps other processes out already; exclusive locking spares the file locks and
+    // the shared-memory index of every transaction (the WAL index lives in this process's memory).
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL forces the WAL at every commit. NORMAL leaves commits to the operating system (a process
     // crash loses nothing) but forces checkpoints, so what Batch forced stays forced when the WAL is
@@ -274,6 +333,36 @@ fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
+/// What the outbox keeps in memory of each record.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    /// Topic and payload bytes.
+    size: u64,
+    /// When it was appended, in milliseconds since the Unix epoch.
+    at: i64,
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The size and time of every record, by id.
+fn read_sizes(conn: &Connection) -> rusqlite::Result<BTreeMap<i64, Held>> {
+    let mut statement =
+        conn.prepare("SELECT id, LENGTH(CAST(topic AS BLOB)) + LENGTH(payload), at FROM outbox")?;
+    let rows = statement.query_map([], |row| {
+        let size: i64 = row.get(1)?;
+        let held = Held {
+            size: u64::try_from(size).unwrap_or(0),
+            at: row.get(2)?,
+        };
+        Ok((row.get::<_, i64>(0)?, held))
+    })?;
+    rows.collect()
+}
+
 /// Reads what can be read from a damaged store, row by row: the records, and how many were lost
 /// (None when the store could not say how many it held).
 fn salvage(path: &Path) -> (Vec<Record>, Option<u64>) {
@@ -286,17 +375,8 @@ fn salvage(path: &Path) -> (Vec<Record>, Option<u64>) {
         })
         .ok();
     let mut found = Vec::new();
-    if let Ok(mut statement) =
-        conn.prepare("SELECT id, topic, payload, qos FROM outbox ORDER BY id")
-    {
-        if let Ok(rows) = statement.query_map([], |row| {
-            Ok(Record {
-                id: row.get(0)?,
-                topic: row.get(1)?,
-                payload: row.get(2)?,
-                qos: row.get(3)?,
-            })
-        }) {
+    if let Ok(mut statement) = conn.prepare(SELECT_RECORDS) {
+        if let Ok(rows) = statement.query_map([], read_record) {
             // A damaged page ends the scan: what came before it is kept.
             found.extend(rows.map_while(Result::ok));
         }
@@ -352,35 +432,42 @@ impl DurableOutbox {
                     aside.display(),
                     kept.len(),
                 );
-                let conn = connect(path, options.sync)
+                let mut conn = connect(path, options.sync)
                     .map_err(|e| store_error(path, "cannot create a new store", e))?;
-                for record in &kept {
-                    conn.execute(
-                        "INSERT INTO outbox (id, topic, payload, qos) VALUES (?1, ?2, ?3, ?4)",
-                        params![record.id, record.topic, record.payload, record.qos],
-                    )
-                    .map_err(|e| store_error(path, "cannot keep what was read", e))?;
-                }
+                // All or nothing: a crash here leaves the records in the store moved aside.
+                let refill = |conn: &mut Connection| -> rusqlite::Result<()> {
+                    let transaction = conn.transaction()?;
+                    for record in &kept {
+                        transaction.execute(
+                            "INSERT INTO outbox (id, topic, payload, qos, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                            params![record.id, record.topic, record.payload, record.qos, record.at],
+                        )?;
+                    }
+                    transaction.commit()
+                };
+                refill(&mut conn).map_err(|e| store_error(path, "cannot keep what was read", e))?;
                 report.lost = lost.unwrap_or(0);
                 report.uncounted = lost.is_none();
                 report.moved_to = Some(aside);
                 conn
             }
         };
-        let (records, bytes): (i64, i64) = conn
-            .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(topic AS BLOB)) + LENGTH(payload)), 0) FROM outbox",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .map_err(|e| store_error(path, "cannot count its records", e))?;
-        report.records = u64::try_from(records).unwrap_or(0);
+        let sizes =
+            read_sizes(&conn).map_err(|e| store_error(path, "cannot count its records", e))?;
+        report.records = sizes.len() as u64;
+        let bytes: u64 = sizes.values().map(|held| held.size).sum();
         let shared = Arc::new(Shared {
-            inner: Mutex::new(Inner { conn, unsynced: 0 }),
+            inner: Mutex::new(Inner {
+                conn: Some(conn),
+                failing: 0,
+                unsynced: 0,
+                next_id: sizes.keys().next_back().map_or(1, |last| last + 1),
+                sizes,
+            }),
             wal: PathBuf::from(format!("{}-wal", path.display())),
             options,
             records: AtomicU64::new(report.records),
-            bytes: AtomicU64::new(u64::try_from(bytes).unwrap_or(0)),
+            bytes: AtomicU64::new(bytes),
             dropped: AtomicU64::new(report.lost),
             unsaved: AtomicU64::new(0),
             replayed: AtomicU64::new(0),
@@ -411,20 +498,13 @@ impl DurableOutbox {
 
     /// The records held, oldest first (to be sent before anything new).
     pub fn records(&self) -> Result<Vec<Record>, OutboxError> {
-        let inner = self.shared.inner();
+        let mut inner = self.shared.inner();
         let mut statement = inner
-            .conn
-            .prepare_cached("SELECT id, topic, payload, qos FROM outbox ORDER BY id")
+            .conn(&self.path)?
+            .prepare_cached(SELECT_RECORDS)
             .map_err(|e| store_error(&self.path, "cannot read its records", e))?;
         let rows = statement
-            .query_map([], |row| {
-                Ok(Record {
-                    id: row.get(0)?,
-                    topic: row.get(1)?,
-                    payload: row.get(2)?,
-                    qos: row.get(3)?,
-                })
-            })
+            .query_map([], read_record)
             .map_err(|e| store_error(&self.path, "cannot read its records", e))?;
         Ok(rows.map_while(Result::ok).collect())
     }
@@ -441,32 +521,53 @@ impl DurableOutbox {
             )));
         }
         let mut inner = self.shared.inner();
-        let result = inner
-            .conn
-            .prepare_cached("INSERT INTO outbox (topic, payload, qos) VALUES (?1, ?2, ?3)")
-            .and_then(|mut statement| statement.execute(params![topic, payload, qos]))
-            .map(|_| inner.conn.last_insert_rowid());
-        let id = match result {
-            Ok(id) => id,
-            Err(err) => {
-                self.shared.unsaved.fetch_add(1, Ordering::Relaxed);
-                return Err(if is_full(&err) {
+        let id = inner.next_id;
+        let at = now_ms();
+        let result = inner.conn(&self.path).and_then(|conn| {
+            conn.prepare_cached(
+                "INSERT INTO outbox (id, topic, payload, qos, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut statement| statement.execute(params![id, topic, payload, qos, at]))
+            .map_err(|err| {
+                if is_full(&err) {
                     OutboxError::DiskFull(format!(
                         "the disk of the outbox {} is full: {err}",
                         self.path.display()
                     ))
                 } else {
                     store_error(&self.path, "cannot write", err)
-                });
+                }
+            })
+        });
+        if let Err(err) = result {
+            self.shared.unsaved.fetch_add(1, Ordering::Relaxed);
+            if inner.failing == 0 {
+                log::warn!(
+                    "{err}: QoS 1 pushes are kept in memory only until the broker acknowledges them \
+                     (a process that ends before loses them); the outbox is tried again at each push, \
+                     and its stats count them as unsaved"
+                );
             }
-        };
+            inner.failing += 1;
+            return Err(err);
+        }
+        if inner.failing > 0 {
+            log::warn!(
+                "the outbox {} stores again; {} push(es) before this one were kept in memory only",
+                self.path.display(),
+                inner.failing
+            );
+            inner.failing = 0;
+        }
         self.shared.records.fetch_add(1, Ordering::Relaxed);
         self.shared.bytes.fetch_add(size, Ordering::Release);
+        inner.sizes.insert(id, Held { size, at });
+        inner.next_id = id + 1;
         inner.unsynced += 1;
         match self.shared.options.sync {
             SyncMode::Always => inner.unsynced = 0, // synchronous=FULL forced it
             SyncMode::Batch if inner.unsynced >= self.shared.options.sync_records => {
-                self.shared.sync(&mut inner);
+                self.shared.sync(inner);
             }
             SyncMode::Batch => {
                 if inner.unsynced == 1 {
@@ -480,51 +581,58 @@ impl DurableOutbox {
         Ok(id)
     }
 
-    /// Removes acknowledged records.
+    /// Removes acknowledged records (ids it does not hold are ignored).
     pub fn remove(&self, ids: &[i64]) -> Result<(), OutboxError> {
         if ids.is_empty() {
             return Ok(());
         }
         let mut inner = self.shared.inner();
-        let transaction = inner
-            .conn
-            .transaction()
-            .map_err(|e| store_error(&self.path, "cannot remove", e))?;
-        let mut removed = 0u64;
-        let mut freed = 0u64;
+        let mut held: Vec<i64> = ids
+            .iter()
+            .copied()
+            .filter(|id| inner.sizes.contains_key(id))
+            .collect();
+        if held.is_empty() {
+            return Ok(());
+        }
+        held.sort_unstable();
+        held.dedup();
+        let failed = |e| store_error(&self.path, "cannot remove", e);
+        let transaction = inner.conn(&self.path)?.transaction().map_err(failed)?;
         {
+            // Acknowledgements come mostly in order: one statement per run of consecutive ids.
             let mut statement = transaction
-                .prepare_cached(
-                    "DELETE FROM outbox WHERE id = ?1 RETURNING LENGTH(CAST(topic AS BLOB)) + LENGTH(payload)",
-                )
-                .map_err(|e| store_error(&self.path, "cannot remove", e))?;
-            for id in ids {
-                let size: Option<i64> = statement
-                    .query_row(params![id], |row| row.get(0))
-                    .optional()
-                    .map_err(|e| store_error(&self.path, "cannot remove", e))?;
-                if let Some(size) = size {
-                    removed += 1;
-                    freed += u64::try_from(size).unwrap_or(0);
-                }
+                .prepare_cached("DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2")
+                .map_err(failed)?;
+            let mut rest = held.as_slice();
+            while let Some(&first) = rest.first() {
+                let run = rest
+                    .iter()
+                    .zip(first..)
+                    .take_while(|(id, expected)| **id == *expected)
+                    .count();
+                statement
+                    .execute(params![first, rest[run - 1]])
+                    .map_err(failed)?;
+                rest = &rest[run..];
             }
         }
-        transaction
-            .commit()
-            .map_err(|e| store_error(&self.path, "cannot remove", e))?;
-        self.shared.records.fetch_sub(removed, Ordering::Relaxed);
+        transaction.commit().map_err(failed)?;
+        let freed: u64 = held
+            .iter()
+            .filter_map(|id| inner.sizes.remove(id))
+            .map(|record| record.size)
+            .sum();
+        self.shared
+            .records
+            .fetch_sub(held.len() as u64, Ordering::Relaxed);
         self.shared.bytes.fetch_sub(freed, Ordering::Release);
         Ok(())
     }
 
     /// Drops the oldest record (the `drop_oldest` policy): its id, or None when the outbox is empty.
     pub fn drop_oldest(&self) -> Result<Option<i64>, OutboxError> {
-        let oldest: Option<i64> = self
-            .shared
-            .inner()
-            .conn
-            .query_row("SELECT MIN(id) FROM outbox", [], |row| row.get(0))
-            .map_err(|e| store_error(&self.path, "cannot read", e))?;
+        let oldest = self.shared.inner().sizes.keys().next().copied();
         if let Some(id) = oldest {
             self.remove(&[id])?;
             self.shared.dropped.fetch_add(1, Ordering::Relaxed);
@@ -539,8 +647,8 @@ impl DurableOutbox {
 
     /// Forces everything appended so far to the disk.
     pub fn flush(&self) {
-        let mut inner = self.shared.inner();
-        self.shared.sync(&mut inner);
+        // Records appended while it synced are forced too; a failing disk is not waited on.
+        while let Some(1..) = self.shared.sync(self.shared.inner()) {}
     }
 
     pub fn stats(&self) -> OutboxStats {
@@ -550,6 +658,13 @@ impl DurableOutbox {
             replayed: self.shared.replayed.load(Ordering::Relaxed),
             dropped: self.shared.dropped.load(Ordering::Relaxed),
             unsaved: self.shared.unsaved.load(Ordering::Relaxed),
+            oldest_at: self
+                .shared
+                .inner()
+                .sizes
+                .values()
+                .next()
+                .map(|held| held.at),
         }
     }
 
@@ -561,6 +676,8 @@ impl DurableOutbox {
     /// closed). Records stay in the store for the next process.
     pub fn release(&self) {
         self.flush();
+        // Closing the connection ends SQLite's exclusive lock (and folds the WAL into the store).
+        drop(self.shared.inner().conn.take());
         if let Some(lock) = self
             .lock
             .lock()
@@ -600,10 +717,14 @@ fn batch_sync(shared: &Shared) {
         if shared.closing.load(Ordering::Acquire) {
             return;
         }
-        let deadline = Instant::now() + shared.options.sync_interval;
-        std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
-        let mut inner = shared.inner();
-        shared.sync(&mut inner);
+        loop {
+            std::thread::sleep(shared.options.sync_interval);
+            // Records appended during the sync did not ring: they are forced in the next round.
+            let waiting = shared.sync(shared.inner());
+            if waiting.is_none_or(|n| n == 0) || shared.closing.load(Ordering::Acquire) {
+                break;
+            }
+        }
     }
 }
 
@@ -634,6 +755,9 @@ mod tests {
         }
         let (outbox, report) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
         assert_eq!(report.records, 3);
+        // The oldest record's time survives the reopen.
+        let oldest = outbox.stats().oldest_at.unwrap();
+        assert!(oldest <= now_ms() && oldest > now_ms() - 60_000, "{oldest}");
         let topics: Vec<String> = outbox
             .records()
             .unwrap()
@@ -643,6 +767,41 @@ mod tests {
         assert_eq!(topics, ["t/2", "t/3", "t/4"]);
         let next = outbox.append("t/5", b"{}", 1).unwrap();
         assert!(next > outbox.records().unwrap()[2].id, "ids keep growing");
+    }
+
+    #[test]
+    fn removal_takes_runs_and_scattered_ids_and_ignores_unknown_ones() {
+        let path = folder("runs").join("outbox.db");
+        let (outbox, _) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+        let ids: Vec<i64> = (0..10)
+            .map(|i| outbox.append(&format!("t/{i}"), b"{}", 1).unwrap())
+            .collect();
+        outbox
+            .remove(&[ids[3], ids[0], ids[1], ids[2], ids[6], ids[8], ids[8], 999])
+            .unwrap();
+        let left: Vec<i64> = outbox.records().unwrap().iter().map(|r| r.id).collect();
+        assert_eq!(left, [ids[4], ids[5], ids[7], ids[9]]);
+        assert_eq!(outbox.stats().records, 4);
+        assert_eq!(outbox.stats().bytes, 4 * 5);
+    }
+
+    #[test]
+    fn an_acknowledgement_of_a_dropped_record_leaves_newer_ones() {
+        let path = folder("reuse").join("outbox.db");
+        let (outbox, _) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+        let first = outbox.append("t/old", b"{}", 1).unwrap();
+        assert_eq!(outbox.drop_oldest().unwrap(), Some(first));
+        let second = outbox.append("t/new", b"{}", 1).unwrap();
+        assert_ne!(first, second, "an id is never given twice");
+        // The dropped message was in flight; its acknowledgement arrives now.
+        outbox.remove(&[first]).unwrap();
+        assert_eq!(outbox.records().unwrap()[0].topic, "t/new");
+        outbox.remove(&[second]).unwrap();
+        assert_eq!(
+            outbox.stats().oldest_at,
+            None,
+            "an empty outbox has no oldest record"
+        );
     }
 
     #[test]
@@ -712,7 +871,8 @@ mod tests {
             outbox
                 .shared
                 .inner()
-                .conn
+                .conn(&path)
+                .unwrap()
                 .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
                 .unwrap();
         }

@@ -144,6 +144,9 @@ def test_an_outage_across_restarts_loses_nothing(roomy_broker: Mosquitto, tmp_pa
             "127.0.0.1", transport="mqtt", source_id=SOURCE_ID, password="-", outbox=outbox, connect=False
         ) as peek:
             assert peek.outbox_stats is not None and peek.outbox_stats["records"] == count
+            # The first record was pushed before the three restarts, and is the oldest held.
+            age = peek.outbox_stats["oldest_age"]
+            assert age is not None and age > 0, peek.outbox_stats
         roomy_broker.start()
         wait_until(lambda: listener.client.is_connected, timeout=30)
         child = device(roomy_broker, outbox, count, count, drain=True)
@@ -200,3 +203,86 @@ def test_a_damaged_outbox_never_stops_the_device(roomy_broker: Mosquitto, tmp_pa
         wait_until(lambda: listener.values == [0], timeout=10)
     finally:
         listener.close()
+
+
+# A device whose disk fills up: it pushes through a full disk (the store refuses), then the disk has
+# room again. "fill" fills the outbox's file system (a small tmpfs) with a file; "rlimit" caps the size
+# of the files this process may write (RLIMIT_FSIZE), the same for SQLite as a full disk.
+FULL_DISK_DEVICE = """
+import errno, json, logging, os, resource, sys, time, capture_mqtt as cm
+logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(message)s")
+port, outbox, mode = int(sys.argv[1]), sys.argv[2], sys.argv[5]
+def drained(src):
+    deadline = time.monotonic() + 30
+    while src.outbox_stats["records"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return src.outbox_stats["records"] == 0
+with cm.SourceClient("127.0.0.1", transport="mqtt", port=port, source_id=sys.argv[3], password=sys.argv[4],
+                     outbox=outbox) as src:
+    src.push_field("Conn", "Outbox", "V", 0, timeout=30)
+    assert drained(src)
+    filler = os.path.join(outbox, "filler")
+    if mode == "fill":
+        with open(filler, "wb") as f:
+            try:
+                while True:
+                    f.write(b"x" * 65536)
+                    f.flush()
+            except OSError as err:
+                assert err.errno == errno.ENOSPC, err
+    else:
+        biggest = max(os.path.getsize(os.path.join(outbox, n)) for n in os.listdir(outbox))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (biggest, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    handles = [src.push_field("Conn", "Outbox", "V", i, wait=False) for i in range(1, 501)]
+    for handle in handles:
+        handle.wait(30)
+    full = dict(src.outbox_stats)
+    if mode == "fill":
+        os.remove(filler)
+    else:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    for i in range(501, 511):
+        src.push_field("Conn", "Outbox", "V", i, timeout=30)
+    assert drained(src)
+    print(json.dumps({"full": full, "after": dict(src.outbox_stats)}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["fill", "rlimit"])
+def test_a_full_disk_never_stops_the_device(mode: str, roomy_broker: Mosquitto, tmp_path: Path) -> None:
+    import json
+
+    outbox = tmp_path / "outbox"
+    outbox.mkdir()
+    if mode == "fill":
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(outbox)], capture_output=True, text=True, check=False
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"a small tmpfs needs mount (root): {mounted.stderr.strip()}; the rlimit case runs instead")
+    listener = Listener(roomy_broker)
+    try:
+        args = [str(roomy_broker.mqtt_port), str(outbox), SOURCE_ID, PASSWORDS[SOURCE_ID], mode]
+        done = subprocess.run(
+            [sys.executable, "-c", FULL_DISK_DEVICE, *args], capture_output=True, text=True, timeout=120, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        stats = json.loads(done.stdout.strip().splitlines()[-1])
+        # Every push went on, kept in memory while the disk was full, and counted.
+        assert stats["full"]["unsaved"] > 0, stats
+        assert stats["after"]["unsaved"] == stats["full"]["unsaved"]
+        assert stats["after"]["records"] == 0
+        wait_until(lambda: len(set(listener.values)) >= 511, timeout=30)
+        check_every_value_once_in_order(listener.values, 511)
+        # Reported once when the store failed, and once when it took records again; not per push.
+        warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+        failed = [line for line in warnings if "kept in memory only until the broker" in line]
+        again = [line for line in warnings if "stores again" in line]
+        assert len(failed) == 1 and len(again) == 1, done.stderr
+        if mode == "fill":
+            assert "disk of the outbox" in failed[0] and "is full" in failed[0], failed[0]
+        assert f"{stats['full']['unsaved']} push(es)" in again[0]
+    finally:
+        listener.close()
+        if mode == "fill":
+            subprocess.run(["umount", str(outbox)], check=False)

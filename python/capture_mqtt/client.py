@@ -47,6 +47,25 @@ DEFAULT_QUEUE_SIZE = 10_000
 ItemT = TypeVar("ItemT")
 
 
+class OutboxStats(TypedDict):
+    """A durable outbox's counters (``client.outbox_stats``)."""
+
+    records: int
+    """Records held: pushed, not yet acknowledged by the broker."""
+    bytes: int
+    """Topic and payload bytes held (what ``outbox_max_bytes`` bounds)."""
+    replayed: int
+    """Records found at start and sent again (pushed by an earlier process)."""
+    dropped: int
+    """Records dropped (``offline="drop_oldest"``) or lost to a damaged store."""
+    unsaved: int
+    """Pushes kept in memory only because the store could not take them (a full disk)."""
+    oldest_age: float | None
+    """Seconds since the oldest record held was pushed; None when none is held."""
+    path: str
+    """The store's file."""
+
+
 class AsyncSubscribeOptions(TypedDict, total=False):
     """The keyword options of ``AsyncClient.subscribe`` besides ``decode`` (see :meth:`Client.subscribe`)."""
 
@@ -264,12 +283,12 @@ class _BaseClient:
         return dict(self._native.stats())
 
     @property
-    def outbox_stats(self) -> dict[str, int | str] | None:
+    def outbox_stats(self) -> OutboxStats | None:
         """The durable outbox (``outbox=``) at this moment: records and bytes held, replayed (sent
         again after a restart), dropped, unsaved (kept in memory only: a full disk or a damaged
-        store), and its path; None without a durable outbox."""
+        store), the oldest record's age in seconds, and its path; None without a durable outbox."""
         stats = self._native.outbox_stats()
-        return None if stats is None else dict(stats)
+        return None if stats is None else cast(OutboxStats, dict(stats))
 
     def on_event(self, callback: Callable[[ConnectionEvent], object]) -> None:
         """Calls ``callback(event)`` for every :class:`ConnectionEvent`, on the dispatcher thread."""

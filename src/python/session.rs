@@ -323,6 +323,15 @@ impl PySession {
         dict.set_item("replayed", stats.replayed)?;
         dict.set_item("dropped", stats.dropped)?;
         dict.set_item("unsaved", stats.unsaved)?;
+        // Seconds since the oldest record held was appended (None when the outbox is empty).
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let age = stats.oldest_at.map(|at| {
+            let at = std::time::Duration::from_millis(u64::try_from(at).unwrap_or(0));
+            now.saturating_sub(at).as_secs_f64()
+        });
+        dict.set_item("oldest_age", age)?;
         dict.set_item("path", durable.path().display().to_string())?;
         Ok(Some(dict))
     }

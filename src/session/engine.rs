@@ -38,6 +38,11 @@ const HIGH_WATER: usize = 256 * 1024;
 pub const HOLD_LIMIT: usize = 10_000;
 /// How long they wait.
 pub const HOLD_GRACE: Duration = Duration::from_secs(30);
+/// Acknowledged durable-outbox records are removed together: once this many wait ...
+const REMOVE_BATCH: usize = 1024;
+/// ... or the first of them waited this long (a removal is a transaction on disk; fewer, larger
+/// ones leave the store to the pushes).
+const REMOVE_DELAY: Duration = Duration::from_millis(20);
 /// The shortest interval between two warnings of the same kind.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -121,8 +126,10 @@ pub(super) struct Task {
     held: VecDeque<(Instant, Publish)>,
     /// Routes that were offered the held messages already (each is, once, when it appears).
     handed: std::collections::HashSet<u64>,
-    /// Durable-outbox records acknowledged this turn, removed together at its end.
+    /// Durable-outbox records acknowledged, removed together (`REMOVE_BATCH`, `REMOVE_DELAY`), and
+    /// when the first of them was.
     acked: Vec<i64>,
+    acked_since: Option<Instant>,
     stalled: Option<Stalled>,
     renew_at: Option<Instant>,
     warn_unrouted: RateLimited,
@@ -296,6 +303,7 @@ impl Task {
             held: VecDeque::new(),
             handed: std::collections::HashSet::new(),
             acked: Vec::new(),
+            acked_since: None,
             stalled: None,
             renew_at: None,
             warn_unrouted: RateLimited::default(),
@@ -484,6 +492,7 @@ impl Task {
         let shared = Arc::clone(&self.shared);
         let was_connected = shared.connected.swap(false, Ordering::AcqRel);
         shared.outbox().online = false;
+        self.remove_acked(None);
         let (subscribes, unsubscribes) = self.proto.disconnected();
         for tag in unsubscribes {
             if let SubTag::Unsubscribe { done } = tag {
@@ -761,6 +770,7 @@ impl Task {
                     Ok(()) => {
                         if let Some(id) = tag.stored {
                             self.acked.push(id);
+                            self.acked_since.get_or_insert(now);
                         }
                         if let Some(tx) = tag.tx.take() {
                             let _ = tx.send(Ok(()));
@@ -968,7 +978,7 @@ impl Task {
         while let Some(output) = self.proto.poll_output() {
             self.on_output(output, now);
         }
-        self.remove_acked();
+        self.remove_acked(Some(now));
         while self
             .held
             .front()
@@ -1139,6 +1149,7 @@ impl Task {
                 self.proto.next_deadline(),
                 self.renew_at,
                 self.held.front().map(|(at, _)| *at + HOLD_GRACE),
+                self.acked_since.map(|at| at + REMOVE_DELAY),
                 closing,
             ]
             .into_iter()
@@ -1237,10 +1248,16 @@ impl Task {
         }
     }
 
-    /// Removes the durable-outbox records acknowledged since the last call, in one transaction.
-    fn remove_acked(&mut self) {
-        if self.acked.is_empty() {
+    /// Removes the durable-outbox records acknowledged so far, in one transaction, when enough wait
+    /// or waited long enough (`None`: now, whatever waits).
+    fn remove_acked(&mut self, now: Option<Instant>) {
+        let Some(since) = self.acked_since else {
             return;
+        };
+        if let Some(now) = now {
+            if self.acked.len() < REMOVE_BATCH && now.duration_since(since) < REMOVE_DELAY {
+                return;
+            }
         }
         if let Some(durable) = &self.shared.config.durable {
             if let Err(err) = durable.remove(&self.acked) {
@@ -1249,11 +1266,12 @@ impl Task {
             self.shared.space.notify_waiters();
         }
         self.acked.clear();
+        self.acked_since = None;
     }
 
     /// The session ends: queues end, waiting publishes fail, `Closed` is the last event.
     fn finish(&mut self) {
-        self.remove_acked();
+        self.remove_acked(None);
         for mut tag in self.proto.abandon() {
             if let Some(tx) = tag.tx.take() {
                 let _ = tx.send(Err(SessionError::Closed));

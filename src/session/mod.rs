@@ -544,11 +544,6 @@ impl Session {
             .check(Action::Publish, topic)
             .map_err(SessionError::OutOfScope)?;
         self.check_size(topic, payload, qos)?;
-        let capacity = if config.durable.is_some() {
-            usize::MAX // bounded by the durable outbox's bytes instead
-        } else {
-            config.offline_capacity.max(1)
-        };
         let stored = match &config.durable {
             Some(durable) if qos > 0 => match self.store(durable, topic, payload, qos)? {
                 Stored::Record(id) => Some(id),
@@ -557,6 +552,13 @@ impl Session {
                 Stored::Wait => return Ok(None),
             },
             _ => None,
+        };
+        // A stored message is bounded by the durable outbox's bytes; one kept in memory only (QoS 0,
+        // or the store failed) by the in-memory queue's size.
+        let capacity = if stored.is_some() {
+            usize::MAX
+        } else {
+            config.offline_capacity.max(1)
         };
         {
             let mut outbox = self.shared.outbox();
@@ -644,12 +646,8 @@ impl Session {
                         }
                     }
                 }
-                Err(err) => {
-                    log::warn!(
-                        "{err}: this message is kept in memory only until the broker acknowledges it"
-                    );
-                    return Ok(Stored::MemoryOnly);
-                }
+                // The outbox reported it (once, until it stores again) and counted it as unsaved.
+                Err(_) => return Ok(Stored::MemoryOnly),
             }
         }
     }
