@@ -308,6 +308,10 @@ fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     // The lock file keeps other processes out already; exclusive locking spares the file locks and
     // the shared-memory index of every transaction (the WAL index lives in this process's memory).
     conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+    // Pages of 2 KiB (for a new store; an existing one keeps its own): a commit writes a page to the
+    // WAL, and a 2 KiB page takes about 20% less time per push than SQLite's 4 KiB (make bench)
+    // while messages of up to about 1.5 KiB still fit in one.
+    conn.pragma_update(None, "page_size", 2048)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL forces the WAL at every commit. NORMAL leaves commits to the operating system (a process
     // crash loses nothing) but forces checkpoints, so what Batch forced stays forced when the WAL is
