@@ -157,6 +157,9 @@ struct Inner {
     /// Appends that failed in a row (a full disk, a damaged store): reported at the first and when
     /// the store works again, not at each.
     failing: u64,
+    /// Acknowledged records the store could not remove yet, and whether that was reported.
+    unremoved: Vec<i64>,
+    removal_failing: bool,
     /// Records committed since the last forced write.
     unsynced: u64,
     /// The size (topic and payload bytes) of each record held, by id.
@@ -367,6 +370,27 @@ fn read_sizes(conn: &Connection) -> rusqlite::Result<BTreeMap<i64, Held>> {
     rows.collect()
 }
 
+/// Deletes the records `ids` (sorted, without duplicates) in one transaction. Acknowledgements come
+/// mostly in order: one statement per run of consecutive ids.
+fn delete(conn: &mut Connection, ids: &[i64]) -> rusqlite::Result<()> {
+    let transaction = conn.transaction()?;
+    {
+        let mut statement =
+            transaction.prepare_cached("DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2")?;
+        let mut rest = ids;
+        while let Some(&first) = rest.first() {
+            let run = rest
+                .iter()
+                .zip(first..)
+                .take_while(|(id, expected)| **id == *expected)
+                .count();
+            statement.execute(params![first, rest[run - 1]])?;
+            rest = &rest[run..];
+        }
+    }
+    transaction.commit()
+}
+
 /// Reads what can be read from a damaged store, row by row: the records, and how many were lost
 /// (None when the store could not say how many it held).
 fn salvage(path: &Path) -> (Vec<Record>, Option<u64>) {
@@ -464,6 +488,8 @@ impl DurableOutbox {
             inner: Mutex::new(Inner {
                 conn: Some(conn),
                 failing: 0,
+                unremoved: Vec::new(),
+                removal_failing: false,
                 unsynced: 0,
                 next_id: sizes.keys().next_back().map_or(1, |last| last + 1),
                 sizes,
@@ -555,6 +581,9 @@ impl DurableOutbox {
             inner.failing += 1;
             return Err(err);
         }
+        if !inner.unremoved.is_empty() {
+            let _ = self.remove_held(&mut inner, &[]); // reported inside
+        }
         if inner.failing > 0 {
             log::warn!(
                 "the outbox {} stores again; {} push(es) before this one were kept in memory only",
@@ -585,43 +614,46 @@ impl DurableOutbox {
         Ok(id)
     }
 
-    /// Removes acknowledged records (ids it does not hold are ignored).
+    /// Removes acknowledged records (ids it does not hold are ignored). When the store cannot (a
+    /// full disk), they are kept and removed with the next call or append; until then a restart would
+    /// send them again. Reported once, and once when it removes again.
     pub fn remove(&self, ids: &[i64]) -> Result<(), OutboxError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
         let mut inner = self.shared.inner();
-        let mut held: Vec<i64> = ids
-            .iter()
-            .copied()
-            .filter(|id| inner.sizes.contains_key(id))
-            .collect();
+        self.remove_held(&mut inner, ids)
+    }
+
+    fn remove_held(&self, inner: &mut Inner, ids: &[i64]) -> Result<(), OutboxError> {
+        let mut held = std::mem::take(&mut inner.unremoved);
+        held.extend(
+            ids.iter()
+                .copied()
+                .filter(|id| inner.sizes.contains_key(id)),
+        );
         if held.is_empty() {
             return Ok(());
         }
         held.sort_unstable();
         held.dedup();
-        let failed = |e| store_error(&self.path, "cannot remove", e);
-        let transaction = inner.conn(&self.path)?.transaction().map_err(failed)?;
-        {
-            // Acknowledgements come mostly in order: one statement per run of consecutive ids.
-            let mut statement = transaction
-                .prepare_cached("DELETE FROM outbox WHERE id BETWEEN ?1 AND ?2")
-                .map_err(failed)?;
-            let mut rest = held.as_slice();
-            while let Some(&first) = rest.first() {
-                let run = rest
-                    .iter()
-                    .zip(first..)
-                    .take_while(|(id, expected)| **id == *expected)
-                    .count();
-                statement
-                    .execute(params![first, rest[run - 1]])
-                    .map_err(failed)?;
-                rest = &rest[run..];
+        if let Err(err) = delete(inner.conn(&self.path)?, &held) {
+            let err = store_error(&self.path, "cannot remove acknowledged records", err);
+            if !inner.removal_failing {
+                log::warn!(
+                    "{err}: {} record(s) stay in the store and are removed at the next chance; \
+                     a restart before would send them again (duplicates, as QoS 1 allows)",
+                    held.len()
+                );
+                inner.removal_failing = true;
             }
+            inner.unremoved = held;
+            return Err(err);
         }
-        transaction.commit().map_err(failed)?;
+        if inner.removal_failing {
+            log::warn!(
+                "the outbox {} removes acknowledged records again",
+                self.path.display()
+            );
+            inner.removal_failing = false;
+        }
         let freed: u64 = held
             .iter()
             .filter_map(|id| inner.sizes.remove(id))
@@ -806,6 +838,40 @@ mod tests {
             None,
             "an empty outbox has no oldest record"
         );
+    }
+
+    #[test]
+    fn a_removal_that_failed_is_retried() {
+        let path = folder("retry").join("outbox.db");
+        let (outbox, _) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+        let first = outbox.append("t/0", b"{}", 1).unwrap();
+        // The store refuses writes for a moment (as a full disk would).
+        outbox
+            .shared
+            .inner()
+            .conn(&path)
+            .unwrap()
+            .execute_batch("PRAGMA query_only = ON")
+            .unwrap();
+        assert!(outbox.remove(&[first]).is_err());
+        assert_eq!(outbox.stats().records, 1, "kept until it can be removed");
+        outbox
+            .shared
+            .inner()
+            .conn(&path)
+            .unwrap()
+            .execute_batch("PRAGMA query_only = OFF")
+            .unwrap();
+        // The next append removes it on the way.
+        outbox.append("t/1", b"{}", 1).unwrap();
+        let topics: Vec<String> = outbox
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.topic)
+            .collect();
+        assert_eq!(topics, ["t/1"]);
+        assert_eq!(outbox.stats().records, 1);
     }
 
     #[test]

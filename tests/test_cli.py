@@ -124,6 +124,29 @@ def test_push_sends_the_rows_of_a_csv_file_using_the_auth_config(
     assert [(p.value, p.tags["Machine"]) for p in points] == [(20.5, "M1"), (21.0, "M2")]
 
 
+def test_push_with_an_outbox_keeps_what_the_broker_did_not_take_for_the_next_run(
+    capture_client: cm.Client, capture_source: Source, tmp_path: Path
+) -> None:
+    import socket
+
+    outbox = tmp_path / "outbox"
+    with socket.socket() as probe:  # a port nothing listens on: the plant network is down
+        probe.bind(("127.0.0.1", 0))
+        down = str(probe.getsockname()[1])
+    offline = run(
+        "push", "PLC", "Monitoring", "CPU_Temp=55", "--outbox", str(outbox),
+        env=capture_source.env() | {"CAPTURE_MQTT_PORT": down},
+    )  # fmt: skip
+    assert offline.returncode == 0, offline.stderr
+    assert "1 message(s) wait in the outbox" in offline.stdout and "next run" in offline.stdout
+    with capture_client.subscribe_raw(qos=1) as sub:
+        online = run("push", "PLC", "Monitoring", "CPU_Temp=56", "--outbox", str(outbox), env=capture_source.env())
+        assert online.returncode == 0, online.stderr
+        points = wait_for_many(sub, 2)
+    # The one kept from the run before goes out first.
+    assert [p.value for p in points] == [55, 56]
+
+
 def test_command_reaches_the_source(
     capture_user: User, capture_source_client: cm.SourceClient, capture_source: Source
 ) -> None:

@@ -295,6 +295,7 @@ class _Session:
         timestamp_column: str | None,
         tag_columns: list[str],
         qos: int,
+        wait: bool,
         timeout: float,
         naive: _Naive = "refuse",
     ) -> int: ...

@@ -277,6 +277,7 @@ def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
                 qos=args.qos,
             )
             print(f"pushed {sent} rows from {path} to {args.connection}/{args.measurement}", file=out)
+            _report_outbox(source, out)
             return 0
         if not args.fields:
             raise SystemExit('capture-mqtt: give fields as KEY=VALUE (values are JSON: 55, 23.4, true, "text")')
@@ -288,7 +289,20 @@ def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
             if args.repeat > 1:
                 time.sleep(args.interval)
     print(f"pushed {args.repeat} message(s) to {args.connection}/{args.measurement}: {sorted(fields)}", file=out)
+    _report_outbox(source, out)
     return 0
+
+
+def _report_outbox(source: cm.SourceClient, out: TextIO) -> None:
+    # With --outbox a push returns once on disk; what the broker did not acknowledge before the
+    # client closed stays there for the next run.
+    stats = source.outbox_stats
+    if stats is not None and stats["records"]:
+        print(
+            f"{stats['records']} message(s) wait in the outbox {stats['path']} for the broker: "
+            "the next run with this --outbox sends them first",
+            file=out,
+        )
 
 
 def cmd_command(args: argparse.Namespace, out: TextIO) -> int:

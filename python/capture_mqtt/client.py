@@ -250,6 +250,7 @@ class _BaseClient:
             outbox_sync=outbox_sync,
             outbox_max_bytes=outbox_max_bytes,
         )
+        self._durable = outbox is not None
         self._closed = False
         self._dispatcher = threading.Thread(
             target=self._dispatch, name=f"capture-mqtt-dispatch-{self.client_id}", daemon=True
@@ -281,6 +282,12 @@ class _BaseClient:
         persistent session's messages waiting for a matching subscribe()), oversize (packets over
         max_packet_size: dropped and logged), reconnects."""
         return dict(self._native.stats())
+
+    def _wait_default(self, wait: bool | None) -> bool:
+        # A QoS 1 message is safe once acknowledged, or once on disk in a durable outbox: without
+        # one, a call waits for the broker; with one, it returns once the message is on disk (so a
+        # device goes on during an outage), unless the caller asks to wait for the broker too.
+        return (not self._durable) if wait is None else wait
 
     @property
     def outbox_stats(self) -> OutboxStats | None:
@@ -635,12 +642,13 @@ class Client(_BaseClient):
         *,
         qos: int = 1,
         retain: bool = False,
-        wait: bool = True,
+        wait: bool | None = None,
         timeout: float = 30.0,
     ) -> Any:
-        """Publishes a message; with ``wait`` (the default) returns once the broker acknowledged it
-        (QoS 1/2). QoS 0 returns at once (it goes out with the network thread's next write), as in
-        every MQTT client. With ``wait=False`` returns a handle with ``wait(timeout)``. A message over
+        """Publishes a message; returns once the broker acknowledged it (QoS 1/2), or, with a durable
+        outbox (``outbox=``), once it is on disk. QoS 0 returns at once (it goes out with the network
+        thread's next write), as in every MQTT client. ``wait=True`` waits for the broker in any case;
+        ``wait=False`` returns a handle with ``wait(timeout)`` at once. A message over
         the packet size limit (``max_packet_size``, or the broker's under MQTT 5) raises
         :class:`PayloadError` before anything is sent.
 
@@ -656,6 +664,7 @@ class Client(_BaseClient):
                 segment="topic",
                 value=topic,
             )
+        wait = self._wait_default(wait)
         return self._native.publish(topic, payload, qos=qos, retain=retain, wait=wait, timeout=timeout)
 
     def send_command(
@@ -667,7 +676,7 @@ class Client(_BaseClient):
         mapping: str | None = None,
         qos: int = 1,
         data_as: Literal["string", "json"] = "string",
-        wait: bool = True,
+        wait: bool | None = None,
         timeout: float = 30.0,
     ) -> Any:
         """Sends a ``writedata`` command to a source: ``topic`` is ``"Connection/Measurement/Variable"``
@@ -823,16 +832,31 @@ class AsyncClient(_BaseClient):
         return subscription
 
     async def publish(
-        self, topic: str, payload: bytes | str, *, qos: int = 1, retain: bool = False, timeout: float = 30.0
+        self,
+        topic: str,
+        payload: bytes | str,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        wait: bool | None = None,
+        timeout: float = 30.0,
     ) -> None:
-        """Publishes and waits (without blocking the event loop) for the acknowledgement.
+        """Publishes and waits (without blocking the event loop) for the acknowledgement, or, with a
+        durable outbox (``outbox=``), until it is on disk; ``wait=True`` waits for the broker in any
+        case, ``wait=False`` only until it is queued.
 
         >>> import capture_mqtt as cm
         >>> cm.AsyncClient.publish.__name__
         'publish'
         """
         await asyncio.to_thread(
-            self._native.publish, topic, payload, qos=qos, retain=retain, wait=True, timeout=timeout
+            self._native.publish,
+            topic,
+            payload,
+            qos=qos,
+            retain=retain,
+            wait=self._wait_default(wait),
+            timeout=timeout,
         )
 
 

@@ -257,15 +257,15 @@ class SourceClient(_SourceMixin, Client):
         timestamp: Timestamp = None,
         naive: Naive = "refuse",
         qos: int = 1,
-        wait: bool = True,
+        wait: bool | None = None,
         timeout: float = 30.0,
     ) -> Any:
         """Pushes one measurement-level message (several fields). ``timestamp``: an aware datetime,
         epoch milliseconds, an ISO 8601 string, or None to let Capture stamp it. A naive datetime (no
         tzinfo) is refused with :class:`PayloadError`, since Python reads it as local time and Capture
-        as UTC; ``naive="utc"`` or ``naive="local"`` says which it is. With QoS 1 or 2 (and ``wait``)
-        returns once the broker acknowledged it; bad values raise :class:`PayloadError` before anything
-        is sent.
+        as UTC; ``naive="utc"`` or ``naive="local"`` says which it is. With QoS 1 or 2 returns once the
+        broker acknowledged it, or, with a durable outbox (``outbox=``), once it is on disk (``wait``
+        as in :meth:`Client.publish`); bad values raise :class:`PayloadError` before anything is sent.
 
         >>> import capture_mqtt as cm
         >>> cm.SourceClient.push.__name__
@@ -275,6 +275,7 @@ class SourceClient(_SourceMixin, Client):
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
         # The topic is the source's own, built and checked above: straight to the native client.
+        wait = self._wait_default(wait)
         return self._native.publish(topic, payload, qos=qos, retain=False, wait=wait, timeout=timeout)
 
     def push_field(
@@ -288,7 +289,7 @@ class SourceClient(_SourceMixin, Client):
         timestamp: Timestamp = None,
         naive: Naive = "refuse",
         qos: int = 1,
-        wait: bool = True,
+        wait: bool | None = None,
         timeout: float = 30.0,
     ) -> Any:
         """Pushes one field-level message (one value).
@@ -302,6 +303,7 @@ class SourceClient(_SourceMixin, Client):
         )
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
+        wait = self._wait_default(wait)
         return self._native.publish(topic, payload, qos=qos, retain=False, wait=wait, timeout=timeout)
 
     def push_frame(
@@ -314,6 +316,7 @@ class SourceClient(_SourceMixin, Client):
         tag_columns: Sequence[str] = (),
         naive: Naive = "refuse",
         qos: int = 1,
+        wait: bool | None = None,
         timeout: float = 60.0,
     ) -> int:
         """Pushes every row of a DataFrame (pandas or Polars, a pyarrow Table, anything with
@@ -321,7 +324,8 @@ class SourceClient(_SourceMixin, Client):
         fields, except ``timestamp_column`` (a time index is used when there is one) and ``tag_columns``;
         a missing value (None, NaN) leaves that field out of the row. A tz-naive time column is refused
         (:class:`PayloadError`) unless ``naive="utc"`` or ``naive="local"`` says what it holds. Returns
-        the messages sent, once all were acknowledged.
+        the messages sent, once all were acknowledged, or, with a durable outbox (``outbox=``), once all
+        are on disk (``wait`` as in :meth:`Client.publish`).
 
         >>> import capture_mqtt as cm
         >>> cm.SourceClient.push_frame.__name__
@@ -337,6 +341,7 @@ class SourceClient(_SourceMixin, Client):
                     timestamp_column=timestamp_column,
                     tag_columns=list(tag_columns),
                     qos=qos,
+                    wait=self._wait_default(wait),
                     timeout=timeout,
                     naive=naive,
                 )
@@ -401,6 +406,7 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         timestamp: Timestamp = None,
         naive: Naive = "refuse",
         qos: int = 1,
+        wait: bool | None = None,
         timeout: float = 30.0,
     ) -> None:
         """Like :meth:`SourceClient.push`, awaitable.
@@ -410,7 +416,7 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         'push'
         """
         topic, payload = self._push_message(connection, measurement, fields, tags, timestamp, naive=naive)
-        await self.publish(topic, payload, qos=qos, timeout=timeout)
+        await self.publish(topic, payload, qos=qos, wait=wait, timeout=timeout)
 
     async def push_field(
         self,
@@ -423,6 +429,7 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         timestamp: Timestamp = None,
         naive: Naive = "refuse",
         qos: int = 1,
+        wait: bool | None = None,
         timeout: float = 30.0,
     ) -> None:
         """Like :meth:`SourceClient.push_field`, awaitable.
@@ -434,7 +441,7 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         topic, payload = self._field_message(
             connection, measurement, key, value, tags=tags, timestamp=timestamp, naive=naive
         )
-        await self.publish(topic, payload, qos=qos, timeout=timeout)
+        await self.publish(topic, payload, qos=qos, wait=wait, timeout=timeout)
 
     async def subscribe_raw(self, *args: Any, **kwargs: Any) -> AsyncSubscription[DataPoint]:
         """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`)."""

@@ -408,9 +408,10 @@ impl PySession {
     }
 
     /// Publishes every row of an Arrow stream (a pandas or Polars DataFrame, a pyarrow Table, ...) as
-    /// one measurement-level message to `topic`, in Rust; waits for the acknowledgements of QoS 1/2.
+    /// one measurement-level message to `topic`, in Rust; with `wait`, waits for the acknowledgements
+    /// of QoS 1/2.
     /// Returns how many messages were sent (rows without any value are skipped).
-    #[pyo3(signature = (data, topic, *, timestamp_column, tag_columns, qos, timeout, naive = "refuse"))]
+    #[pyo3(signature = (data, topic, *, timestamp_column, tag_columns, qos, wait, timeout, naive = "refuse"))]
     fn push_frame(
         &self,
         py: Python<'_>,
@@ -419,6 +420,7 @@ impl PySession {
         timestamp_column: Option<String>,
         tag_columns: Vec<String>,
         qos: u8,
+        wait: bool,
         timeout: f64,
         naive: &str,
     ) -> PyResult<usize> {
@@ -467,7 +469,8 @@ impl PySession {
                             .map_err(FrameError::Session)?,
                     };
                     sent += 1;
-                    if qos > 0 {
+                    // Without `wait` (a durable outbox holds them) the tokens go: nobody waits.
+                    if qos > 0 && wait {
                         waiting.push_back(token);
                         // Keep memory flat: wait for the oldest acknowledgements as we go.
                         while waiting.len() > 8192 {

@@ -1260,9 +1260,8 @@ impl Task {
             }
         }
         if let Some(durable) = &self.shared.config.durable {
-            if let Err(err) = durable.remove(&self.acked) {
-                log::warn!("{err}: these messages may be sent again after a restart");
-            }
+            // A failure is the outbox's to report (once) and to retry.
+            let _ = durable.remove(&self.acked);
             self.shared.space.notify_waiters();
         }
         self.acked.clear();
