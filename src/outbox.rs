@@ -315,6 +315,10 @@ fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     // WAL, and a 2 KiB page takes about 20% less time per push than SQLite's 4 KiB (make bench)
     // while messages of up to about 1.5 KiB still fit in one.
     conn.pragma_update(None, "page_size", 2048)?;
+    // The WAL is folded into the store every 8,000 pages (16 MiB) rather than SQLite's 1,000: each
+    // fold forces both files to disk under NORMAL, in the pushing thread. About 5 points of the
+    // in-memory rate (make bench: 43% -> 48%); the WAL takes up to 16 MiB of disk beside the store.
+    conn.pragma_update(None, "wal_autocheckpoint", 8000)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // FULL forces the WAL at every commit. NORMAL leaves commits to the operating system (a process
     // crash loses nothing) but forces checkpoints, so what Batch forced stays forced when the WAL is
