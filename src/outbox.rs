@@ -549,7 +549,7 @@ impl DurableOutbox {
         let held = self.shared.bytes.load(Ordering::Acquire);
         if held + size > self.shared.options.max_bytes {
             return Err(OutboxError::Full(format!(
-                "the outbox {} holds {held} bytes, and this message of {size} would pass max_bytes={}",
+                "the outbox {} holds {held} bytes, and this message of {size} would pass outbox_max_bytes={}",
                 self.path.display(),
                 self.shared.options.max_bytes
             )));
@@ -706,6 +706,11 @@ impl DurableOutbox {
                 .next()
                 .map(|held| held.at),
         }
+    }
+
+    /// The most topic and payload bytes it holds.
+    pub fn max_bytes(&self) -> u64 {
+        self.shared.options.max_bytes
     }
 
     pub fn path(&self) -> &Path {

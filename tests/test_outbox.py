@@ -67,7 +67,9 @@ def roomy_broker() -> Iterator[Mosquitto]:
 class Listener:
     """Capture's server side, as far as these tests go: every value pushed, in arrival order."""
 
-    def __init__(self, broker: Mosquitto) -> None:
+    def __init__(self, broker: Mosquitto, *, start: bool = False) -> None:
+        if start:
+            broker.start()
         self.values: list[int] = []
         self.client = connect(broker, "pipeline")
         self.sub = self.client.subscribe(
@@ -248,6 +250,55 @@ def test_with_an_outbox_a_push_returns_once_on_disk(roomy_broker: Mosquitto, tmp
         asyncio.run(async_device())
         wait_until(lambda: len(set(listener.values)) >= 7, timeout=30)
         check_every_value_once_in_order(listener.values, 7)
+    finally:
+        listener.close()
+
+
+@pytest.mark.parametrize("offline", ["raise", "drop_oldest", "block"])
+def test_outbox_max_bytes_bounds_the_outbox_under_the_offline_policy(
+    offline: str, roomy_broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    roomy_broker.stop()  # an outage: nothing is acknowledged, so the outbox fills
+    options: dict[str, Any] = {
+        "transport": "mqtt",
+        "port": roomy_broker.mqtt_port,
+        "source_id": SOURCE_ID,
+        "password": PASSWORDS[SOURCE_ID],
+        "outbox": tmp_path / "outbox",
+        "reconnect": cm.Reconnect(0.05, 0.5),
+    }
+    with cm.SourceClient("127.0.0.1", **(options | {"outbox": tmp_path / "measure"})) as measure:
+        measure.push_field("Conn", "Outbox", "V", 10)  # the size of one of these messages
+        size = (measure.outbox_stats or {"bytes": 0})["bytes"]
+    with cm.SourceClient("127.0.0.1", outbox_max_bytes=20 * size, offline=offline, **options) as src:
+        if offline == "raise":
+            for value in range(10, 30):
+                src.push_field("Conn", "Outbox", "V", value)
+            with pytest.raises(cm.QueueFullError, match="would pass outbox_max_bytes="):
+                src.push_field("Conn", "Outbox", "V", 30)
+        elif offline == "drop_oldest":
+            for value in range(10, 100):
+                src.push_field("Conn", "Outbox", "V", value)
+            # Said once (then at most every few seconds with a count), not once per drop.
+            wait_until(lambda: "its oldest message was dropped" in caplog.text)
+            assert caplog.text.count("its oldest message was dropped") == 1
+        else:  # block: a push waits for room, up to its timeout, and says what is full
+            for value in range(10, 30):
+                src.push_field("Conn", "Outbox", "V", value, timeout=0.3)
+            with pytest.raises(cm.TimeoutError, match=r"within 0\.3 s: the durable outbox holds outbox_max_bytes="):
+                src.push_field("Conn", "Outbox", "V", 30, timeout=0.3)
+        stats = src.outbox_stats
+        assert stats is not None and stats["records"] == 20 and stats["bytes"] == 20 * size, stats
+        assert stats["dropped"] == (90 - 20 if offline == "drop_oldest" else 0)
+    # The device restarts once the broker is back: what the outbox held arrives, the oldest under
+    # raise and block, the newest under drop_oldest.
+    listener = Listener(roomy_broker, start=True)
+    try:
+        with cm.SourceClient("127.0.0.1", **options) as src:
+            wait_until(lambda: (src.outbox_stats or {"records": 1})["records"] == 0, timeout=30)
+        expected = list(range(80, 100)) if offline == "drop_oldest" else list(range(10, 30))
+        wait_until(lambda: len(listener.values) >= 20, timeout=30)
+        assert listener.values == expected
     finally:
         listener.close()
 

@@ -363,6 +363,20 @@ def test_pushes_made_offline_wait_and_go_out_in_order() -> None:
         listener.close()
 
 
+def test_a_full_offline_queue_under_block_waits_for_room_only_up_to_the_timeout(fresh_broker: Mosquitto) -> None:
+    with source(fresh_broker, max_queued=10, reconnect=cm.Reconnect(min_delay=0.05, max_delay=0.2)) as src:
+        fresh_broker.stop()
+        wait_until(lambda: not src.is_connected, what="the source to notice")
+        handles = [src.push_field("Conn", "M", "V", i, wait=False) for i in range(10)]
+        # No room: even a push that does not wait for the broker waits for room, and not for ever.
+        with pytest.raises(cm.TimeoutError, match="offline and its queue of max_queued=10 is full") as waited:
+            src.push_field("Conn", "M", "V", 10, wait=False, timeout=0.3)
+        assert "raise max_queued" in str(waited.value)
+        fresh_broker.start()
+        for handle in handles:
+            handle.wait(15)
+
+
 @pytest.mark.parametrize("policy", ["raise", "drop_oldest"])
 def test_a_full_offline_queue_raises_or_drops_the_oldest(fresh_broker: Mosquitto, policy: str) -> None:
     with source(

@@ -464,7 +464,7 @@ impl PySession {
                     let token = match fast {
                         Some(token) => token,
                         None => session
-                            .publish(topic.clone(), payload, qos, false)
+                            .publish(topic.clone(), payload, qos, false, limit)
                             .await
                             .map_err(FrameError::Session)?,
                     };
@@ -508,6 +508,8 @@ impl PySession {
         let payload = bytes::Bytes::copy_from_slice(&bytes);
         // The fast path: straight into the request channel (or the offline queue) without releasing
         // the interpreter lock or entering the runtime; only a full window or channel waits.
+        let started = std::time::Instant::now();
+        let limit = Duration::from_secs_f64(timeout.max(0.0));
         let fast = self
             .session
             .try_publish(&topic, &payload, qos, retain)
@@ -515,9 +517,10 @@ impl PySession {
         let token = if let Some(token) = fast {
             token
         } else {
+            // No room (a full queue under offline="block"): wait for it, within the timeout.
             let session = self.session.clone();
             block_on(py, async move {
-                session.publish(topic, payload, qos, retain).await
+                session.publish(topic, payload, qos, retain, limit).await
             })?
             .map_err(|e| session_error(py, &e))?
         };
@@ -528,7 +531,8 @@ impl PySession {
             // QoS 0 has nothing to wait for (as in every MQTT client): it is in the outbox, and
             // the network thread writes it in the next batch.
             if qos > 0 {
-                handle.wait(py, timeout)?;
+                let left = limit.saturating_sub(started.elapsed());
+                handle.wait(py, left.as_secs_f64())?;
             }
             return Ok(None);
         }

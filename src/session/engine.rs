@@ -76,14 +76,14 @@ struct Stalled {
 }
 
 /// A warning that says how often it happened since it was last said.
-#[derive(Default)]
-struct RateLimited {
+#[derive(Debug, Default)]
+pub(super) struct RateLimited {
     last: Option<Instant>,
     suppressed: u64,
 }
 
 impl RateLimited {
-    fn warn(&mut self, now: Instant, text: impl FnOnce(u64) -> String) {
+    pub(super) fn warn(&mut self, now: Instant, text: impl FnOnce(u64) -> String) {
         if self.last.is_some_and(|last| now < last + WARN_EVERY) {
             self.suppressed += 1;
             return;

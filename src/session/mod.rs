@@ -176,6 +176,8 @@ pub(crate) struct Pending {
 pub(crate) struct Outbox {
     items: VecDeque<Pending>,
     online: bool,
+    /// Drops under `offline="drop_oldest"`: said once, then at most every few seconds with a count.
+    warn_dropped: engine::RateLimited,
 }
 
 /// A subscription change for the connection task.
@@ -591,20 +593,60 @@ impl Session {
     }
 
     /// Publishes a message and returns a token that resolves on the broker's acknowledgement
-    /// (QoS 1/2) or once handed to the connection (QoS 0). Waits only for room in the outbox.
+    /// (QoS 1/2) or once handed to the connection (QoS 0). Waits only for room in the outbox, up to
+    /// `within` (`SessionError::Timeout`, saying which queue is full and what to change).
     pub async fn publish(
         &self,
         topic: String,
         payload: Bytes,
         qos: u8,
         retain: bool,
+        within: Duration,
     ) -> Result<PublishToken, SessionError> {
+        let deadline = tokio::time::Instant::now() + within;
         loop {
             let space = self.shared.space.notified();
             if let Some(token) = self.try_publish(&topic, &payload, qos, retain)? {
                 return Ok(token);
             }
-            space.await;
+            if tokio::time::timeout_at(deadline, space).await.is_err() {
+                let size = (topic.len() + payload.len()) as u64;
+                return Err(SessionError::Timeout(self.no_room(within, qos, size)));
+            }
+        }
+    }
+
+    /// Why a publish (of `size` topic and payload bytes) found no room within `within`, and what
+    /// to change.
+    fn no_room(&self, within: Duration, qos: u8, size: u64) -> String {
+        let config = &self.shared.config;
+        let waited = format!(
+            "no room for the message within {:.1} s",
+            within.as_secs_f64()
+        );
+        if let Some(durable) = &config.durable {
+            if qos > 0 && durable.stats().bytes + size > durable.max_bytes() {
+                return format!(
+                    "{waited}: the durable outbox holds outbox_max_bytes={} and offline=\"block\" waits \
+                     for the broker's acknowledgements; raise outbox_max_bytes, or choose \
+                     offline=\"raise\" or \"drop_oldest\"",
+                    durable.max_bytes()
+                );
+            }
+        }
+        if self.shared.outbox().online {
+            format!(
+                "{waited}: the broker takes messages slower than they come (the in-flight window \
+                 and the queue of max_queued={} are full); wait longer, or raise max_queued",
+                config.offline_capacity
+            )
+        } else {
+            format!(
+                "{waited}: the client is offline and its queue of max_queued={} is full \
+                 (offline=\"block\"); wait for the connection, raise max_queued, or choose \
+                 offline=\"raise\" or \"drop_oldest\"",
+                config.offline_capacity
+            )
         }
     }
 
@@ -637,12 +679,16 @@ impl Session {
                                 return Err(SessionError::QueueFull(why));
                             };
                             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                            log::warn!(
-                                "the durable outbox is full: its oldest message was dropped \
-                                 (offline=\"drop_oldest\"); raise outbox_max_bytes, or choose offline=\"block\""
-                            );
+                            let mut outbox = self.shared.outbox();
+                            outbox.warn_dropped.warn(std::time::Instant::now(), |count| {
+                                format!(
+                                    "the durable outbox is full: its oldest message was dropped \
+                                     ({count} since the last warning; offline=\"drop_oldest\"); raise \
+                                     outbox_max_bytes, or choose offline=\"block\""
+                                )
+                            });
                             // Its copy in memory, if still waiting, goes too.
-                            self.shared.outbox().items.retain(|p| p.stored != Some(id));
+                            outbox.items.retain(|p| p.stored != Some(id));
                         }
                     }
                 }
@@ -668,7 +714,14 @@ impl Session {
                 "the message to {:?} was dropped from the full offline queue (offline=\"drop_oldest\")",
                 old.topic
             ));
-            log::warn!("{error}; raise max_queued, or choose offline=\"block\" to wait instead");
+            outbox
+                .warn_dropped
+                .warn(std::time::Instant::now(), |count| {
+                    format!(
+                        "{error} ({count} since the last warning); raise max_queued, or choose \
+                     offline=\"block\" to wait instead"
+                    )
+                });
             if let Some(waiter) = old.tx.take() {
                 let _ = waiter.send(Err(error));
             }

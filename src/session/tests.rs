@@ -113,7 +113,13 @@ fn round_trip(protocol: Protocol) {
         let topic = "v1/raw/AcmeCorp/S/C/M/K".to_owned();
         let payload = Bytes::from_static(br#"{"Value": 55, "UtcTimestamp": 1731061326260}"#);
         session
-            .publish(topic.clone(), payload.clone(), 1, false)
+            .publish(
+                topic.clone(),
+                payload.clone(),
+                1,
+                false,
+                Duration::from_secs(5),
+            )
             .await
             .unwrap()
             .wait()
@@ -136,7 +142,7 @@ fn round_trip(protocol: Protocol) {
         }
         assert!(session.is_connected() && route.is_active());
         session
-            .publish(topic, payload, 1, false)
+            .publish(topic, payload, 1, false, Duration::from_secs(5))
             .await
             .unwrap()
             .wait()
