@@ -160,8 +160,10 @@ struct Inner {
     /// Acknowledged records the store could not remove yet, and whether that was reported.
     unremoved: Vec<i64>,
     removal_failing: bool,
-    /// Records committed since the last forced write.
-    unsynced: u64,
+    /// Records committed ever, and how many of them (the first ones) were forced to the disk: a
+    /// sync forces what was committed when it began, whichever of two overlapping syncs ends first.
+    appended: u64,
+    synced: u64,
     /// The size (topic and payload bytes) of each record held, by id.
     sizes: BTreeMap<i64, Held>,
     /// The next record's id: never one this process gave before, so that an acknowledgement of a
@@ -203,8 +205,8 @@ impl Shared {
     /// without holding the store while the disk works: appends go on meanwhile. Returns how many
     /// records still wait (appended during the sync), or None if it failed.
     fn sync(&self, inner: MutexGuard<'_, Inner>) -> Option<u64> {
-        let waiting = inner.unsynced;
-        if waiting == 0 {
+        let target = inner.appended;
+        if target == inner.synced {
             return Some(0);
         }
         drop(inner);
@@ -220,9 +222,21 @@ impl Shared {
         if !forced {
             return None;
         }
+        Some(self.forced_up_to(target))
+    }
+
+    /// The first `target` records are on disk: returns how many wait still.
+    fn forced_up_to(&self, target: u64) -> u64 {
         let mut inner = self.inner();
-        inner.unsynced = inner.unsynced.saturating_sub(waiting);
-        Some(inner.unsynced)
+        inner.synced = inner.synced.max(target);
+        inner.appended - inner.synced
+    }
+
+    /// Wakes the batch-sync thread.
+    fn ring(&self) {
+        let (flag, bell) = &self.due;
+        *flag.lock().unwrap_or_else(PoisonError::into_inner) = true;
+        bell.notify_one();
     }
 }
 
@@ -330,6 +344,13 @@ fn connect(path: &Path, sync: SyncMode) -> rusqlite::Result<Connection> {
     };
     conn.pragma_update(None, "synchronous", synchronous)?;
     conn.execute_batch(SCHEMA)?;
+    // A store from before records had a time: they get one (0, read as "when it was opened").
+    let has_time = conn
+        .prepare("SELECT 1 FROM pragma_table_info('outbox') WHERE name = 'at'")?
+        .exists([])?;
+    if !has_time {
+        conn.execute_batch("ALTER TABLE outbox ADD COLUMN at INTEGER NOT NULL DEFAULT 0")?;
+    }
     conn.query_row("PRAGMA quick_check", [], |row| row.get::<_, String>(0))
         .and_then(|verdict| {
             if verdict == "ok" {
@@ -361,13 +382,15 @@ fn now_ms() -> i64 {
 
 /// The size and time of every record, by id.
 fn read_sizes(conn: &Connection) -> rusqlite::Result<BTreeMap<i64, Held>> {
+    let opened = now_ms();
     let mut statement =
         conn.prepare("SELECT id, LENGTH(CAST(topic AS BLOB)) + LENGTH(payload), at FROM outbox")?;
     let rows = statement.query_map([], |row| {
         let size: i64 = row.get(1)?;
+        let at: i64 = row.get(2)?;
         let held = Held {
             size: u64::try_from(size).unwrap_or(0),
-            at: row.get(2)?,
+            at: if at == 0 { opened } else { at },
         };
         Ok((row.get::<_, i64>(0)?, held))
     })?;
@@ -494,7 +517,8 @@ impl DurableOutbox {
                 failing: 0,
                 unremoved: Vec::new(),
                 removal_failing: false,
-                unsynced: 0,
+                appended: 0,
+                synced: 0,
                 next_id: sizes.keys().next_back().map_or(1, |last| last + 1),
                 sizes,
             }),
@@ -600,20 +624,18 @@ impl DurableOutbox {
         self.shared.bytes.fetch_add(size, Ordering::Release);
         inner.sizes.insert(id, Held { size, at });
         inner.next_id = id + 1;
-        inner.unsynced += 1;
+        inner.appended += 1;
+        let waiting = inner.appended - inner.synced;
         match self.shared.options.sync {
-            SyncMode::Always => inner.unsynced = 0, // synchronous=FULL forced it
-            SyncMode::Batch if inner.unsynced >= self.shared.options.sync_records => {
-                self.shared.sync(inner);
-            }
-            SyncMode::Batch => {
-                if inner.unsynced == 1 {
-                    let (flag, bell) = &self.shared.due;
-                    *flag.lock().unwrap_or_else(PoisonError::into_inner) = true;
-                    bell.notify_one();
+            SyncMode::Always => inner.synced = inner.appended, // synchronous=FULL forced it
+            SyncMode::Batch if waiting >= self.shared.options.sync_records => {
+                // Whatever came during this sync (or all, if it failed) is the thread's to force.
+                if self.shared.sync(inner) != Some(0) {
+                    self.shared.ring();
                 }
             }
-            SyncMode::Never => {}
+            SyncMode::Batch if waiting == 1 => self.shared.ring(),
+            SyncMode::Batch | SyncMode::Never => {}
         }
         Ok(id)
     }
@@ -672,12 +694,14 @@ impl DurableOutbox {
 
     /// Drops the oldest record (the `drop_oldest` policy): its id, or None when the outbox is empty.
     pub fn drop_oldest(&self) -> Result<Option<i64>, OutboxError> {
-        let oldest = self.shared.inner().sizes.keys().next().copied();
-        if let Some(id) = oldest {
-            self.remove(&[id])?;
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        Ok(oldest)
+        // Chosen and removed under one lock: an acknowledgement cannot remove it in between.
+        let mut inner = self.shared.inner();
+        let Some(id) = inner.sizes.keys().next().copied() else {
+            return Ok(None);
+        };
+        self.remove_held(&mut inner, &[id])?;
+        self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(id))
     }
 
     /// Counts a record sent again after a restart.
@@ -737,9 +761,7 @@ impl DurableOutbox {
 impl Drop for DurableOutbox {
     fn drop(&mut self) {
         self.shared.closing.store(true, Ordering::Release);
-        let (flag, bell) = &self.shared.due;
-        *flag.lock().unwrap_or_else(PoisonError::into_inner) = true;
-        bell.notify_one();
+        self.shared.ring();
         if let Some(syncer) = self.syncer.take() {
             let _ = syncer.join();
         }
@@ -763,7 +785,20 @@ fn batch_sync(shared: &Shared) {
             return;
         }
         loop {
-            std::thread::sleep(shared.options.sync_interval);
+            // The interval, cut short when the outbox closes (its drop forces what is left).
+            let deadline = std::time::Instant::now() + shared.options.sync_interval;
+            let mut due = flag.lock().unwrap_or_else(PoisonError::into_inner);
+            while !shared.closing.load(Ordering::Acquire) {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                due = bell
+                    .wait_timeout(due, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+            drop(due);
             // Records appended during the sync did not ring: they are forced in the next round.
             let waiting = shared.sync(shared.inner());
             if waiting.is_none_or(|n| n == 0) || shared.closing.load(Ordering::Acquire) {
@@ -881,6 +916,53 @@ mod tests {
             .collect();
         assert_eq!(topics, ["t/1"]);
         assert_eq!(outbox.stats().records, 1);
+    }
+
+    #[test]
+    fn a_store_without_record_times_is_brought_up_to_date() {
+        let path = folder("old").join("outbox.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE outbox (id INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, \
+                 payload BLOB NOT NULL, qos INTEGER NOT NULL);
+                 INSERT INTO outbox (topic, payload, qos) VALUES ('t/0', X'7B7D', 1);",
+            )
+            .unwrap();
+        }
+        let (outbox, report) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
+        assert_eq!(report.records, 1);
+        assert!(outbox.stats().oldest_at.unwrap() > now_ms() - 60_000);
+        outbox.append("t/1", b"{}", 1).unwrap();
+        let topics: Vec<String> = outbox
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.topic)
+            .collect();
+        assert_eq!(topics, ["t/0", "t/1"]);
+    }
+
+    #[test]
+    fn overlapping_syncs_leave_later_records_waiting() {
+        let path = folder("overlap").join("outbox.db");
+        let options = OutboxOptions {
+            sync_interval: Duration::from_secs(3600), // the thread stays out of it
+            ..OutboxOptions::default()
+        };
+        let (outbox, _) = DurableOutbox::open(&path, options).unwrap();
+        for i in 0..3 {
+            outbox.append(&format!("t/{i}"), b"{}", 1).unwrap();
+        }
+        // A slow sync began with 3 records; a quicker one forced 5, then one more came.
+        for i in 3..5 {
+            outbox.append(&format!("t/{i}"), b"{}", 1).unwrap();
+        }
+        assert_eq!(outbox.shared.forced_up_to(5), 0);
+        outbox.append("t/5", b"{}", 1).unwrap();
+        // The slow one ends last: the sixth record still waits for a sync.
+        assert_eq!(outbox.shared.forced_up_to(3), 1);
+        assert_eq!(outbox.shared.sync(outbox.shared.inner()), Some(0));
     }
 
     #[test]

@@ -303,6 +303,32 @@ def test_outbox_max_bytes_bounds_the_outbox_under_the_offline_policy(
         listener.close()
 
 
+def test_max_queued_bounds_only_what_is_kept_in_memory(roomy_broker: Mosquitto, tmp_path: Path) -> None:
+    import math
+
+    roomy_broker.stop()  # an outage: the outbox holds more than max_queued
+    with cm.SourceClient(
+        "127.0.0.1",
+        transport="mqtt",
+        port=roomy_broker.mqtt_port,
+        source_id=SOURCE_ID,
+        password=PASSWORDS[SOURCE_ID],
+        outbox=tmp_path / "outbox",
+        max_queued=5,
+        offline="raise",
+    ) as src:
+        for value in range(30):
+            src.push_field("Conn", "Outbox", "V", value, timeout=math.inf)  # no timeout at all is fine
+        # QoS 0 is kept in memory only: max_queued counts those, not the 30 on disk.
+        for value in range(5):
+            src.push_field("Conn", "Outbox", "Q", value, qos=0)
+        with pytest.raises(cm.QueueFullError, match="max_queued"):
+            src.push_field("Conn", "Outbox", "Q", 5, qos=0)
+        stats = src.outbox_stats
+        assert stats is not None and stats["records"] == 30
+        assert src.stats["queued"] == 35
+
+
 # A device whose disk fills up: it pushes through a full disk (the store refuses), then the disk has
 # room again. "fill" fills the outbox's file system (a small tmpfs) with a file; "rlimit" caps the size
 # of the files this process may write (RLIMIT_FSIZE), the same for SQLite as a full disk.

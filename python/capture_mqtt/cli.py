@@ -262,6 +262,8 @@ def _timestamp(text: str | None) -> Any:
 
 def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
     tags = _pairs(args.tag, "--tag") or None
+    if not args.frame and not args.fields:
+        raise SystemExit('capture-mqtt: give fields as KEY=VALUE (values are JSON: 55, 23.4, true, "text")')
     with _source_client(args) as source:
         if args.frame:
             import pandas as pd
@@ -276,19 +278,23 @@ def cmd_push(args: argparse.Namespace, out: TextIO) -> int:
                 tag_columns=args.tag_column,
                 qos=args.qos,
             )
-            print(f"pushed {sent} rows from {path} to {args.connection}/{args.measurement}", file=out)
-            _report_outbox(source, out)
-            return 0
-        if not args.fields:
-            raise SystemExit('capture-mqtt: give fields as KEY=VALUE (values are JSON: 55, 23.4, true, "text")')
-        fields = {name: _json_or_text(value) for name, value in _pairs(args.fields, "a field").items()}
-        for _ in range(args.repeat):
-            source.push(
-                args.connection, args.measurement, fields, tags=tags, timestamp=_timestamp(args.timestamp), qos=args.qos
-            )
-            if args.repeat > 1:
-                time.sleep(args.interval)
-    print(f"pushed {args.repeat} message(s) to {args.connection}/{args.measurement}: {sorted(fields)}", file=out)
+            done = f"pushed {sent} rows from {path} to {args.connection}/{args.measurement}"
+        else:
+            fields = {name: _json_or_text(value) for name, value in _pairs(args.fields, "a field").items()}
+            for _ in range(args.repeat):
+                source.push(
+                    args.connection,
+                    args.measurement,
+                    fields,
+                    tags=tags,
+                    timestamp=_timestamp(args.timestamp),
+                    qos=args.qos,
+                )
+                if args.repeat > 1:
+                    time.sleep(args.interval)
+            done = f"pushed {args.repeat} message(s) to {args.connection}/{args.measurement}: {sorted(fields)}"
+    print(done, file=out)
+    # After the close, which let what was pushed go out and be acknowledged.
     _report_outbox(source, out)
     return 0
 

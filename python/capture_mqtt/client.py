@@ -682,7 +682,8 @@ class Client(_BaseClient):
         """Sends a ``writedata`` command to a source: ``topic`` is ``"Connection/Measurement/Variable"``
         or a 3-tuple, ``data`` the value to write (sent as a JSON string, as Capture's template shows,
         unless ``data_as="json"``), ``mapping`` the device-side address if needed. Checked before sending
-        (:class:`TopicError`, :class:`PayloadError`); returns once the broker acknowledged it.
+        (:class:`TopicError`, :class:`PayloadError`); returns once the broker acknowledged it (with a
+        durable outbox: once it is on disk; ``wait`` as in :meth:`publish`).
 
         >>> import capture_mqtt as cm
         >>> cm.Client.send_command.__name__

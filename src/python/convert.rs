@@ -364,3 +364,14 @@ pub fn naive_option(text: &str) -> PyResult<Naive> {
         ))
     })
 }
+
+/// A timeout in seconds from Python: negative or NaN is none at all, and infinity (or anything past a
+/// year) is a year, so that adding it to a clock cannot overflow.
+pub fn seconds(timeout: f64) -> std::time::Duration {
+    const YEAR: f64 = 365.0 * 24.0 * 3600.0;
+    if timeout.is_nan() || timeout <= 0.0 {
+        std::time::Duration::ZERO
+    } else {
+        std::time::Duration::from_secs_f64(timeout.min(YEAR))
+    }
+}

@@ -344,7 +344,7 @@ impl PySession {
         timeout: f64,
     ) -> PyResult<Option<(&'static str, Bound<'py, PyAny>)>> {
         let jobs = Arc::clone(&self.jobs);
-        let wait = Duration::from_secs_f64(timeout.max(0.0));
+        let wait = super::convert::seconds(timeout);
         let job = py.detach(|| jobs.pop_wait(Some(wait)));
         Ok(match job {
             Pop::Timeout => None,
@@ -387,7 +387,7 @@ impl PySession {
             return Err(PyValueError::new_err("queue_size must be at least 1"));
         }
         let session = self.session.clone();
-        let timeout = Duration::from_secs_f64(timeout.max(0.0));
+        let timeout = super::convert::seconds(timeout);
         let route = block_on(py, async move {
             let route = session.subscribe(&filter, qos, decode, queue_size, overflow)?;
             if wait && route.was_requested() {
@@ -441,7 +441,7 @@ impl PySession {
             .collect::<Result<_, _>>()
             .map_err(|e| PyValueError::new_err(format!("reading the frame failed: {e}")))?;
         let session = self.session.clone();
-        let limit = Duration::from_secs_f64(timeout.max(0.0));
+        let limit = super::convert::seconds(timeout);
         let outcome = block_on(py, async move {
             let mut sent = 0usize;
             let mut waiting = std::collections::VecDeque::new();
@@ -509,7 +509,7 @@ impl PySession {
         // The fast path: straight into the request channel (or the offline queue) without releasing
         // the interpreter lock or entering the runtime; only a full window or channel waits.
         let started = std::time::Instant::now();
-        let limit = Duration::from_secs_f64(timeout.max(0.0));
+        let limit = super::convert::seconds(timeout);
         let fast = self
             .session
             .try_publish(&topic, &payload, qos, retain)
@@ -573,7 +573,7 @@ impl PyPublishHandle {
         else {
             return Ok(());
         };
-        let limit = Duration::from_secs_f64(timeout.max(0.0));
+        let limit = super::convert::seconds(timeout);
         let outcome = block_on(py, async move {
             tokio::time::timeout(limit, token.wait()).await
         })?;
@@ -756,7 +756,7 @@ impl PySubscription {
                 )));
             }
         }
-        let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs_f64(t));
+        let deadline = timeout.map(|t| std::time::Instant::now() + super::convert::seconds(t));
         let queue = Arc::clone(&self.route.queue);
         loop {
             let wait = match deadline {
@@ -834,7 +834,7 @@ impl PySubscription {
                 )));
             }
         }
-        let deadline = timeout.map(|t| std::time::Instant::now() + Duration::from_secs_f64(t));
+        let deadline = timeout.map(|t| std::time::Instant::now() + super::convert::seconds(t));
         let mut builder =
             columnar::BatchBuilder::new(PyBatch::options(tag_columns), max_rows.min(65_536));
         let mut malformed = Vec::new();

@@ -978,7 +978,9 @@ impl Task {
         while let Some(output) = self.proto.poll_output() {
             self.on_output(output, now);
         }
-        self.remove_acked(Some(now));
+        // Closing: removed each turn, since the close may end the task before `finish` runs.
+        let closing = self.shared.closed.load(Ordering::Acquire);
+        self.remove_acked(if closing { None } else { Some(now) });
         while self
             .held
             .front()
@@ -1012,7 +1014,7 @@ impl Task {
                         slots -= 1;
                     }
                     room = room.saturating_sub(front.topic.len() + front.payload.len() + 8);
-                    batch.extend(outbox.items.pop_front());
+                    batch.extend(outbox.pop_front());
                 }
                 batch
             };

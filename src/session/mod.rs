@@ -175,9 +175,31 @@ pub(crate) struct Pending {
 #[derive(Debug, Default)]
 pub(crate) struct Outbox {
     items: VecDeque<Pending>,
+    /// How many of `items` are in memory only (not in the durable outbox): what `max_queued` bounds.
+    memory_only: usize,
     online: bool,
     /// Drops under `offline="drop_oldest"`: said once, then at most every few seconds with a count.
     warn_dropped: engine::RateLimited,
+}
+
+impl Outbox {
+    fn push_back(&mut self, pending: Pending) {
+        self.memory_only += usize::from(pending.stored.is_none());
+        self.items.push_back(pending);
+    }
+
+    pub(super) fn pop_front(&mut self) -> Option<Pending> {
+        let pending = self.items.pop_front()?;
+        self.memory_only -= usize::from(pending.stored.is_none());
+        Some(pending)
+    }
+
+    /// The oldest message kept in memory only (`drop_oldest`: a stored one stays for its store).
+    fn pop_oldest_in_memory(&mut self) -> Option<Pending> {
+        let at = self.items.iter().position(|p| p.stored.is_none())?;
+        self.memory_only -= 1;
+        self.items.remove(at)
+    }
 }
 
 /// A subscription change for the connection task.
@@ -337,7 +359,7 @@ impl Session {
                 );
             }
             for record in records {
-                outbox.items.push_back(Pending {
+                outbox.push_back(Pending {
                     id: next_id,
                     stored: Some(record.id),
                     topic: record.topic,
@@ -555,16 +577,11 @@ impl Session {
             },
             _ => None,
         };
-        // A stored message is bounded by the durable outbox's bytes; one kept in memory only (QoS 0,
-        // or the store failed) by the in-memory queue's size.
-        let capacity = if stored.is_some() {
-            usize::MAX
-        } else {
-            config.offline_capacity.max(1)
-        };
         {
             let mut outbox = self.shared.outbox();
-            if outbox.items.len() >= capacity {
+            // A stored message is bounded by the durable outbox's bytes; one kept in memory only
+            // (no outbox, QoS 0, or the store failed) by max_queued, counting only those.
+            if stored.is_none() && outbox.memory_only >= config.offline_capacity.max(1) {
                 if outbox.online || config.offline_policy == OfflinePolicy::Block {
                     return Ok(None);
                 }
@@ -575,7 +592,7 @@ impl Session {
             // any, the task is bound to come back for them (after its write, an acknowledgement,
             // or the connection), and the messages gather into one write meanwhile.
             let wake = outbox.items.is_empty();
-            outbox.items.push_back(Pending {
+            outbox.push_back(Pending {
                 id: self.shared.next_id.fetch_add(1, Ordering::Relaxed),
                 stored,
                 topic: topic.to_owned(),
@@ -708,7 +725,7 @@ impl Session {
                 config.offline_capacity
             )));
         }
-        if let Some(mut old) = outbox.items.pop_front() {
+        if let Some(mut old) = outbox.pop_oldest_in_memory() {
             self.shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             let error = SessionError::QueueFull(format!(
                 "the message to {:?} was dropped from the full offline queue (offline=\"drop_oldest\")",
@@ -775,6 +792,7 @@ pub(crate) fn finish(shared: &Shared) {
     let pending: Vec<Pending> = {
         let mut outbox = shared.outbox();
         outbox.online = false;
+        outbox.memory_only = 0;
         outbox.items.drain(..).collect()
     };
     for mut p in pending {
