@@ -812,6 +812,28 @@ fn batch_sync(shared: &Shared) {
 mod tests {
     use super::*;
 
+    fn topics(outbox: &DurableOutbox) -> Vec<String> {
+        outbox
+            .records()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.topic)
+            .collect()
+    }
+
+    /// Makes the store refuse writes (as a full disk would), or take them again.
+    fn refuse_writes(outbox: &DurableOutbox, refuse: bool) {
+        let pragma = format!("PRAGMA query_only = {}", if refuse { "ON" } else { "OFF" });
+        let path = outbox.path().to_owned();
+        outbox
+            .shared
+            .inner()
+            .conn(&path)
+            .unwrap()
+            .execute_batch(&pragma)
+            .unwrap();
+    }
+
     fn folder(name: &str) -> PathBuf {
         let dir =
             std::env::temp_dir().join(format!("capture-mqtt-outbox-{name}-{}", std::process::id()));
@@ -838,12 +860,7 @@ mod tests {
         // The oldest record's time survives the reopen.
         let oldest = outbox.stats().oldest_at.unwrap();
         assert!(oldest <= now_ms() && oldest > now_ms() - 60_000, "{oldest}");
-        let topics: Vec<String> = outbox
-            .records()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.topic)
-            .collect();
+        let topics = topics(&outbox);
         assert_eq!(topics, ["t/2", "t/3", "t/4"]);
         let next = outbox.append("t/5", b"{}", 1).unwrap();
         assert!(next > outbox.records().unwrap()[2].id, "ids keep growing");
@@ -890,30 +907,13 @@ mod tests {
         let (outbox, _) = DurableOutbox::open(&path, OutboxOptions::default()).unwrap();
         let first = outbox.append("t/0", b"{}", 1).unwrap();
         // The store refuses writes for a moment (as a full disk would).
-        outbox
-            .shared
-            .inner()
-            .conn(&path)
-            .unwrap()
-            .execute_batch("PRAGMA query_only = ON")
-            .unwrap();
+        refuse_writes(&outbox, true);
         assert!(outbox.remove(&[first]).is_err());
         assert_eq!(outbox.stats().records, 1, "kept until it can be removed");
-        outbox
-            .shared
-            .inner()
-            .conn(&path)
-            .unwrap()
-            .execute_batch("PRAGMA query_only = OFF")
-            .unwrap();
+        refuse_writes(&outbox, false);
         // The next append removes it on the way.
         outbox.append("t/1", b"{}", 1).unwrap();
-        let topics: Vec<String> = outbox
-            .records()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.topic)
-            .collect();
+        let topics = topics(&outbox);
         assert_eq!(topics, ["t/1"]);
         assert_eq!(outbox.stats().records, 1);
     }
@@ -934,12 +934,7 @@ mod tests {
         assert_eq!(report.records, 1);
         assert!(outbox.stats().oldest_at.unwrap() > now_ms() - 60_000);
         outbox.append("t/1", b"{}", 1).unwrap();
-        let topics: Vec<String> = outbox
-            .records()
-            .unwrap()
-            .into_iter()
-            .map(|r| r.topic)
-            .collect();
+        let topics = topics(&outbox);
         assert_eq!(topics, ["t/0", "t/1"]);
     }
 

@@ -39,6 +39,19 @@ with cm.SourceClient("127.0.0.1", transport="mqtt", port=port, source_id=sys.arg
 """
 
 
+def source(broker: Mosquitto, outbox: Path, **options: Any) -> cm.SourceClient:
+    """A device in this process, with the durable outbox ``outbox``."""
+    return cm.SourceClient(
+        "127.0.0.1",
+        transport="mqtt",
+        port=broker.mqtt_port,
+        source_id=SOURCE_ID,
+        password=PASSWORDS[SOURCE_ID],
+        outbox=outbox,
+        **options,
+    )
+
+
 def device(broker: Mosquitto, outbox: Path, start: int, count: int, *, drain: bool = False) -> subprocess.Popen[str]:
     args = [str(broker.mqtt_port), str(outbox), str(start), str(count), SOURCE_ID, PASSWORDS[SOURCE_ID]]
     return subprocess.Popen(
@@ -191,14 +204,7 @@ def test_a_damaged_outbox_never_stops_the_device(roomy_broker: Mosquitto, tmp_pa
     (outbox / "outbox.db").write_bytes(b"someone wrote over the outbox" * 100)
     listener = Listener(roomy_broker)
     try:
-        with cm.SourceClient(
-            "127.0.0.1",
-            transport="mqtt",
-            port=roomy_broker.mqtt_port,
-            source_id=SOURCE_ID,
-            password=PASSWORDS[SOURCE_ID],
-            outbox=outbox,
-        ) as src:
+        with source(roomy_broker, outbox) as src:
             src.push_field("Conn", "Outbox", "V", 0)
             # Written to the new store, and removed once acknowledged.
             wait_until(lambda: src.outbox_stats is not None and src.outbox_stats["records"] == 0, timeout=10)
@@ -307,16 +313,7 @@ def test_max_queued_bounds_only_what_is_kept_in_memory(roomy_broker: Mosquitto, 
     import math
 
     roomy_broker.stop()  # an outage: the outbox holds more than max_queued
-    with cm.SourceClient(
-        "127.0.0.1",
-        transport="mqtt",
-        port=roomy_broker.mqtt_port,
-        source_id=SOURCE_ID,
-        password=PASSWORDS[SOURCE_ID],
-        outbox=tmp_path / "outbox",
-        max_queued=5,
-        offline="raise",
-    ) as src:
+    with source(roomy_broker, tmp_path / "outbox", max_queued=5, offline="raise") as src:
         for value in range(30):
             src.push_field("Conn", "Outbox", "V", value, timeout=math.inf)  # no timeout at all is fine
         # QoS 0 is kept in memory only: max_queued counts those, not the 30 on disk.
