@@ -22,7 +22,7 @@ import pytest
 
 import capture_mqtt as cm
 from capture_mqtt import _core
-from capture_mqtt.testing import BrokerLimits, Mosquitto
+from capture_mqtt.testing import BrokerLimits, CaptureEmulator, Mosquitto, Source, User, wait_for_many
 
 from .conftest import COMPANY, PASSWORDS, SOURCE_ID, capture_accounts, connect
 from .test_connect import wait_until
@@ -466,3 +466,34 @@ def test_more_than_65535_in_flight_pushes_all_arrive() -> None:
                 seen.add(json.loads(message.payload)["Value"])
         assert len(seen) == total
         assert src.stats["acknowledged"] == total
+
+
+def test_the_async_clients_send_commands_push_frames_and_read_auth_configs(
+    capture_emulator: CaptureEmulator, capture_client: cm.Client, capture_user: User, capture_source: Source
+) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        {"Temperature": [20.5, 21.0, 21.5]},
+        index=pd.date_range("2024-11-08 10:00", periods=3, freq="s", tz="UTC", name="time"),
+    )
+
+    async def main() -> tuple[int, cm.Command | None]:
+        async with cm.AsyncSourceClient.from_auth_config(
+            capture_source.auth_config_path, ca_file=capture_emulator.ca_file
+        ) as src:
+            assert src.source_id == capture_source.source_id
+            sent = await src.push_frame(frame, connection="PLC", measurement="Climate")
+            commands = await src.commands()
+            async with cm.AsyncClient(**capture_user.client_options()) as user:
+                await user.send_command(src.source_id, ("PLC", "Climate", "Setpoint"), 22)
+            async for command in commands:
+                return sent, command
+            return sent, None
+
+    with capture_client.subscribe_raw(measurement="Climate", qos=1) as sub:
+        sent, command = asyncio.run(main())
+        points = wait_for_many(sub, 3)
+    assert sent == 3
+    assert [p.value for p in points] == [20.5, 21.0, 21.5]
+    assert command is not None and (command.variable, command.data) == ("Setpoint", "22")

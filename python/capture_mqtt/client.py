@@ -860,6 +860,28 @@ class AsyncClient(_BaseClient):
             timeout=timeout,
         )
 
+    async def send_command(
+        self,
+        source_id: str,
+        topic: str | tuple[str, str, str],
+        data: Any,
+        *,
+        mapping: str | None = None,
+        qos: int = 1,
+        data_as: Literal["string", "json"] = "string",
+        wait: bool | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Like :meth:`Client.send_command`, awaitable.
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncClient.send_command.__name__
+        'send_command'
+        """
+        command_topic = _core.command_topic(source_id)
+        payload = _core.command_payload(topic, data, mapping=mapping, data_as=data_as)
+        await self.publish(command_topic, payload, qos=qos, wait=wait, timeout=timeout)
+
 
 class _SubscriptionBase:
     def __init__(self, native: Any, on_malformed: Callable[[MalformedMessage], object] | None) -> None:

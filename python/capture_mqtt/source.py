@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import os
 import re
@@ -126,6 +128,56 @@ class _SourceMixin(_BaseClient):
         # Topics built for (connection, measurement[, key]): checked once, reused by every push.
         self._topics: dict[tuple[str, str, str | None], str] = {}
 
+    def _push_frame(
+        self,
+        frame: Any,
+        *,
+        connection: str,
+        measurement: str,
+        timestamp_column: str | None,
+        tag_columns: Sequence[str],
+        naive: Naive,
+        qos: int,
+        wait: bool | None,
+        timeout: float,
+    ) -> int:
+        # One implementation for both call styles: the rows are converted and sent in Rust.
+        topic = _core.data_topic(self.source_id, connection, measurement)
+        sent = 0
+        for part in _slices(frame, FRAME_SLICE_ROWS):
+            sent += int(
+                self._native.push_frame(
+                    part,
+                    topic,
+                    timestamp_column=timestamp_column,
+                    tag_columns=list(tag_columns),
+                    qos=qos,
+                    wait=self._wait_default(wait),
+                    timeout=timeout,
+                    naive=naive,
+                )
+            )
+        return sent
+
+    @classmethod
+    def from_auth_config(cls, path: str | os.PathLike[str], host: str | None = None, **options: Any) -> Self:
+        """A source client from the auth config file downloaded from the source's page in the portal;
+        ``host`` (and ``port``) override what the file says. See :func:`load_auth_config`.
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.from_auth_config.__name__, cm.AsyncSourceClient.from_auth_config.__name__
+        ('from_auth_config', 'from_auth_config')
+        """
+        config = load_auth_config(path)
+        host = host or config.get("host")
+        if not host:
+            raise ValueError(f"the auth config {str(path)!r} names no host: pass host=... (ask the Capture team)")
+        if "port" in config:
+            options.setdefault("port", config["port"])
+        return cls(
+            host, source_id=config["source_id"], username=config["username"], password=config["password"], **options
+        )
+
     def _topic(self, connection: str, measurement: str, key: str | None = None) -> str:
         cache_key = (connection, measurement, key)
         topic = self._topics.get(cache_key)
@@ -228,25 +280,6 @@ class SourceClient(_SourceMixin, Client):
             raise ValueError("a source needs its source id (the URL's user) and its password")
         return cls(options.pop("host"), **options)
 
-    @classmethod
-    def from_auth_config(cls, path: str | os.PathLike[str], host: str | None = None, **options: Any) -> Self:
-        """A source client from the auth config file downloaded from the source's page in the portal;
-        ``host`` (and ``port``) override what the file says. See :func:`load_auth_config`.
-
-        >>> import capture_mqtt as cm
-        >>> cm.SourceClient.from_auth_config.__name__
-        'from_auth_config'
-        """
-        config = load_auth_config(path)
-        host = host or config.get("host")
-        if not host:
-            raise ValueError(f"the auth config {str(path)!r} names no host: pass host=... (ask the Capture team)")
-        if "port" in config:
-            options.setdefault("port", config["port"])
-        return cls(
-            host, source_id=config["source_id"], username=config["username"], password=config["password"], **options
-        )
-
     def push(
         self,
         connection: str,
@@ -331,22 +364,17 @@ class SourceClient(_SourceMixin, Client):
         >>> cm.SourceClient.push_frame.__name__
         'push_frame'
         """
-        topic = _core.data_topic(self.source_id, connection, measurement)
-        sent = 0
-        for part in _slices(frame, FRAME_SLICE_ROWS):
-            sent += int(
-                self._native.push_frame(
-                    part,
-                    topic,
-                    timestamp_column=timestamp_column,
-                    tag_columns=list(tag_columns),
-                    qos=qos,
-                    wait=self._wait_default(wait),
-                    timeout=timeout,
-                    naive=naive,
-                )
-            )
-        return sent
+        return self._push_frame(
+            frame,
+            connection=connection,
+            measurement=measurement,
+            timestamp_column=timestamp_column,
+            tag_columns=tag_columns,
+            naive=naive,
+            qos=qos,
+            wait=wait,
+            timeout=timeout,
+        )
 
     def subscribe_raw(self, *args: Any, **kwargs: Any) -> Subscription[DataPoint]:
         """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`)."""
@@ -442,6 +470,41 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
             connection, measurement, key, value, tags=tags, timestamp=timestamp, naive=naive
         )
         await self.publish(topic, payload, qos=qos, wait=wait, timeout=timeout)
+
+    async def push_frame(
+        self,
+        frame: Any,
+        *,
+        connection: str,
+        measurement: str,
+        timestamp_column: str | None = None,
+        tag_columns: Sequence[str] = (),
+        naive: Naive = "refuse",
+        qos: int = 1,
+        wait: bool | None = None,
+        timeout: float = 60.0,
+    ) -> int:
+        """Like :meth:`SourceClient.push_frame`, awaitable (the rows are converted and sent in Rust,
+        off the event loop).
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncSourceClient.push_frame.__name__
+        'push_frame'
+        """
+        return await asyncio.to_thread(
+            functools.partial(
+                self._push_frame,
+                frame,
+                connection=connection,
+                measurement=measurement,
+                timestamp_column=timestamp_column,
+                tag_columns=tag_columns,
+                naive=naive,
+                qos=qos,
+                wait=wait,
+                timeout=timeout,
+            )
+        )
 
     async def subscribe_raw(self, *args: Any, **kwargs: Any) -> AsyncSubscription[DataPoint]:
         """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`)."""
