@@ -497,3 +497,19 @@ def test_the_async_clients_send_commands_push_frames_and_read_auth_configs(
     assert sent == 3
     assert [p.value for p in points] == [20.5, 21.0, 21.5]
     assert command is not None and (command.variable, command.data) == ("Setpoint", "22")
+
+
+def test_the_async_source_client_is_built_from_a_url_and_the_environment_like_the_sync_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = "mqtt://src-1:s3cret@127.0.0.1:1883"
+    monkeypatch.setenv("CAPTURE_MQTT_URL", url)
+    with cm.SourceClient.from_url(url, connect=False) as by_url, cm.SourceClient.from_env(connect=False) as by_env:
+        assert by_url.source_id == by_env.source_id == "src-1"
+
+    # The async twins, built and not connected (an AsyncClient connects in `async with`).
+    by_url_source = cm.AsyncSourceClient.from_url(url).source_id
+    by_env_source = cm.AsyncSourceClient.from_env().source_id
+    assert by_url_source == by_env_source == "src-1"
+    with pytest.raises(TypeError, match="async with"):
+        cm.AsyncClient("127.0.0.1", connect=True)

@@ -705,7 +705,11 @@ class AsyncClient(_BaseClient):
 
     def __init__(self, host: str, *, connect: bool = False, **options: Any) -> None:
         # Connecting needs an event loop: it happens in `async with` or `await connect()`.
-        del connect
+        if connect:
+            raise TypeError(
+                "an AsyncClient connects in `async with cm.AsyncClient(...)` or with `await client.connect()`, "
+                "not in its constructor: leave out connect=True"
+            )
         super().__init__(host, **options)
 
     @classmethod

@@ -178,6 +178,39 @@ class _SourceMixin(_BaseClient):
             host, source_id=config["source_id"], username=config["username"], password=config["password"], **options
         )
 
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> Self:
+        """A source client from ``mqtts://<source id>:<password>@host:8883``.
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.from_url("mqtt://src-1:s3cret@127.0.0.1:1883", connect=False).source_id
+        'src-1'
+        >>> cm.AsyncSourceClient.from_url("mqtt://src-1:s3cret@127.0.0.1:1883").source_id
+        'src-1'
+        """
+        merged = _url_options(url) | options
+        return cls._from_options(merged)
+
+    @classmethod
+    def from_env(cls, **options: Any) -> Self:
+        """A source client from the same environment variables as :meth:`Client.from_env`; the username
+        is the source id.
+
+        >>> import capture_mqtt as cm
+        >>> cm.SourceClient.from_env.__name__
+        'from_env'
+        """
+        return cls._from_options(_env_options() | options)
+
+    @classmethod
+    def _from_options(cls, options: dict[str, Any]) -> Self:
+        username = options.pop("username", None)
+        options.setdefault("source_id", username)
+        options.pop("company", None)
+        if not options.get("source_id") or options.get("password") is None:
+            raise ValueError("a source needs its source id (the URL's user) and its password")
+        return cls(options.pop("host"), **options)
+
     def _topic(self, connection: str, measurement: str, key: str | None = None) -> str:
         cache_key = (connection, measurement, key)
         topic = self._topics.get(cache_key)
@@ -248,37 +281,6 @@ class SourceClient(_SourceMixin, Client):
         self._setup_source(source_id)
         options.setdefault("account_kind", "source")
         super().__init__(host, username=username or source_id, password=password, source_id=source_id, **options)
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> Self:
-        """A source client from ``mqtts://<source id>:<password>@host:8883``.
-
-        >>> import capture_mqtt as cm
-        >>> cm.SourceClient.from_url("mqtt://src-1:s3cret@127.0.0.1:1883", connect=False).source_id
-        'src-1'
-        """
-        merged = _url_options(url) | options
-        return cls._from_options(merged)
-
-    @classmethod
-    def from_env(cls, **options: Any) -> Self:
-        """A source client from the same environment variables as :meth:`Client.from_env`; the username
-        is the source id.
-
-        >>> import capture_mqtt as cm
-        >>> cm.SourceClient.from_env.__name__
-        'from_env'
-        """
-        return cls._from_options(_env_options() | options)
-
-    @classmethod
-    def _from_options(cls, options: dict[str, Any]) -> Self:
-        username = options.pop("username", None)
-        options.setdefault("source_id", username)
-        options.pop("company", None)
-        if not options.get("source_id") or options.get("password") is None:
-            raise ValueError("a source needs its source id (the URL's user) and its password")
-        return cls(options.pop("host"), **options)
 
     def push(
         self,
