@@ -513,3 +513,50 @@ def test_the_async_source_client_is_built_from_a_url_and_the_environment_like_th
     assert by_url_source == by_env_source == "src-1"
     with pytest.raises(TypeError, match="async with"):
         cm.AsyncClient("127.0.0.1", connect=True)
+
+
+def test_an_async_subscription_yields_batches_like_the_sync_one(
+    capture_user: User, capture_source_client: cm.SourceClient
+) -> None:
+    async def main() -> list[float]:
+        values: list[float] = []
+        async with cm.AsyncClient(**capture_user.client_options()) as user:
+            sub = await user.subscribe_raw(measurement="Batches", qos=1)
+            for value in range(5):
+                capture_source_client.push_field("PLC", "Batches", "V", float(value))
+            async for batch in sub.batches(max_rows=2, timeout=0.2):
+                assert 0 < len(batch) <= 2
+                values += batch.to_pandas()["value"].tolist()
+                if len(values) == 5:
+                    await sub.close()  # ends the iteration
+        return values
+
+    assert asyncio.run(main()) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+# Deliberate differences between the call styles, each with its reason. Any other public method
+# that exists in one style must exist in the other.
+ONLY_SYNC = {
+    # Callbacks run on a dispatcher thread; asyncio code reads `async for cmd in await src.commands()`.
+    ("SourceClient", "on_command"),
+}
+ONLY_ASYNC: set[tuple[str, str]] = set()
+
+
+@pytest.mark.parametrize(
+    ("sync", "async_"),
+    [
+        (cm.Client, cm.AsyncClient),
+        (cm.SourceClient, cm.AsyncSourceClient),
+        (cm.Subscription, cm.AsyncSubscription),
+    ],
+    ids=["Client", "SourceClient", "Subscription"],
+)
+def test_every_public_method_exists_in_both_call_styles(sync: type, async_: type) -> None:
+    def public(kind: type) -> set[str]:
+        return {name for name in dir(kind) if not name.startswith("_")}
+
+    only_sync = {(sync.__name__, name) for name in public(sync) - public(async_)}
+    only_async = {(sync.__name__, name) for name in public(async_) - public(sync)}
+    assert only_sync <= ONLY_SYNC, f"{async_.__name__} lacks {sorted(n for _, n in only_sync - ONLY_SYNC)}"
+    assert only_async <= ONLY_ASYNC, f"{sync.__name__} lacks {sorted(n for _, n in only_async - ONLY_ASYNC)}"

@@ -1119,6 +1119,24 @@ class AsyncSubscription(_SubscriptionBase, Generic[ItemT]):
             raise RuntimeError("batch() after a partial async iteration would reorder items; use one or the other")
         return await asyncio.to_thread(self._batch, max_rows, timeout, tag_columns)
 
+    async def batches(
+        self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()
+    ) -> AsyncIterator[Batch]:
+        """Like :meth:`Subscription.batches`: ``async for b in sub.batches(): ...`` until the
+        subscription ends (empty batches are skipped).
+
+        >>> import capture_mqtt as cm
+        >>> cm.AsyncSubscription.batches.__name__
+        'batches'
+        """
+        while True:
+            try:
+                batch = await self.batch(max_rows, timeout, tag_columns=tag_columns)
+            except ClosedError:
+                return
+            if len(batch):
+                yield batch
+
     async def get(self, timeout: float | None = None) -> ItemT | None:
         """The next item, or None after ``timeout`` seconds.
 
