@@ -429,3 +429,27 @@ def test_collect_stops_on_ctrl_c_and_keeps_what_arrived(broker: Mosquitto, tmp_p
     assert time.monotonic() - started < 10
     rows = int(out.split()[-1])
     assert 0 < rows <= i
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"queue_size": 0}, "queue_size must be a positive int, got 0"),
+        ({"queue_size": -3}, "queue_size must be a positive int, got -3"),
+        ({"overflow": "newest"}, 'overflow must be "block", "drop_oldest" or "drop_newest", not "newest"'),
+    ],
+)
+def test_bad_subscription_options_are_refused_in_the_same_words_in_both_call_styles(
+    broker: Mosquitto, options: dict[str, Any], words: str
+) -> None:
+    with connect(broker) as client, pytest.raises(ValueError, match="must be") as refused:
+        client.subscribe("v1/raw/AcmeCorp/#", **options)
+    assert str(refused.value) == words
+
+    async def async_refusal() -> str:
+        async with async_client(broker) as client:
+            with pytest.raises(ValueError, match="must be") as refused:
+                await client.subscribe("v1/raw/AcmeCorp/#", **options)
+            return str(refused.value)
+
+    assert asyncio.run(async_refusal()) == words

@@ -378,10 +378,6 @@ class _BaseClient:
         _core.validate_filter(filter)
         if qos not in (0, 1, 2):
             raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
-        if not isinstance(queue_size, int) or queue_size < 1:
-            raise ValueError(f"queue_size must be a positive int, got {queue_size!r}")
-        if overflow not in ("block", "drop_oldest", "drop_newest"):
-            raise ValueError(f"overflow must be 'block', 'drop_oldest' or 'drop_newest', got {overflow!r}")
         if decode == "auto":
             decode = "raw" if filter.split("/")[:2] == ["v1", "raw"] or "/v1/raw/" in filter else "bytes"
         return self._native.subscribe(

@@ -367,7 +367,7 @@ impl PySession {
         filter: String,
         qos: u8,
         decode: &str,
-        queue_size: usize,
+        queue_size: i64,
         overflow: &str,
         wait: bool,
         timeout: f64,
@@ -383,9 +383,15 @@ impl PySession {
                 "overflow must be \"block\", \"drop_oldest\" or \"drop_newest\", not {overflow:?}"
             ))
         })?;
-        if queue_size == 0 {
-            return Err(PyValueError::new_err("queue_size must be at least 1"));
-        }
+        // The one check of these options (the Python layer passes them through).
+        let queue_size = usize::try_from(queue_size)
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| {
+                PyValueError::new_err(format!(
+                    "queue_size must be a positive int, got {queue_size}"
+                ))
+            })?;
         let session = self.session.clone();
         let timeout = super::convert::seconds(timeout);
         let route = block_on(py, async move {
