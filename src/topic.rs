@@ -413,6 +413,19 @@ pub fn split_shared(filter: &str) -> (Option<&str>, &str) {
     (None, filter)
 }
 
+/// Checks a topic to publish to: non-empty, no wildcard, no NUL, within MQTT's length.
+pub fn validate_publish_topic(topic: &str) -> Result<(), TopicError> {
+    check_length(Segment::Topic, topic)?;
+    if topic.is_empty() || topic.contains(['+', '#', '\0']) {
+        return Err(TopicError::new(
+            Segment::Topic,
+            topic,
+            "a publish topic must be non-empty and hold no wildcard",
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a subscription filter against MQTT's rules and Capture's: wildcards only as whole levels,
 /// `#` only last, and, for any filter that could reach the raw tree, an exact company name.
 /// A `$share/<group>/` prefix (MQTT 5 shared subscriptions) is allowed and checked too.
@@ -636,6 +649,16 @@ pub fn broker_filters(filters: &[(String, u8)]) -> Vec<(String, u8)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_publish_topic_has_no_wildcard() {
+        assert!(validate_publish_topic("v1/sources/s/data/read/C/M").is_ok());
+        for bad in ["", "a/+/b", "a/#", "a\0b"] {
+            let err = validate_publish_topic(bad).unwrap_err();
+            assert_eq!(err.segment, Segment::Topic);
+            assert!(err.to_string().contains("no wildcard"), "{err}");
+        }
+    }
 
     const EXAMPLE: &str =
         "v1/raw/AcmeCorp/fe453df1-b4a0-492d-a12c-505988eea849/System_Monitoring_Requester/Monitoring/CPU_Temp";

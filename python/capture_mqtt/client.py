@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import collections
-import functools
+import contextlib
 import logging
 import os
 import threading
@@ -252,6 +252,7 @@ class _BaseClient:
         )
         self._durable = outbox is not None
         self._closed = False
+        self._dispatcher_ended: list[Callable[[], object]] = []
         self._dispatcher = threading.Thread(
             target=self._dispatch, name=f"capture-mqtt-dispatch-{self.client_id}", daemon=True
         )
@@ -283,6 +284,19 @@ class _BaseClient:
         max_packet_size: dropped and logged), reconnects."""
         return dict(self._native.stats())
 
+    def _publish(
+        self, topic: str, payload: bytes | str, *, qos: int, retain: bool, wait: bool | None, timeout: float
+    ) -> _core._Operation[None] | None:
+        # The sync call style of a publish: blocks until done when waiting, else hands back the
+        # operation (a handle with wait(timeout)).
+        wait = self._wait_default(wait)
+        op = self._native.publish(topic, payload, qos=qos, retain=retain, wait=wait, timeout=timeout, handle=not wait)
+        if not wait:
+            return op
+        if op is not None:
+            op.wait()
+        return None
+
     def _wait_default(self, wait: bool | None) -> bool:
         # A QoS 1 message is safe once acknowledged, or once on disk in a durable outbox: without
         # one, a call waits for the broker; with one, it returns once the message is on disk (so a
@@ -309,6 +323,13 @@ class _BaseClient:
     # The dispatcher thread: events and token requests, never on the network threads.
 
     def _dispatch(self) -> None:
+        try:
+            self._dispatch_jobs()
+        finally:
+            for ended in self._dispatcher_ended:
+                ended()
+
+    def _dispatch_jobs(self) -> None:
         native = self._native
         while True:
             try:
@@ -354,6 +375,10 @@ class _BaseClient:
             return
         self._closed = True
         self._native.close(grace)
+        self._join_dispatcher(grace)
+
+    def _join_dispatcher(self, grace: float) -> None:
+        # The closed session ends the dispatcher's job queue: the thread ends after its last job.
         if self._dispatcher is not threading.current_thread():
             self._dispatcher.join(timeout=grace + 1.0)
         _LIVE.discard(self)
@@ -374,21 +399,18 @@ class _BaseClient:
         queue_size: int,
         overflow: str,
         timeout: float,
-    ) -> Any:
+    ) -> _core._Operation[_core._Subscription]:
         _core.validate_filter(filter)
-        if qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
         if decode == "auto":
             decode = "raw" if filter.split("/")[:2] == ["v1", "raw"] or "/v1/raw/" in filter else "bytes"
         return self._native.subscribe(
-            filter,
-            qos=qos,
-            decode=decode,
-            queue_size=queue_size,
-            overflow=overflow,
-            wait=True,
-            timeout=timeout,
+            filter, qos=qos, decode=decode, queue_size=queue_size, overflow=overflow, timeout=timeout
         )
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _outbox_path(outbox: str | os.PathLike[str] | None) -> str | None:
@@ -523,7 +545,7 @@ class Client(_BaseClient):
         if self._closed:
             raise ClosedError("the client is closed")
         if wait:
-            self._native.connect()
+            self._native.connect().wait()
         else:
             self._native.start()
 
@@ -606,7 +628,7 @@ class Client(_BaseClient):
         """
         native = self._native_subscribe(
             filter, qos=qos, decode=decode, queue_size=queue_size, overflow=overflow, timeout=timeout
-        )
+        ).wait()
         return Subscription(native, callback=callback, on_malformed=on_malformed, on_error=on_error)
 
     def subscribe_raw(
@@ -652,16 +674,7 @@ class Client(_BaseClient):
         >>> cm.Client.publish.__name__
         'publish'
         """
-        if qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
-        if not topic or any(c in topic for c in "+#\0"):
-            raise TopicError(
-                f"invalid topic {topic!r}: a publish topic must be non-empty and hold no wildcard",
-                segment="topic",
-                value=topic,
-            )
-        wait = self._wait_default(wait)
-        return self._native.publish(topic, payload, qos=qos, retain=retain, wait=wait, timeout=timeout)
+        return self._publish(topic, payload, qos=qos, retain=retain, wait=wait, timeout=timeout)
 
     def send_command(
         self,
@@ -740,7 +753,7 @@ class AsyncClient(_BaseClient):
         if self._closed:
             raise ClosedError("the client is closed")
         if wait:
-            await self._native.connect_async()
+            await self._native.connect()
         else:
             self._native.start()
 
@@ -751,7 +764,18 @@ class AsyncClient(_BaseClient):
         >>> cm.AsyncClient.close.__name__
         'close'
         """
-        await asyncio.to_thread(self._close_now)
+        if self._closed:
+            return
+        self._closed = True
+        # The dispatcher thread ends after the session's last event: it tells the loop so.
+        loop = asyncio.get_running_loop()
+        ended = loop.create_future()
+        self._dispatcher_ended.append(lambda: loop.call_soon_threadsafe(_settle, ended))
+        await self._native.close_op(2.0)
+        if self._dispatcher.is_alive():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(ended), timeout=3.0)
+        _LIVE.discard(self)
 
     async def __aenter__(self) -> Self:
         try:
@@ -799,16 +823,9 @@ class AsyncClient(_BaseClient):
         >>> cm.AsyncClient.subscribe.__name__
         'subscribe'
         """
-        subscribe = functools.partial(
-            self._native_subscribe,
-            filter,
-            qos=qos,
-            decode=decode,
-            queue_size=queue_size,
-            overflow=overflow,
-            timeout=timeout,
+        native = await self._native_subscribe(
+            filter, qos=qos, decode=decode, queue_size=queue_size, overflow=overflow, timeout=timeout
         )
-        native = await asyncio.to_thread(subscribe)
         return AsyncSubscription(native, on_malformed=on_malformed)
 
     async def subscribe_raw(
@@ -850,15 +867,11 @@ class AsyncClient(_BaseClient):
         >>> cm.AsyncClient.publish.__name__
         'publish'
         """
-        await asyncio.to_thread(
-            self._native.publish,
-            topic,
-            payload,
-            qos=qos,
-            retain=retain,
-            wait=self._wait_default(wait),
-            timeout=timeout,
+        op = self._native.publish(
+            topic, payload, qos=qos, retain=retain, wait=self._wait_default(wait), timeout=timeout
         )
+        if op is not None:
+            await op
 
     async def send_command(
         self,
@@ -1032,7 +1045,7 @@ class Subscription(_SubscriptionBase, Generic[ItemT]):
         >>> cm.Subscription.close.__name__
         'close'
         """
-        self._native.close()
+        self._native.close().wait()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
 
@@ -1154,7 +1167,7 @@ class AsyncSubscription(_SubscriptionBase, Generic[ItemT]):
         >>> cm.AsyncSubscription.close.__name__
         'close'
         """
-        await asyncio.to_thread(self._native.close)
+        await self._native.close()
 
     async def __aenter__(self) -> Self:
         return self

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self, TypeAlias, Unpack
 
@@ -128,7 +126,7 @@ class _SourceMixin(_BaseClient):
         # Topics built for (connection, measurement[, key]): checked once, reused by every push.
         self._topics: dict[tuple[str, str, str | None], str] = {}
 
-    def _push_frame(
+    def _frame_operations(
         self,
         frame: Any,
         *,
@@ -140,24 +138,21 @@ class _SourceMixin(_BaseClient):
         qos: int,
         wait: bool | None,
         timeout: float,
-    ) -> int:
-        # One implementation for both call styles: the rows are converted and sent in Rust.
+    ) -> Iterator[_core._Operation[int]]:
+        # One implementation for both call styles: each slice's rows are converted and sent in Rust,
+        # an operation that the sync client waits on and the async one awaits.
         topic = _core.data_topic(self.source_id, connection, measurement)
-        sent = 0
         for part in _slices(frame, FRAME_SLICE_ROWS):
-            sent += int(
-                self._native.push_frame(
-                    part,
-                    topic,
-                    timestamp_column=timestamp_column,
-                    tag_columns=list(tag_columns),
-                    qos=qos,
-                    wait=self._wait_default(wait),
-                    timeout=timeout,
-                    naive=naive,
-                )
+            yield self._native.push_frame(
+                part,
+                topic,
+                timestamp_column=timestamp_column,
+                tag_columns=list(tag_columns),
+                qos=qos,
+                wait=self._wait_default(wait),
+                timeout=timeout,
+                naive=naive,
             )
-        return sent
 
     @classmethod
     def from_auth_config(cls, path: str | os.PathLike[str], host: str | None = None, **options: Any) -> Self:
@@ -307,11 +302,7 @@ class SourceClient(_SourceMixin, Client):
         'push'
         """
         topic, payload = self._push_message(connection, measurement, fields, tags, timestamp, naive=naive)
-        if qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
-        # The topic is the source's own, built and checked above: straight to the native client.
-        wait = self._wait_default(wait)
-        return self._native.publish(topic, payload, qos=qos, retain=False, wait=wait, timeout=timeout)
+        return self._publish(topic, payload, qos=qos, retain=False, wait=wait, timeout=timeout)
 
     def push_field(
         self,
@@ -336,10 +327,7 @@ class SourceClient(_SourceMixin, Client):
         topic, payload = self._field_message(
             connection, measurement, key, value, tags=tags, timestamp=timestamp, naive=naive
         )
-        if qos not in (0, 1, 2):
-            raise ValueError(f"qos must be 0, 1 or 2, got {qos!r}")
-        wait = self._wait_default(wait)
-        return self._native.publish(topic, payload, qos=qos, retain=False, wait=wait, timeout=timeout)
+        return self._publish(topic, payload, qos=qos, retain=False, wait=wait, timeout=timeout)
 
     def push_frame(
         self,
@@ -366,7 +354,7 @@ class SourceClient(_SourceMixin, Client):
         >>> cm.SourceClient.push_frame.__name__
         'push_frame'
         """
-        return self._push_frame(
+        operations = self._frame_operations(
             frame,
             connection=connection,
             measurement=measurement,
@@ -377,6 +365,7 @@ class SourceClient(_SourceMixin, Client):
             wait=wait,
             timeout=timeout,
         )
+        return sum(op.wait() for op in operations)
 
     def subscribe_raw(self, *args: Any, **kwargs: Any) -> Subscription[DataPoint]:
         """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`)."""
@@ -493,20 +482,18 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         >>> cm.AsyncSourceClient.push_frame.__name__
         'push_frame'
         """
-        return await asyncio.to_thread(
-            functools.partial(
-                self._push_frame,
-                frame,
-                connection=connection,
-                measurement=measurement,
-                timestamp_column=timestamp_column,
-                tag_columns=tag_columns,
-                naive=naive,
-                qos=qos,
-                wait=wait,
-                timeout=timeout,
-            )
+        operations = self._frame_operations(
+            frame,
+            connection=connection,
+            measurement=measurement,
+            timestamp_column=timestamp_column,
+            tag_columns=tag_columns,
+            naive=naive,
+            qos=qos,
+            wait=wait,
+            timeout=timeout,
         )
+        return sum([await op for op in operations])
 
     async def subscribe_raw(self, *args: Any, **kwargs: Any) -> AsyncSubscription[DataPoint]:
         """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`)."""

@@ -6,8 +6,11 @@ mod codec;
 mod convert;
 mod errors;
 mod logbridge;
+mod message;
 mod model;
+mod operation;
 mod session;
+mod subscription;
 
 use pyo3::prelude::*;
 
@@ -19,11 +22,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     session::init_runtime();
     m.add_class::<batch::PyBatch>()?;
     m.add_class::<session::PySession>()?;
-    m.add_class::<session::PySubscription>()?;
-    m.add_class::<session::PyPublishHandle>()?;
+    m.add_class::<subscription::PySubscription>()?;
+    m.add_class::<operation::PyOperation>()?;
+    m.add_class::<operation::PyCompletions>()?;
     m.add_class::<session::PyTokenRequest>()?;
-    m.add_class::<session::PyMessage>()?;
-    m.add_class::<session::PyMalformed>()?;
+    m.add_class::<message::PyMessage>()?;
+    m.add_class::<message::PyMalformed>()?;
     m.add_function(wrap_pyfunction!(session::_jwt_expiry, m)?)?;
     m.add_function(wrap_pyfunction!(session::_now_ns, m)?)?;
     m.add_function(wrap_pyfunction!(session::_to_raw, m)?)?;

@@ -1,19 +1,19 @@
-//! `_Session` and `_Subscription`: the native halves of `cm.Client`, `cm.AsyncClient` and their
-//! subscriptions. The Python classes in `capture_mqtt/client.py` give them their public shape.
+//! `_Session`: the native half of `cm.Client` and `cm.AsyncClient` (the Python classes in
+//! `capture_mqtt/` give it its public shape): the connection's options, connecting and closing,
+//! subscribing and publishing, and the dispatcher's jobs (events, token requests).
 
-use super::batch::PyBatch;
 use super::errors::session_error;
-use super::model::{PyCommand, PyDataPoint};
-use crate::columnar;
+use super::operation::{OpError, OpResult, Outcome, PyOperation};
+use crate::session::frame::{FrameError, FrameOptions};
 use crate::session::{
-    self, AccountKind, Credentials, CredentialsFuture, CredentialsProvider, Decode, Event, Item,
-    OfflinePolicy, Overflow, Pop, Protocol, Queue, Reconnect, Route, Scope, Secret, Session,
+    self, AccountKind, Completions, Credentials, CredentialsFuture, CredentialsProvider, Decode,
+    Event, OfflinePolicy, Overflow, Pop, Protocol, Queue, Reconnect, Scope, Secret, Session,
     SessionConfig, SessionError, StaticCredentials, TlsOptions, Transport,
 };
 use crate::timestamp;
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict};
+use pyo3::types::PyDict;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,10 +21,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 /// How often a blocking call wakes to let Python handle Ctrl-C.
-const SIGNAL_CHECK: Duration = Duration::from_millis(100);
-
-/// How long a batch waits for more rows after the first one arrives, to take them in chunks.
-const BATCH_LINGER: Duration = Duration::from_millis(2);
+pub(super) const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 
 /// Runs `future` to completion on the calling thread (the network runtime drives its I/O) with the
 /// interpreter lock released, waking every 100 ms so that Ctrl-C raises `KeyboardInterrupt` (the
@@ -138,6 +135,7 @@ fn event_tuple(
 pub struct PySession {
     session: Session,
     jobs: Arc<Queue<Job>>,
+    completions: Arc<Completions>,
 }
 
 #[allow(clippy::too_many_arguments, clippy::fn_params_excessive_bools)]
@@ -244,13 +242,20 @@ impl PySession {
         });
         let session = Session::new(config, Some(sink))
             .map_err(|e| Python::attach(|py| session_error(py, &e)))?;
-        Ok(PySession { session, jobs })
+        Ok(PySession {
+            session,
+            jobs,
+            completions: Completions::new(),
+        })
     }
 
-    /// Connects; raises the connection's error.
-    fn connect(&self, py: Python<'_>) -> PyResult<()> {
+    /// Connects: an operation that raises the connection's error.
+    fn connect(&self) -> PyOperation {
         let session = self.session.clone();
-        block_on(py, async move { session.connect().await })?.map_err(|e| session_error(py, &e))
+        self.operation("the connection did not finish", async move {
+            session.connect().await?;
+            Ok(Outcome::Nothing)
+        })
     }
 
     /// Starts connecting in the background (retried with backoff); returns at once.
@@ -258,24 +263,19 @@ impl PySession {
         self.session.start().map_err(|e| session_error(py, &e))
     }
 
-    /// Connects from asyncio: an awaitable.
-    fn connect_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let session = self.session.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            session
-                .connect()
-                .await
-                .map_err(|e| Python::attach(|py| session_error(py, &e)))
-        })
+    /// Closes the session within about `grace` seconds; blocks, and Ctrl-C does not cut it short.
+    fn close(&self, py: Python<'_>, grace: f64) {
+        let closing = self.closing(grace);
+        py.detach(|| session::runtime().block_on(closing));
     }
 
-    /// Closes the session within about `grace` seconds.
-    fn close(&self, py: Python<'_>, grace: f64) {
-        let session = self.session.clone();
-        let jobs = Arc::clone(&self.jobs);
-        let grace = Duration::from_secs_f64(grace.max(0.0));
-        py.detach(|| session::runtime().block_on(session.close(grace)));
-        jobs.close();
+    /// Closes the session within about `grace` seconds: an operation (to await).
+    fn close_op(&self, grace: f64) -> PyOperation {
+        let closing = self.closing(grace);
+        self.operation("the client did not close", async move {
+            closing.await;
+            Ok(Outcome::Nothing)
+        })
     }
 
     #[getter]
@@ -359,19 +359,20 @@ impl PySession {
         })
     }
 
-    /// Adds a subscription; with `wait`, blocks until the broker granted it (raising its refusal).
-    #[pyo3(signature = (filter, *, qos, decode, queue_size, overflow, wait, timeout))]
+    /// Adds a subscription: an operation that gives the subscription once the broker granted it
+    /// (raising its refusal). Bad options raise at once, before anything is sent.
+    #[pyo3(signature = (filter, *, qos, decode, queue_size, overflow, timeout))]
     fn subscribe(
         &self,
         py: Python<'_>,
-        filter: String,
-        qos: u8,
+        filter: &str,
+        qos: i64,
         decode: &str,
         queue_size: i64,
         overflow: &str,
-        wait: bool,
         timeout: f64,
-    ) -> PyResult<PySubscription> {
+    ) -> PyResult<PyOperation> {
+        let qos = qos_option(qos)?;
         let decode = match decode {
             "raw" => Decode::Raw,
             "command" => Decode::Command,
@@ -392,31 +393,31 @@ impl PySession {
                     "queue_size must be a positive int, got {queue_size}"
                 ))
             })?;
+        let route = self
+            .session
+            .subscribe(filter, qos, decode, queue_size, overflow)
+            .map_err(|e| session_error(py, &e))?;
         let session = self.session.clone();
         let timeout = super::convert::seconds(timeout);
-        let route = block_on(py, async move {
-            let route = session.subscribe(&filter, qos, decode, queue_size, overflow)?;
-            if wait && route.was_requested() {
-                if let Err(err) = session.wait_granted(&route, timeout).await {
-                    if !matches!(err, SessionError::Authorization { .. }) {
-                        session.unsubscribe(&route).await;
+        Ok(
+            self.operation("the broker did not answer the subscription", async move {
+                if route.was_requested() {
+                    if let Err(err) = session.wait_granted(&route, timeout).await {
+                        if !matches!(err, SessionError::Authorization { .. }) {
+                            session.unsubscribe(&route).await;
+                        }
+                        return Err(err.into());
                     }
-                    return Err(err);
                 }
-            }
-            Ok(route)
-        })?
-        .map_err(|e| session_error(py, &e))?;
-        Ok(PySubscription {
-            session: self.session.clone(),
-            route,
-        })
+                Ok(Outcome::Subscription(route))
+            }),
+        )
     }
 
     /// Publishes every row of an Arrow stream (a pandas or Polars DataFrame, a pyarrow Table, ...) as
-    /// one measurement-level message to `topic`, in Rust; with `wait`, waits for the acknowledgements
-    /// of QoS 1/2.
-    /// Returns how many messages were sent (rows without any value are skipped).
+    /// one measurement-level message to `topic`, in Rust: an operation that gives how many messages
+    /// were sent (rows without any value are skipped); with `wait`, once the broker acknowledged
+    /// them (QoS 1/2).
     #[pyo3(signature = (data, topic, *, timestamp_column, tag_columns, qos, wait, timeout, naive = "refuse"))]
     fn push_frame(
         &self,
@@ -429,7 +430,7 @@ impl PySession {
         wait: bool,
         timeout: f64,
         naive: &str,
-    ) -> PyResult<usize> {
+    ) -> PyResult<PyOperation> {
         let naive = super::convert::naive_option(naive)?;
         if !data.hasattr("__arrow_c_stream__")? {
             return Err(PyTypeError::new_err(format!(
@@ -446,524 +447,142 @@ impl PySession {
         let batches: Vec<arrow_array::RecordBatch> = reader
             .collect::<Result<_, _>>()
             .map_err(|e| PyValueError::new_err(format!("reading the frame failed: {e}")))?;
+        let options = FrameOptions {
+            topic,
+            timestamp_column,
+            tag_columns,
+            naive,
+            qos,
+            wait,
+            limit: super::convert::seconds(timeout),
+        };
         let session = self.session.clone();
-        let limit = super::convert::seconds(timeout);
-        let outcome = block_on(py, async move {
-            let mut sent = 0usize;
-            let mut waiting = std::collections::VecDeque::new();
-            for batch in batches {
-                let rows = columnar::FrameRows::new(
-                    &batch,
-                    timestamp_column.as_deref(),
-                    &tag_columns,
-                    naive,
-                )
-                .map_err(FrameError::Payload)?;
-                for row in 0..rows.len() {
-                    let Some(payload) = rows.payload(row).map_err(FrameError::Payload)? else {
-                        continue;
-                    };
-                    let payload = bytes::Bytes::from(payload);
-                    let fast = session
-                        .try_publish(&topic, &payload, qos, false)
-                        .map_err(FrameError::Session)?;
-                    let token = match fast {
-                        Some(token) => token,
-                        None => session
-                            .publish(topic.clone(), payload, qos, false, limit)
-                            .await
-                            .map_err(FrameError::Session)?,
-                    };
-                    sent += 1;
-                    // Without `wait` (a durable outbox holds them) the tokens go: nobody waits.
-                    if qos > 0 && wait {
-                        waiting.push_back(token);
-                        // Keep memory flat: wait for the oldest acknowledgements as we go.
-                        while waiting.len() > 8192 {
-                            if let Some(token) = waiting.pop_front() {
-                                wait_token(token, limit).await?;
-                            }
-                        }
-                    }
-                }
+        Ok(self.operation("the frame was not sent", async move {
+            match session.publish_frame(&batches, &options).await {
+                Ok(sent) => Ok(Outcome::Sent(sent)),
+                Err(FrameError::Payload(err)) => Err(OpError::Payload(err)),
+                Err(FrameError::Session(err)) => Err(OpError::Session(err)),
             }
-            for token in waiting {
-                wait_token(token, limit).await?;
-            }
-            Ok::<usize, FrameError>(sent)
-        })?;
-        outcome.map_err(|e| match e {
-            FrameError::Payload(err) => super::errors::payload_error(py, &err),
-            FrameError::Session(err) => session_error(py, &err),
-        })
+        }))
     }
 
-    /// Publishes; with `wait`, blocks until acknowledged (QoS 1/2); QoS 0 never waits.
-    #[pyo3(signature = (topic, payload, *, qos, retain, wait, timeout))]
+    /// Publishes: None when the call has nothing to wait for (QoS 0, or `wait` is false and no
+    /// `handle` is wanted), else an operation that finishes when the broker acknowledged it (QoS
+    /// 1/2), within `timeout` when `wait`. Room in a full queue is waited for inside the operation,
+    /// or, when a `handle` is wanted (the sync call style), in the call; the handle is then waited
+    /// on with its own timeout.
+    #[pyo3(signature = (topic, payload, *, qos, retain, wait, timeout, handle = false))]
     fn publish(
         &self,
         py: Python<'_>,
         topic: String,
         payload: &Bound<'_, PyAny>,
-        qos: u8,
+        qos: i64,
         retain: bool,
         wait: bool,
         timeout: f64,
-    ) -> PyResult<Option<PyPublishHandle>> {
+        handle: bool,
+    ) -> PyResult<Option<PyOperation>> {
+        const WHAT: &str = "the broker did not acknowledge the publish";
+        // The one check of a publish's options, for every call style.
+        let qos = qos_option(qos)?;
+        crate::topic::validate_publish_topic(&topic)
+            .map_err(|e| super::errors::topic_error(py, &e))?;
         let bytes = super::convert::payload_bytes(payload)?;
         let payload = bytes::Bytes::copy_from_slice(&bytes);
-        // The fast path: straight into the request channel (or the offline queue) without releasing
-        // the interpreter lock or entering the runtime; only a full window or channel waits.
-        let started = std::time::Instant::now();
         let limit = super::convert::seconds(timeout);
+        // The fast path: straight into the outbox without releasing the interpreter lock or
+        // entering the runtime; only a full queue waits (in the operation).
         let fast = self
             .session
             .try_publish(&topic, &payload, qos, retain)
             .map_err(|e| session_error(py, &e))?;
-        let token = if let Some(token) = fast {
-            token
-        } else {
-            // No room (a full queue under offline="block"): wait for it, within the timeout.
-            let session = self.session.clone();
-            block_on(py, async move {
-                session.publish(topic, payload, qos, retain, limit).await
-            })?
-            .map_err(|e| session_error(py, &e))?
-        };
-        let handle = PyPublishHandle {
-            token: Mutex::new(Some(token)),
-        };
-        if wait {
-            // QoS 0 has nothing to wait for (as in every MQTT client): it is in the outbox, and
-            // the network thread writes it in the next batch.
-            if qos > 0 {
-                let left = limit.saturating_sub(started.elapsed());
-                handle.wait(py, left.as_secs_f64())?;
+        let acknowledged = wait && qos > 0;
+        let session = self.session.clone();
+        let fast = match fast {
+            // A handle is for the sync call style: the call itself waits for room (the caller is
+            // held back: flow control), and the handle for the acknowledgement.
+            None if handle => {
+                let (topic, payload) = (topic.clone(), payload.clone());
+                let token = block_on(py, async move {
+                    session.publish(topic, payload, qos, retain, limit).await
+                })?
+                .map_err(|e| session_error(py, &e))?;
+                Some(token)
             }
-            return Ok(None);
-        }
-        Ok(Some(handle))
+            other => other,
+        };
+        let session = self.session.clone();
+        let op = match fast {
+            // QoS 0 has nothing to wait for (as in every MQTT client): it is in the outbox, and the
+            // network thread writes it in the next batch.
+            Some(_) if !acknowledged && !handle => return Ok(None),
+            Some(token) if qos == 0 => {
+                drop(token);
+                PyOperation::finished(&self.session, &self.completions, WHAT, Ok(Outcome::Nothing))
+            }
+            Some(token) => self.operation(WHAT, async move {
+                acknowledgement(token, acknowledged.then_some(limit)).await
+            }),
+            None => self.operation(WHAT, async move {
+                // No room (a full queue under offline="block"): wait for it, within the timeout.
+                let started = tokio::time::Instant::now();
+                let token = session.publish(topic, payload, qos, retain, limit).await?;
+                if !acknowledged && !handle {
+                    return Ok(Outcome::Nothing);
+                }
+                let left = limit.saturating_sub(started.elapsed());
+                acknowledgement(token, acknowledged.then_some(left)).await
+            }),
+        };
+        Ok(Some(op))
     }
 }
 
-enum FrameError {
-    Payload(crate::payload::PayloadError),
-    Session(SessionError),
+/// The one check of a `qos` option, for every call style.
+fn qos_option(qos: i64) -> PyResult<u8> {
+    u8::try_from(qos)
+        .ok()
+        .filter(|q| *q <= 2)
+        .ok_or_else(|| PyValueError::new_err(format!("qos must be 0, 1 or 2, got {qos}")))
 }
 
-async fn wait_token(token: session::PublishToken, limit: Duration) -> Result<(), FrameError> {
+/// Waits for one publish's acknowledgement, within `limit` when given.
+async fn acknowledgement(token: session::PublishToken, limit: Option<Duration>) -> OpResult {
+    let Some(limit) = limit else {
+        token.wait().await?;
+        return Ok(Outcome::Nothing);
+    };
     match tokio::time::timeout(limit, token.wait()).await {
-        Ok(result) => result.map_err(FrameError::Session),
-        Err(_) => Err(FrameError::Session(SessionError::Timeout(format!(
-            "the broker did not acknowledge a row within {:.1} s",
+        Ok(result) => {
+            result?;
+            Ok(Outcome::Nothing)
+        }
+        Err(_) => Err(OpError::Session(SessionError::Timeout(format!(
+            "the broker did not acknowledge the publish within {:.1} s",
             limit.as_secs_f64()
         )))),
     }
 }
 
-/// Waits for one publish's acknowledgement.
-#[pyclass(module = "capture_mqtt._core", name = "_PublishHandle", frozen)]
-pub struct PyPublishHandle {
-    token: Mutex<Option<session::PublishToken>>,
-}
-
-#[pymethods]
-impl PyPublishHandle {
-    /// Blocks until acknowledged; raises on refusal, closing or timeout.
-    fn wait(&self, py: Python<'_>, timeout: f64) -> PyResult<()> {
-        let Some(token) = self
-            .token
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        else {
-            return Ok(());
-        };
-        let limit = super::convert::seconds(timeout);
-        let outcome = block_on(py, async move {
-            tokio::time::timeout(limit, token.wait()).await
-        })?;
-        match outcome {
-            Ok(result) => result.map_err(|e| session_error(py, &e)),
-            Err(_) => Err(session_error(
-                py,
-                &SessionError::Timeout(format!(
-                    "the broker did not acknowledge the publish within {:.1} s",
-                    limit.as_secs_f64()
-                )),
-            )),
-        }
-    }
-}
-
-/// A plain MQTT message (from a subscription with a filter outside Capture's raw tree).
-///
-/// >>> import capture_mqtt as cm
-/// >>> cm.Message.__name__
-/// 'Message'
-#[pyclass(module = "capture_mqtt", name = "Message", frozen, get_all)]
-pub struct PyMessage {
-    /// The topic it was published to.
-    topic: String,
-    /// The payload, untouched.
-    payload: Py<PyBytes>,
-    /// The QoS it was delivered with.
-    qos: u8,
-    /// Whether it was a retained message.
-    retain: bool,
-}
-
-#[pymethods]
-impl PyMessage {
-    fn __repr__(&self, py: Python<'_>) -> String {
-        format!(
-            "Message(topic={:?}, payload={} bytes, qos={}, retain={})",
-            self.topic,
-            self.payload.bind(py).as_bytes().len(),
-            self.qos,
-            if self.retain { "True" } else { "False" }
-        )
-    }
-}
-
-/// A message a subscription could not decode: its topic, its raw bytes and the reason.
-///
-/// Counted in the subscription's `stats["malformed"]`; the stream goes on after it.
-///
-/// >>> import capture_mqtt as cm
-/// >>> cm.MalformedMessage.__name__
-/// 'MalformedMessage'
-#[pyclass(module = "capture_mqtt", name = "MalformedMessage", frozen, get_all)]
-pub struct PyMalformed {
-    /// The topic it arrived on.
-    topic: String,
-    /// The payload exactly as received.
-    payload: Py<PyBytes>,
-    /// Why it could not be decoded.
-    reason: String,
-    /// When it was received (nanoseconds since the epoch).
-    received_at_ns: i64,
-}
-
-#[pymethods]
-impl PyMalformed {
-    fn __repr__(&self) -> String {
-        format!(
-            "MalformedMessage(topic={:?}, reason={:?})",
-            self.topic, self.reason
-        )
-    }
-}
-
-fn item_to_py(py: Python<'_>, item: Item) -> PyResult<Bound<'_, PyAny>> {
-    Ok(match item {
-        Item::Point {
-            point, qos, retain, ..
-        } => Bound::new(py, PyDataPoint { point, qos, retain })?.into_any(),
-        Item::Command { command, raw, .. } => {
-            Bound::new(py, PyCommand::new(py, command, &raw))?.into_any()
-        }
-        Item::Message(message) => Bound::new(
-            py,
-            PyMessage {
-                topic: message.topic,
-                payload: PyBytes::new(py, &message.payload).unbind(),
-                qos: message.qos,
-                retain: message.retain,
-            },
-        )?
-        .into_any(),
-        Item::Malformed { message, reason } => Bound::new(
-            py,
-            PyMalformed {
-                topic: message.topic,
-                payload: PyBytes::new(py, &message.payload).unbind(),
-                reason,
-                received_at_ns: message.received_at,
-            },
-        )?
-        .into_any(),
-        Item::Error(err) => return Err(session_error(py, &err)),
-    })
-}
-
-/// The native half of a subscription: its queue and its counters.
-#[pyclass(module = "capture_mqtt._core", name = "_Subscription", frozen)]
-pub struct PySubscription {
-    session: Session,
-    route: Arc<Route>,
-}
-
-impl PySubscription {
-    /// The error of a subscription with nothing more to give: the client's closing, or its own end.
-    fn ended(&self, py: Python<'_>) -> PyErr {
-        let error = if self.session.is_closed() {
-            SessionError::Closed
-        } else {
-            SessionError::Ended(self.route.filter.clone())
-        };
-        session_error(py, &error)
-    }
-
-    /// Converts up to `max_items` queued items, stopping before an error item (left for the next call).
-    fn take_ready<'py>(
+impl PySession {
+    fn operation(
         &self,
-        py: Python<'py>,
-        max_items: usize,
-    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let mut items = self.route.queue.drain(max_items).into_iter();
-        let mut out = Vec::with_capacity(items.len());
-        while let Some(item) = items.next() {
-            if let Item::Error(_) = item {
-                // Put it back, with what followed it, in order.
-                let rest: Vec<Item> = std::iter::once(item).chain(items).collect();
-                for item in rest.into_iter().rev() {
-                    self.route.queue.push_front(item);
-                }
-                break;
-            }
-            out.push(item_to_py(py, item)?);
-        }
-        Ok(out)
-    }
-}
-
-#[pymethods]
-impl PySubscription {
-    #[getter]
-    fn filter(&self) -> &str {
-        &self.route.filter
-    }
-    #[getter]
-    fn qos(&self) -> u8 {
-        self.route.qos
-    }
-    #[getter]
-    fn is_active(&self) -> bool {
-        self.route.is_active()
-    }
-    #[getter]
-    fn is_closed(&self) -> bool {
-        self.route.queue.is_closed() && self.route.queue.is_empty()
+        what: &'static str,
+        future: impl Future<Output = OpResult> + Send + 'static,
+    ) -> PyOperation {
+        PyOperation::new(&self.session, &self.completions, what, future)
     }
 
-    /// The next item, waiting up to `timeout` seconds (forever with None); None on timeout.
-    /// Raises `ClosedError` after the last item, and the subscription's error if it failed.
-    #[pyo3(signature = (timeout = None))]
-    fn get<'py>(
-        &self,
-        py: Python<'py>,
-        timeout: Option<f64>,
-    ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        if let Some(t) = timeout {
-            if t.is_nan() || t < 0.0 {
-                return Err(PyValueError::new_err(format!(
-                    "timeout must be None or >= 0, not {t}"
-                )));
-            }
-        }
-        let deadline = timeout.map(|t| std::time::Instant::now() + super::convert::seconds(t));
-        let queue = Arc::clone(&self.route.queue);
-        loop {
-            let wait = match deadline {
-                None => SIGNAL_CHECK,
-                Some(d) => d
-                    .saturating_duration_since(std::time::Instant::now())
-                    .min(SIGNAL_CHECK),
-            };
-            match py.detach(|| queue.pop_wait(Some(wait))) {
-                Pop::Item(item) => return item_to_py(py, item).map(Some),
-                Pop::Closed => {
-                    return Err(self.ended(py));
-                }
-                Pop::Timeout => {
-                    py.check_signals()?;
-                    if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
-                        return Ok(None);
-                    }
-                }
-            }
-        }
-    }
-
-    /// Waits up to `timeout` seconds (forever with None) for at least one item, then takes up to
-    /// `max_items` that are queued: consumers pay one wait per chunk, not per message. An empty list
-    /// on timeout; raises `ClosedError` after the last item, and the subscription's error if it failed.
-    #[pyo3(signature = (max_items, timeout = None))]
-    fn get_many<'py>(
-        &self,
-        py: Python<'py>,
-        max_items: usize,
-        timeout: Option<f64>,
-    ) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let Some(first) = self.get(py, timeout)? else {
-            return Ok(Vec::new());
-        };
-        let mut items = vec![first];
-        items.extend(self.take_ready(py, max_items.saturating_sub(1))?);
-        Ok(items)
-    }
-
-    /// Up to `max_items` items that are queued now (never waits). Raises the subscription's error,
-    /// or `ClosedError` once it has ended and everything was read.
-    fn drain<'py>(&self, py: Python<'py>, max_items: usize) -> PyResult<Vec<Bound<'py, PyAny>>> {
-        let out = self.take_ready(py, max_items)?;
-        if out.is_empty() {
-            match self.route.queue.try_pop() {
-                Pop::Item(Item::Error(err)) => return Err(session_error(py, &err)),
-                Pop::Item(other) => return Ok(vec![item_to_py(py, other)?]),
-                Pop::Closed => return Err(self.ended(py)),
-                Pop::Timeout => {}
-            }
-        }
-        Ok(out)
-    }
-
-    /// Up to `max_rows` data points as one Arrow batch, waiting up to `timeout` seconds in all; also
-    /// the malformed messages met on the way. Raises `ClosedError` when the subscription has ended and
-    /// nothing was left, and the subscription's error if it failed.
-    #[pyo3(signature = (max_rows, timeout, tag_columns = Vec::new()))]
-    fn batch<'py>(
-        &self,
-        py: Python<'py>,
-        max_rows: usize,
-        timeout: Option<f64>,
-        tag_columns: Vec<String>,
-    ) -> PyResult<(PyBatch, Vec<Bound<'py, PyAny>>)> {
-        if max_rows == 0 {
-            return Err(PyValueError::new_err("max_rows must be at least 1"));
-        }
-        if let Some(t) = timeout {
-            if t.is_nan() || t < 0.0 {
-                return Err(PyValueError::new_err(format!(
-                    "timeout must be None or >= 0, not {t}"
-                )));
-            }
-        }
-        let deadline = timeout.map(|t| std::time::Instant::now() + super::convert::seconds(t));
-        let mut builder =
-            columnar::BatchBuilder::new(PyBatch::options(tag_columns), max_rows.min(65_536));
-        let mut malformed = Vec::new();
-        let queue = Arc::clone(&self.route.queue);
-        let mut closed = false;
-        while builder.len() < max_rows {
-            let items = queue.drain(max_rows - builder.len());
-            if items.is_empty() {
-                let now = std::time::Instant::now();
-                if deadline.is_some_and(|d| now >= d) {
-                    break;
-                }
-                let wait = deadline.map_or(SIGNAL_CHECK, |d| (d - now).min(SIGNAL_CHECK));
-                let wanted = (max_rows - builder.len()).min(4096);
-                let ready = py.detach(|| queue.wait_for(wanted, BATCH_LINGER, wait));
-                if !ready {
-                    if queue.is_closed() && queue.is_empty() {
-                        closed = true;
-                        break;
-                    }
-                    py.check_signals()?;
-                }
-                continue;
-            }
-            let mut failed = None;
-            for item in items {
-                if failed.is_some() {
-                    queue.push_front(item);
-                    continue;
-                }
-                match item {
-                    Item::Point { point, .. } => builder.push(&point),
-                    Item::Error(err) => failed = Some(err),
-                    other @ Item::Malformed { .. } => malformed.push(item_to_py(py, other)?),
-                    Item::Command { .. } | Item::Message(_) => {
-                        return Err(PyTypeError::new_err(
-                            "batches hold Capture data points: subscribe to the raw tree (v1/raw/...) for them",
-                        ))
-                    }
-                }
-            }
-            if let Some(err) = failed {
-                if builder.is_empty() {
-                    return Err(session_error(py, &err));
-                }
-                queue.push_front(Item::Error(err));
-                break;
-            }
-        }
-        if closed && builder.is_empty() && malformed.is_empty() {
-            return Err(self.ended(py));
-        }
-        let batch = builder
-            .finish()
-            .map_err(|e| PyValueError::new_err(format!("building the Arrow batch failed: {e}")))?;
-        Ok((PyBatch { batch }, malformed))
-    }
-
-    /// An awaitable that resolves when items are queued (or the subscription ended): asyncio
-    /// consumers wait on it once per chunk, not once per message.
-    fn readable<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let queue = Arc::clone(&self.route.queue);
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            queue.readable().await;
-            Ok(())
-        })
-    }
-
-    /// A descriptor that turns readable when the subscription has items after `arm()` (None where
-    /// there is none): asyncio waits on it with `add_reader`, so no network thread takes the
-    /// interpreter lock to wake the event loop.
-    fn bell_fd(&self) -> PyResult<Option<i32>> {
-        #[cfg(unix)]
-        {
-            let bell = self
-                .route
-                .queue
-                .doorbell()
-                .map_err(PyRuntimeError::new_err)?;
-            Ok(Some(bell.fd()))
-        }
-        #[cfg(not(unix))]
-        Ok(None)
-    }
-
-    /// Arms the descriptor for one wake-up; True when there is no need to wait.
-    fn arm(&self) -> PyResult<bool> {
-        #[cfg(unix)]
-        {
-            self.route.queue.arm().map_err(PyRuntimeError::new_err)
-        }
-        #[cfg(not(unix))]
-        Ok(true)
-    }
-
-    /// Empties the descriptor after a wake-up.
-    fn clear_bell(&self) -> PyResult<()> {
-        #[cfg(unix)]
-        self.route
-            .queue
-            .doorbell()
-            .map_err(PyRuntimeError::new_err)?
-            .clear();
-        Ok(())
-    }
-
-    /// Counters: received, delivered, malformed, dropped, queued.
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let counters = &self.route.queue.counters;
-        let dict = PyDict::new(py);
-        dict.set_item("received", counters.received.load(Ordering::Relaxed))?;
-        dict.set_item("delivered", counters.delivered.load(Ordering::Relaxed))?;
-        dict.set_item("malformed", counters.malformed.load(Ordering::Relaxed))?;
-        dict.set_item("dropped", counters.dropped.load(Ordering::Relaxed))?;
-        dict.set_item("queued", self.route.queue.len())?;
-        Ok(dict)
-    }
-
-    /// Stops delivery and unsubscribes at the broker.
-    fn close(&self, py: Python<'_>) -> PyResult<()> {
+    /// Closing the session within about `grace` seconds, then the dispatcher's jobs.
+    fn closing(&self, grace: f64) -> impl Future<Output = ()> + Send + 'static {
         let session = self.session.clone();
-        let route = Arc::clone(&self.route);
-        block_on(py, async move { session.unsubscribe(&route).await })
+        let jobs = Arc::clone(&self.jobs);
+        let grace = Duration::from_secs_f64(grace.max(0.0));
+        async move {
+            session.close(grace).await;
+            jobs.close();
+        }
     }
 }
 

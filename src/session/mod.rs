@@ -12,7 +12,9 @@ pub mod codec;
 pub mod config;
 mod engine;
 pub mod error;
+pub mod frame;
 pub mod jwt;
+pub mod operation;
 pub mod proto;
 pub mod queue;
 pub mod refusal;
@@ -27,6 +29,7 @@ pub use config::{
     Reconnect, Scope, Secret, SessionConfig, StaticCredentials, TlsOptions, Transport,
 };
 pub use error::{Action, SessionError};
+pub use operation::{Completions, Operation};
 pub use queue::{Offer, Overflow, Pop, Queue};
 
 use crate::payload::{Command, RawPoint};

@@ -87,7 +87,7 @@ pub struct Doorbell {
 
 #[cfg(unix)]
 impl Doorbell {
-    fn new() -> std::io::Result<Doorbell> {
+    pub(crate) fn new() -> std::io::Result<Doorbell> {
         let (ringer, listener) = std::os::unix::net::UnixStream::pair()?;
         ringer.set_nonblocking(true)?;
         listener.set_nonblocking(true)?;
@@ -108,6 +108,11 @@ impl Doorbell {
             // A full socket buffer already means "readable": nothing is lost by WouldBlock.
             let _ = std::io::Write::write(&mut &self.ringer, &[1]);
         }
+    }
+
+    /// Rings whether armed or not (for a list that rings when it turns non-empty).
+    pub(crate) fn ring_now(&self) {
+        let _ = std::io::Write::write(&mut &self.ringer, &[1]);
     }
 
     /// Empties the descriptor after a wake-up.
