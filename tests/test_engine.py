@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 import capture_mqtt as cm
-from capture_mqtt.client import DEFAULT_QUEUE_SIZE
+from capture_mqtt.options import DEFAULT_QUEUE_SIZE
 from capture_mqtt.testing import Mosquitto
 
 from .conftest import COMPANY, connect

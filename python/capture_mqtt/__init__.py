@@ -28,16 +28,10 @@ from ._core import (
     topic_matches,
     validate_filter,
 )
+from .async_client import AsyncClient
 from .auth import Auth, fetch_jwt
 from .batch import Batch
-from .client import (
-    AsyncClient,
-    AsyncSubscription,
-    Client,
-    ConnectionEvent,
-    Reconnect,
-    Subscription,
-)
+from .client import Client, ConnectionEvent
 from .collect import collect
 from .errors import (
     AuthenticationError,
@@ -51,7 +45,9 @@ from .errors import (
     TimeoutError,  # noqa: A004 - the documented public name, also a builtins.TimeoutError
     TopicError,
 )
+from .options import Reconnect
 from .source import AsyncSourceClient, SourceClient, load_auth_config
+from .subscription import AsyncSubscription, Subscription
 
 _logging.start()
 

@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import capture_mqtt as cm
 
 from . import _core
-from .client import ENV_VARIABLES, _env_options, _url_options
+from .options import ENV_VARIABLES, _env_options, _url_options
 
 __all__ = ["main"]
 

@@ -1,4 +1,5 @@
-"""``Client`` and ``AsyncClient``: connecting to Capture's broker, subscribing and publishing.
+"""``Client``: connecting to Capture's broker, subscribing and publishing, for scripts and notebooks;
+and ``_BaseClient``, what it shares with ``AsyncClient`` (``async_client.py``).
 
 Both wrap one native session (Rust: tokio + rumqttc). Network work never runs Python code: events,
 token requests and subscription callbacks are run by a dispatcher thread per client.
@@ -8,43 +9,37 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import collections
-import contextlib
 import logging
 import os
 import threading
-import urllib.parse
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Generic, Literal, Self, TypeAlias, TypedDict, TypeVar, Unpack, cast, overload
+from typing import Any, Literal, Self, TypedDict, Unpack, cast, overload
 
 from . import _core
 from ._core import Command, DataPoint, MalformedMessage, Message
 from .auth import Auth
-from .batch import Batch
 from .errors import ClosedError, TopicError
+from .options import (
+    DEFAULT_PORTS,
+    DEFAULT_QUEUE_SIZE,
+    Overflow,
+    Reconnect,
+    SubscribeOptions,
+    Transport,
+    _env_options,
+    _outbox_path,
+    _random_client_id,
+    _read_ca,
+    _url_options,
+)
+from .subscription import Subscription
 
-__all__ = [
-    "AsyncClient",
-    "AsyncSubscription",
-    "Client",
-    "ConnectionEvent",
-    "Reconnect",
-    "Subscription",
-]
+__all__ = ["Client", "ConnectionEvent", "OutboxStats"]
 
 log = logging.getLogger("capture_mqtt")
-
-Transport: TypeAlias = Literal["mqtts", "wss", "mqtt", "ws"]
-Overflow: TypeAlias = Literal["block", "drop_oldest", "drop_newest"]
-DEFAULT_PORTS = {"mqtts": 8883, "wss": 443, "mqtt": 1883, "ws": 80}
-DEFAULT_QUEUE_SIZE = 10_000
-
-#: What a subscription yields: DataPoint (raw tree), Message (other topics) or Command (a source's).
-ItemT = TypeVar("ItemT")
 
 
 class OutboxStats(TypedDict):
@@ -64,43 +59,6 @@ class OutboxStats(TypedDict):
     """Seconds since the oldest record held was pushed; None when none is held."""
     path: str
     """The store's file."""
-
-
-class AsyncSubscribeOptions(TypedDict, total=False):
-    """The keyword options of ``AsyncClient.subscribe`` besides ``decode`` (see :meth:`Client.subscribe`)."""
-
-    qos: int
-    queue_size: int
-    overflow: Overflow
-    on_malformed: Callable[[MalformedMessage], object] | None
-    timeout: float
-
-
-class SubscribeOptions(AsyncSubscribeOptions, total=False):
-    """The keyword options of ``Client.subscribe`` besides ``decode`` and ``callback``."""
-
-    on_error: Callable[[BaseException], object] | None
-
-
-@dataclass(frozen=True)
-class Reconnect:
-    """How to wait between reconnect attempts: exponential backoff from ``min_delay`` to ``max_delay``
-    seconds, each delay varied by up to ``jitter`` (a fraction) either way.
-
-    >>> import capture_mqtt as cm
-    >>> cm.Reconnect(min_delay=0.1, max_delay=5.0).max_delay
-    5.0
-    """
-
-    min_delay: float = 0.5
-    max_delay: float = 30.0
-    jitter: float = 0.2
-
-    def __post_init__(self) -> None:
-        if not (0 < self.min_delay <= self.max_delay):
-            raise ValueError(f"need 0 < min_delay <= max_delay, got {self.min_delay} and {self.max_delay}")
-        if not (0 <= self.jitter <= 1):
-            raise ValueError(f"jitter must be between 0 and 1, got {self.jitter}")
 
 
 @dataclass(frozen=True)
@@ -135,19 +93,6 @@ def _close_all_at_exit() -> None:
 
 
 atexit.register(_close_all_at_exit)
-
-
-def _read_ca(ca_file: str | os.PathLike[str] | None, ca_pem: str | bytes | None) -> list[bytes]:
-    pems: list[bytes] = []
-    if ca_file is not None:
-        path = Path(ca_file)
-        try:
-            pems.append(path.read_bytes())
-        except OSError as err:
-            raise ValueError(f"ca_file {str(path)!r} cannot be read: {err.strerror}") from None
-    if ca_pem is not None:
-        pems.append(ca_pem.encode() if isinstance(ca_pem, str) else bytes(ca_pem))
-    return pems
 
 
 class _BaseClient:
@@ -413,66 +358,6 @@ def _settle(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _outbox_path(outbox: str | os.PathLike[str] | None) -> str | None:
-    # A folder holds the outbox as outbox.db (with its WAL and lock files beside it).
-    if outbox is None:
-        return None
-    path = Path(outbox)
-    return str(path / "outbox.db" if path.is_dir() else path)
-
-
-def _random_client_id() -> str:
-    return f"capture-mqtt-{os.urandom(6).hex()}"
-
-
-def _url_options(url: str) -> dict[str, Any]:
-    parts = urllib.parse.urlsplit(url)
-    transport = parts.scheme.lower()
-    if transport not in DEFAULT_PORTS:
-        raise ValueError(f"the URL scheme must be one of {sorted(DEFAULT_PORTS)}, got {parts.scheme!r}")
-    if not parts.hostname:
-        raise ValueError("the URL has no host")
-    options: dict[str, Any] = {"host": parts.hostname, "transport": transport, "port": parts.port}
-    if parts.username is not None:
-        options["username"] = urllib.parse.unquote(parts.username)
-        options["password"] = urllib.parse.unquote(parts.password or "")
-    if transport in ("ws", "wss") and parts.path:
-        options["path"] = parts.path
-    query = urllib.parse.parse_qs(parts.query)
-    if "company" in query:
-        options["company"] = query["company"][0]
-    return options
-
-
-ENV_VARIABLES = {
-    "CAPTURE_MQTT_HOST": "host",
-    "CAPTURE_MQTT_PORT": "port",
-    "CAPTURE_MQTT_TRANSPORT": "transport",
-    "CAPTURE_MQTT_PATH": "path",
-    "CAPTURE_MQTT_USERNAME": "username",
-    "CAPTURE_MQTT_PASSWORD": "password",
-    "CAPTURE_MQTT_COMPANY": "company",
-    "CAPTURE_MQTT_CA_FILE": "ca_file",
-    "CAPTURE_MQTT_CLIENT_ID": "client_id",
-}
-
-
-def _env_options(environ: dict[str, str] | None = None, *, require_host: bool = True) -> dict[str, Any]:
-    env = dict(os.environ if environ is None else environ)
-    options: dict[str, Any] = {}
-    if env.get("CAPTURE_MQTT_URL"):
-        options.update(_url_options(env["CAPTURE_MQTT_URL"]))
-    for variable, name in ENV_VARIABLES.items():
-        value = env.get(variable)
-        if value:
-            options[name] = int(value) if name == "port" else value
-    if require_host and "host" not in options:
-        raise ValueError("set CAPTURE_MQTT_URL, or CAPTURE_MQTT_HOST (with CAPTURE_MQTT_USERNAME/_PASSWORD/_COMPANY)")
-    if env.get("CAPTURE_MQTT_TLS_INSECURE", "").lower() in ("1", "true", "yes"):
-        options["tls_insecure"] = True
-    return options
-
-
 class Client(_BaseClient):
     """A connection to Capture's broker (or any MQTT broker), for scripts and notebooks. Thread-safe.
 
@@ -701,478 +586,3 @@ class Client(_BaseClient):
         command_topic = _core.command_topic(source_id)
         payload = _core.command_payload(topic, data, mapping=mapping, data_as=data_as)
         return self.publish(command_topic, payload, qos=qos, wait=wait, timeout=timeout)
-
-
-class AsyncClient(_BaseClient):
-    """The asyncio client: ``async with cm.AsyncClient(...) as client`` connects, and
-    ``async for point in await client.subscribe(...)`` delivers data points in chunks.
-
-    >>> import capture_mqtt as cm
-    >>> cm.AsyncClient("broker.example", connect=False)
-    AsyncClient(address='mqtts://broker.example:8883', not connected)
-    """
-
-    def __init__(self, host: str, *, connect: bool = False, **options: Any) -> None:
-        # Connecting needs an event loop: it happens in `async with` or `await connect()`.
-        if connect:
-            raise TypeError(
-                "an AsyncClient connects in `async with cm.AsyncClient(...)` or with `await client.connect()`, "
-                "not in its constructor: leave out connect=True"
-            )
-        super().__init__(host, **options)
-
-    @classmethod
-    def from_url(cls, url: str, **options: Any) -> Self:
-        """Like :meth:`Client.from_url`.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.from_url("mqtt://127.0.0.1:1883").address
-        'mqtt://127.0.0.1:1883'
-        """
-        merged = _url_options(url) | options
-        return cls(merged.pop("host"), **merged)
-
-    @classmethod
-    def from_env(cls, **options: Any) -> Self:
-        """Like :meth:`Client.from_env`.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.from_env.__name__
-        'from_env'
-        """
-        merged = _env_options() | options
-        return cls(merged.pop("host"), **merged)
-
-    async def connect(self, *, wait: bool = True) -> None:
-        """Connects; raises the connection's error. ``wait=False``: as :meth:`Client.connect`.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.connect.__name__
-        'connect'
-        """
-        if self._closed:
-            raise ClosedError("the client is closed")
-        if wait:
-            await self._native.connect()
-        else:
-            self._native.start()
-
-    async def close(self) -> None:
-        """Disconnects cleanly; subscriptions end. Idempotent.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.close.__name__
-        'close'
-        """
-        if self._closed:
-            return
-        self._closed = True
-        # The dispatcher thread ends after the session's last event: it tells the loop so.
-        loop = asyncio.get_running_loop()
-        ended = loop.create_future()
-        self._dispatcher_ended.append(lambda: loop.call_soon_threadsafe(_settle, ended))
-        await self._native.close_op(2.0)
-        if self._dispatcher.is_alive():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(ended), timeout=3.0)
-        _LIVE.discard(self)
-
-    async def __aenter__(self) -> Self:
-        try:
-            await self.connect()
-        except BaseException:
-            await self.close()
-            raise
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    @overload
-    async def subscribe(
-        self, filter: str, *, decode: Literal["raw"], **options: Unpack[AsyncSubscribeOptions]
-    ) -> AsyncSubscription[DataPoint]: ...
-    @overload
-    async def subscribe(
-        self, filter: str, *, decode: Literal["bytes"], **options: Unpack[AsyncSubscribeOptions]
-    ) -> AsyncSubscription[Message]: ...
-    @overload
-    async def subscribe(
-        self, filter: str, *, decode: Literal["command"], **options: Unpack[AsyncSubscribeOptions]
-    ) -> AsyncSubscription[Command]: ...
-    @overload
-    async def subscribe(
-        self, filter: str, *, decode: Literal["auto"] = "auto", **options: Unpack[AsyncSubscribeOptions]
-    ) -> AsyncSubscription[DataPoint | Message]: ...
-    async def subscribe(
-        self,
-        filter: str,
-        *,
-        qos: int = 0,
-        queue_size: int = DEFAULT_QUEUE_SIZE,
-        overflow: Overflow = "block",
-        on_malformed: Callable[[MalformedMessage], object] | None = None,
-        decode: Literal["auto", "raw", "bytes", "command"] = "auto",
-        timeout: float = 10.0,
-    ) -> AsyncSubscription[Any]:
-        """Subscribes; ``async for`` over the result. Same rules as :meth:`Client.subscribe`.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.subscribe.__name__
-        'subscribe'
-        """
-        native = await self._native_subscribe(
-            filter, qos=qos, decode=decode, queue_size=queue_size, overflow=overflow, timeout=timeout
-        )
-        return AsyncSubscription(native, on_malformed=on_malformed)
-
-    async def subscribe_raw(
-        self,
-        source: str = "+",
-        connection: str = "+",
-        measurement: str = "+",
-        key: str = "#",
-        **options: Unpack[AsyncSubscribeOptions],
-    ) -> AsyncSubscription[DataPoint]:
-        """Subscribes to the client's company's raw tree.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.subscribe_raw.__name__
-        'subscribe_raw'
-        """
-        extra = cast("dict[str, Any]", options)  # an untyped caller may still pass decode=
-        decode = extra.pop("decode", "raw")
-        subscription: AsyncSubscription[DataPoint] = await self.subscribe(
-            self._raw_filter_for(source, connection, measurement, key), decode=decode, **extra
-        )
-        return subscription
-
-    async def publish(
-        self,
-        topic: str,
-        payload: bytes | str,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        wait: bool | None = None,
-        timeout: float = 30.0,
-    ) -> None:
-        """Publishes and waits (without blocking the event loop) for the acknowledgement, or, with a
-        durable outbox (``outbox=``), until it is on disk; ``wait=True`` waits for the broker in any
-        case, ``wait=False`` only until it is queued.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.publish.__name__
-        'publish'
-        """
-        op = self._native.publish(
-            topic, payload, qos=qos, retain=retain, wait=self._wait_default(wait), timeout=timeout
-        )
-        if op is not None:
-            await op
-
-    async def send_command(
-        self,
-        source_id: str,
-        topic: str | tuple[str, str, str],
-        data: Any,
-        *,
-        mapping: str | None = None,
-        qos: int = 1,
-        data_as: Literal["string", "json"] = "string",
-        wait: bool | None = None,
-        timeout: float = 30.0,
-    ) -> None:
-        """Like :meth:`Client.send_command`, awaitable.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.send_command.__name__
-        'send_command'
-        """
-        command_topic = _core.command_topic(source_id)
-        payload = _core.command_payload(topic, data, mapping=mapping, data_as=data_as)
-        await self.publish(command_topic, payload, qos=qos, wait=wait, timeout=timeout)
-
-
-class _SubscriptionBase:
-    def __init__(self, native: Any, on_malformed: Callable[[MalformedMessage], object] | None) -> None:
-        self._native = native
-        self._on_malformed = on_malformed
-
-    @property
-    def filter(self) -> str:
-        """The subscription's filter."""
-        return str(self._native.filter)
-
-    @property
-    def stats(self) -> dict[str, int]:
-        """Counters at this moment: received, delivered, malformed, dropped, queued."""
-        return dict(self._native.stats())
-
-    def _batch(self, max_rows: int, timeout: float | None, tag_columns: Sequence[str]) -> Batch:
-        native, malformed = self._native.batch(max_rows, timeout, list(tag_columns))
-        for item in malformed:
-            self._keep(item)
-        return Batch(native)
-
-    def _keep(self, item: Any) -> bool:
-        if type(item) is _core.MalformedMessage:
-            log.debug("malformed message on %r: %s", item.topic, item.reason)
-            if self._on_malformed is not None:
-                try:
-                    self._on_malformed(item)
-                except Exception:
-                    log.exception("an on_malformed hook raised; the stream goes on")
-            return False
-        return True
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(filter={self.filter!r}, stats={self.stats})"
-
-
-class Subscription(_SubscriptionBase, Generic[ItemT]):
-    """A live subscription: iterate it, ``get`` one item, or let a callback consume it.
-
-    Malformed messages are counted in ``stats["malformed"]`` and passed to ``on_malformed``
-    (a :class:`MalformedMessage` with topic, raw bytes and reason); the stream goes on.
-
-    >>> import capture_mqtt as cm
-    >>> cm.Subscription.__name__
-    'Subscription'
-    """
-
-    def __init__(
-        self,
-        native: Any,
-        *,
-        callback: Callable[[ItemT], object] | None = None,
-        on_malformed: Callable[[MalformedMessage], object] | None = None,
-        on_error: Callable[[BaseException], object] | None = None,
-    ) -> None:
-        super().__init__(native, on_malformed)
-        self._on_error = on_error
-        self._thread: threading.Thread | None = None
-        if callback is not None:
-            self._thread = threading.Thread(
-                target=self._run_callback, args=(callback,), name=f"capture-mqtt-callback-{self.filter}", daemon=True
-            )
-            self._thread.start()
-
-    def _run_callback(self, callback: Callable[[ItemT], object]) -> None:
-        for item in self._items(report_errors=True):
-            try:
-                callback(item)
-            except Exception as err:
-                self._report(err, "a callback raised; the stream goes on")
-
-    def _items(self, *, report_errors: bool = False) -> Iterator[ItemT]:
-        # Items come in chunks: one wait (with the interpreter lock released) per chunk.
-        native, keep = self._native, self._keep
-        while True:
-            try:
-                items = native.get_many(1024, None)
-            except ClosedError:
-                return
-            except Exception as err:
-                if not report_errors:
-                    raise
-                self._report(err)  # the subscription failed (authorization)
-                return
-            for item in items:
-                if keep(item):
-                    yield item
-
-    def _report(self, err: BaseException, what: str = "it ended") -> None:
-        # Reported once: to on_error when there is one, else logged (a callback has no caller to raise to).
-        if self._on_error is not None:
-            try:
-                self._on_error(err)
-            except Exception:
-                log.exception("an on_error hook raised")
-        else:
-            log.error("subscription to %r: %s: %s", self.filter, what, err, exc_info=err)
-
-    def get(self, timeout: float | None = None) -> ItemT | None:
-        """The next item, waiting up to ``timeout`` seconds (forever with None); None on timeout.
-        Raises :class:`ClosedError` once the subscription has ended and everything was read.
-
-        >>> import capture_mqtt as cm
-        >>> cm.Subscription.get.__name__
-        'get'
-        """
-        while True:
-            item = self._native.get(timeout)
-            if item is None or self._keep(item):
-                return item  # type: ignore[no-any-return]  # the native queue holds ItemT
-
-    def __iter__(self) -> Iterator[ItemT]:
-        return self._items()
-
-    def batch(self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()) -> Batch:
-        """Up to ``max_rows`` data points as one columnar :class:`Batch`, built in Rust: returns when it
-        has ``max_rows`` or after ``timeout`` seconds (possibly empty). ``tag_columns`` copies those tags
-        into columns of their own. Raises :class:`ClosedError` once the subscription has ended.
-
-        >>> import capture_mqtt as cm
-        >>> cm.Subscription.batch.__name__
-        'batch'
-        """
-        return self._batch(max_rows, timeout, tag_columns)
-
-    def batches(
-        self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()
-    ) -> Iterator[Batch]:
-        """Batches until the subscription ends (empty ones are skipped): ``for b in sub.batches(): ...``.
-
-        >>> import capture_mqtt as cm
-        >>> cm.Subscription.batches.__name__
-        'batches'
-        """
-        while True:
-            try:
-                batch = self._batch(max_rows, timeout, tag_columns)
-            except ClosedError:
-                return
-            if len(batch):
-                yield batch
-
-    def close(self) -> None:
-        """Stops delivery and unsubscribes at the broker.
-
-        >>> import capture_mqtt as cm
-        >>> cm.Subscription.close.__name__
-        'close'
-        """
-        self._native.close().wait()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class AsyncSubscription(_SubscriptionBase, Generic[ItemT]):
-    """A subscription for asyncio: ``async for item in sub``. Items reach the event loop in chunks
-    (one wake-up per chunk, not per message).
-
-    >>> import capture_mqtt as cm
-    >>> cm.AsyncSubscription.__name__
-    'AsyncSubscription'
-    """
-
-    def __init__(self, native: Any, *, on_malformed: Callable[[MalformedMessage], object] | None = None) -> None:
-        super().__init__(native, on_malformed)
-        self._buffer: collections.deque[ItemT] = collections.deque()
-        self._bell: int | None = native.bell_fd()
-        self._waiting: asyncio.Future[None] | None = None
-
-    async def _readable(self) -> None:
-        # The event loop watches the subscription's doorbell descriptor itself: no thread of the
-        # network runtime takes the interpreter lock to wake it, and one wake-up covers a chunk.
-        if self._bell is None:
-            await self._native.readable()
-            return
-        if self._waiting is not None:  # another coroutine waits already: share its wake-up
-            await asyncio.shield(self._waiting)
-            return
-        if self._native.arm():
-            return
-        loop = asyncio.get_running_loop()
-        waiting = self._waiting = loop.create_future()
-
-        def ring() -> None:
-            if not waiting.done():
-                waiting.set_result(None)
-
-        loop.add_reader(self._bell, ring)
-        try:
-            await waiting
-        finally:
-            loop.remove_reader(self._bell)
-            self._waiting = None
-            self._native.clear_bell()
-
-    def __aiter__(self) -> AsyncIterator[ItemT]:
-        return self
-
-    async def __anext__(self) -> ItemT:
-        while True:
-            if self._buffer:
-                return self._buffer.popleft()
-            try:
-                items = self._native.drain(4096)
-            except ClosedError:
-                raise StopAsyncIteration from None
-            if items:
-                self._buffer.extend(item for item in items if self._keep(item))
-                continue
-            await self._readable()
-
-    async def batch(
-        self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()
-    ) -> Batch:
-        """Like :meth:`Subscription.batch`, without blocking the event loop.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncSubscription.batch.__name__
-        'batch'
-        """
-        if self._buffer:
-            raise RuntimeError("batch() after a partial async iteration would reorder items; use one or the other")
-        return await asyncio.to_thread(self._batch, max_rows, timeout, tag_columns)
-
-    async def batches(
-        self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()
-    ) -> AsyncIterator[Batch]:
-        """Like :meth:`Subscription.batches`: ``async for b in sub.batches(): ...`` until the
-        subscription ends (empty batches are skipped).
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncSubscription.batches.__name__
-        'batches'
-        """
-        while True:
-            try:
-                batch = await self.batch(max_rows, timeout, tag_columns=tag_columns)
-            except ClosedError:
-                return
-            if len(batch):
-                yield batch
-
-    async def get(self, timeout: float | None = None) -> ItemT | None:
-        """The next item, or None after ``timeout`` seconds.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncSubscription.get.__name__
-        'get'
-        """
-        try:
-            return await asyncio.wait_for(self.__anext__(), timeout)
-        except TimeoutError:
-            return None
-        except StopAsyncIteration:
-            raise ClosedError("the subscription has ended") from None
-
-    async def close(self) -> None:
-        """Stops delivery and unsubscribes at the broker.
-
-        >>> import capture_mqtt as cm
-        >>> cm.AsyncSubscription.close.__name__
-        'close'
-        """
-        await self._native.close()
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        await self.close()

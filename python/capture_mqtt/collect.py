@@ -11,8 +11,9 @@ from typing import Any
 
 from ._core import DataPoint
 from .batch import Batch
-from .client import Client, Subscription
+from .client import Client
 from .errors import ClosedError
+from .subscription import Subscription
 
 __all__ = ["collect"]
 

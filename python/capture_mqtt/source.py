@@ -11,18 +11,11 @@ from typing import Any, Literal, Self, TypeAlias, Unpack
 
 from . import _core
 from ._core import Command, DataPoint
-from .client import (
-    AsyncClient,
-    AsyncSubscribeOptions,
-    AsyncSubscription,
-    Client,
-    SubscribeOptions,
-    Subscription,
-    _BaseClient,
-    _env_options,
-    _url_options,
-)
+from .async_client import AsyncClient
+from .client import Client, _BaseClient
 from .errors import TopicError
+from .options import AsyncSubscribeOptions, SubscribeOptions, _env_options, _url_options
+from .subscription import AsyncSubscription, Subscription
 
 __all__ = ["AsyncSourceClient", "SourceClient", "load_auth_config"]
 
