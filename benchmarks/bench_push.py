@@ -23,7 +23,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 HERE = Path(__file__).resolve().parent
 PUSHES = int(os.environ.get("BENCH_PUSHES", "50000"))
@@ -156,7 +156,7 @@ def run_cm_loop(port: int, n: int, ca_file: str | None = None) -> None:
     """The same loop with capture-mqtt's defaults (QoS 0 waits for nothing)."""
     import capture_mqtt as cm
 
-    transport = "mqtts" if ca_file else "mqtt"
+    transport: Literal["mqtts", "mqtt"] = "mqtts" if ca_file else "mqtt"
     with cm.Client("127.0.0.1", transport=transport, port=port, ca_file=ca_file) as client:
         started = time.perf_counter()
         for _ in range(n):

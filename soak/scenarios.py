@@ -14,7 +14,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import capture_mqtt as cm
 from capture_mqtt.testing import BrokerLimits, CaptureEmulator, Mosquitto
@@ -396,7 +396,7 @@ def slow_consumer(seconds: float, *, rate: float = 5_000.0, queue_size: int = 1_
         # the rest (and, past its own queue limit, drops at the broker): the client's queue and memory
         # stay within queue_size whatever the broker's in-flight window does (Mosquitto 2.0.11's is
         # broken: each in-order PUBACK releases a whole window).
-        cases: list[tuple[str, Any, int]] = [
+        cases: list[tuple[str, Any, Literal[3, 5]]] = [
             ("drop_oldest", "drop_oldest", 3),
             ("drop_newest", "drop_newest", 3),
             ("block", "block", 5),

@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -23,6 +23,8 @@ from capture_mqtt.testing import Account, Mosquitto
 
 from .conftest import API_TOKEN_ID, COMPANY, PASSWORDS, SOURCE_ID, USER_ACL, async_client, capture_accounts, connect
 from .fakebroker import FakeCapture
+
+Transport = Literal["mqtts", "wss", "mqtt", "ws"]
 
 RAW_TOPIC = f"v1/raw/{COMPANY}/src-1/Conn/Monitoring/CPU_Temp"
 
@@ -56,7 +58,7 @@ class Events:
 
 
 @pytest.mark.parametrize("transport", ["mqtt", "mqtts", "wss", "ws"])
-def test_every_transport_connects_and_carries_data(broker: Mosquitto, transport: str) -> None:
+def test_every_transport_connects_and_carries_data(broker: Mosquitto, transport: Transport) -> None:
     port = {"mqtt": broker.mqtt_port, "mqtts": broker.mqtts_port, "wss": broker.wss_port, "ws": broker.ws_port}
     with (
         cm.Client(
@@ -93,7 +95,7 @@ def test_tls_with_ca_given_as_pem_text(broker: Mosquitto) -> None:
 
 
 @pytest.mark.parametrize("transport", ["mqtts", "wss"])
-def test_tls_verifies_by_default(broker: Mosquitto, transport: str) -> None:
+def test_tls_verifies_by_default(broker: Mosquitto, transport: Transport) -> None:
     port = broker.mqtts_port if transport == "mqtts" else broker.wss_port
     with pytest.raises(cm.ConnectError, match=r"(?i)certificate|UnknownIssuer") as info:
         cm.Client(
@@ -728,7 +730,7 @@ def test_scope_false_is_the_escape_hatch_for_other_brokers(broker: Mosquitto) ->
 
 
 @pytest.mark.parametrize("transport", ["mqtt", "mqtts", "wss"])
-def test_mqtt5_connects_and_carries_data(broker: Mosquitto, transport: str) -> None:
+def test_mqtt5_connects_and_carries_data(broker: Mosquitto, transport: Transport) -> None:
     port = {"mqtt": broker.mqtt_port, "mqtts": broker.mqtts_port, "wss": broker.wss_port}[transport]
     with (
         cm.Client(

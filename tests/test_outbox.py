@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 
@@ -262,7 +262,10 @@ def test_with_an_outbox_a_push_returns_once_on_disk(roomy_broker: Mosquitto, tmp
 
 @pytest.mark.parametrize("offline", ["raise", "drop_oldest", "block"])
 def test_outbox_max_bytes_bounds_the_outbox_under_the_offline_policy(
-    offline: str, roomy_broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    offline: Literal["raise", "drop_oldest", "block"],
+    roomy_broker: Mosquitto,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     roomy_broker.stop()  # an outage: nothing is acknowledged, so the outbox fills
     options: dict[str, Any] = {

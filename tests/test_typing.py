@@ -31,9 +31,16 @@ def read(client: cm.Client, source: cm.SourceClient) -> None:
     client.subscribe_raw(queue_sise=10)  # expect: call-arg
     client.subscribe_raw(overflow="drop")  # expect: arg-type
     cm.field_payload(1, naive="UTC")  # expect: arg-type
+    cm.Client("broker.example", keep_alive=30)  # expect: call-arg
+    cm.Client("broker.example", transport="tcp")  # expect: arg-type
+    cm.Client.from_url("mqtts://broker.example", outbox_sinc="always")  # expect: call-arg
+    cm.SourceClient("broker.example", source_id="s1", password="p", ofline="raise")  # expect: call-arg
+    cm.SourceClient.from_auth_config("auth.json", offline="queue")  # expect: arg-type
 
 
 async def read_async(client: cm.AsyncClient) -> None:
+    cm.AsyncClient("broker.example", max_packet_sise=1)  # expect: call-arg
+    cm.AsyncSourceClient.from_env(keepalive="30")  # expect: arg-type
     sub = await client.subscribe_raw()
     assert_type(await sub.get(timeout=1), cm.DataPoint | None)
     async for each in sub:

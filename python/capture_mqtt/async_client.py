@@ -13,7 +13,15 @@ from . import _core
 from ._core import Command, DataPoint, MalformedMessage, Message
 from .client import _LIVE, _BaseClient, _settle
 from .errors import ClosedError
-from .options import DEFAULT_QUEUE_SIZE, AsyncSubscribeOptions, Overflow, _env_options, _url_options
+from .options import (
+    DEFAULT_QUEUE_SIZE,
+    AsyncSubscribeOptions,
+    AsyncUrlOptions,
+    ClientOptions,
+    Overflow,
+    _env_options,
+    _url_options,
+)
 from .subscription import AsyncSubscription
 
 __all__ = ["AsyncClient"]
@@ -28,7 +36,7 @@ class AsyncClient(_BaseClient):
     AsyncClient(address='mqtts://broker.example:8883', not connected)
     """
 
-    def __init__(self, host: str, *, connect: bool = False, **options: Any) -> None:
+    def __init__(self, host: str, *, connect: Literal[False] = False, **options: Unpack[ClientOptions]) -> None:
         # Connecting needs an event loop: it happens in `async with` or `await connect()`.
         if connect:
             raise TypeError(
@@ -38,25 +46,25 @@ class AsyncClient(_BaseClient):
         super().__init__(host, **options)
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> Self:
+    def from_url(cls, url: str, **options: Unpack[AsyncUrlOptions]) -> Self:
         """Like :meth:`Client.from_url`.
 
         >>> import capture_mqtt as cm
         >>> cm.AsyncClient.from_url("mqtt://127.0.0.1:1883").address
         'mqtt://127.0.0.1:1883'
         """
-        merged = _url_options(url) | options
+        merged: dict[str, Any] = {**_url_options(url), **options}
         return cls(merged.pop("host"), **merged)
 
     @classmethod
-    def from_env(cls, **options: Any) -> Self:
+    def from_env(cls, **options: Unpack[AsyncUrlOptions]) -> Self:
         """Like :meth:`Client.from_env`.
 
         >>> import capture_mqtt as cm
         >>> cm.AsyncClient.from_env.__name__
         'from_env'
         """
-        merged = _env_options() | options
+        merged: dict[str, Any] = {**_env_options(), **options}
         return cls(merged.pop("host"), **merged)
 
     async def connect(self, *, wait: bool = True) -> None:

@@ -25,10 +25,15 @@ from .errors import ClosedError, TopicError
 from .options import (
     DEFAULT_PORTS,
     DEFAULT_QUEUE_SIZE,
+    AccountKind,
+    ClientOptions,
+    Offline,
+    OutboxSync,
     Overflow,
     Reconnect,
     SubscribeOptions,
     Transport,
+    UrlOptions,
     _env_options,
     _outbox_path,
     _random_client_id,
@@ -117,17 +122,17 @@ class _BaseClient:
         keepalive: float = 30.0,
         reconnect: bool | Reconnect = True,
         connect_timeout: float = 10.0,
-        protocol: int = 3,
+        protocol: Literal[3, 5] = 3,
         on_event: Callable[[ConnectionEvent], object] | None = None,
         max_packet_size: int = 1024 * 1024,
         inflight: int = 512,
-        account_kind: Literal["user", "source", "unknown"] = "user",
+        account_kind: AccountKind = "user",
         scope: bool = True,
         source_id: str | None = None,
-        offline: Literal["block", "raise", "drop_oldest"] = "block",
+        offline: Offline = "block",
         max_queued: int = 10_000,
         outbox: str | os.PathLike[str] | None = None,
-        outbox_sync: Literal["batch", "always", "never"] = "batch",
+        outbox_sync: OutboxSync = "batch",
         outbox_max_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         if not isinstance(host, str) or not host:
@@ -340,9 +345,9 @@ class _BaseClient:
         filter: str,
         *,
         qos: int,
-        decode: str,
+        decode: Literal["auto", "raw", "bytes", "command"],
         queue_size: int,
-        overflow: str,
+        overflow: Overflow,
         timeout: float,
     ) -> _core._Operation[_core._Subscription]:
         _core.validate_filter(filter)
@@ -374,7 +379,7 @@ class Client(_BaseClient):
     >>> client.close()
     """
 
-    def __init__(self, host: str, *, connect: bool = True, **options: Any) -> None:
+    def __init__(self, host: str, *, connect: bool = True, **options: Unpack[ClientOptions]) -> None:
         super().__init__(host, **options)
         if connect:
             try:
@@ -386,7 +391,7 @@ class Client(_BaseClient):
                 raise
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> Self:
+    def from_url(cls, url: str, **options: Unpack[UrlOptions]) -> Self:
         """A client from ``mqtts://user:secret@host:8883`` (or ``wss://.../mqtt``, ``mqtt://``,
         ``ws://``); ``?company=AcmeCorp`` sets the company. Keyword options override the URL.
 
@@ -396,11 +401,11 @@ class Client(_BaseClient):
         ('wss://broker.example:8084/mqtt', 'AcmeCorp')
         >>> c.close()
         """
-        merged = _url_options(url) | options
+        merged: dict[str, Any] = {**_url_options(url), **options}
         return cls(merged.pop("host"), **merged)
 
     @classmethod
-    def from_env(cls, **options: Any) -> Self:
+    def from_env(cls, **options: Unpack[UrlOptions]) -> Self:
         """A client from environment variables: ``CAPTURE_MQTT_URL``, or ``CAPTURE_MQTT_HOST`` with
         ``CAPTURE_MQTT_PORT``, ``_TRANSPORT``, ``_PATH``, ``_USERNAME``, ``_PASSWORD``, ``_COMPANY``,
         ``_CA_FILE``, ``_CLIENT_ID`` and ``_TLS_INSECURE``. Keyword options override them.
@@ -412,7 +417,7 @@ class Client(_BaseClient):
         'AcmeCorp'
         >>> del os.environ["CAPTURE_MQTT_URL"]
         """
-        merged = _env_options() | options
+        merged: dict[str, Any] = {**_env_options(), **options}
         return cls(merged.pop("host"), **merged)
 
     def connect(self, *, wait: bool = True) -> None:

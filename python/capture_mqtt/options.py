@@ -8,20 +8,79 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeAlias, TypedDict
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypedDict
 
 from ._core import MalformedMessage
+from .auth import Auth
+
+if TYPE_CHECKING:
+    from .client import ConnectionEvent
 
 Transport: TypeAlias = Literal["mqtts", "wss", "mqtt", "ws"]
-
-
 Overflow: TypeAlias = Literal["block", "drop_oldest", "drop_newest"]
-
+Offline: TypeAlias = Literal["block", "raise", "drop_oldest"]
+OutboxSync: TypeAlias = Literal["batch", "always", "never"]
+AccountKind: TypeAlias = Literal["user", "source", "unknown"]
 
 DEFAULT_PORTS = {"mqtts": 8883, "wss": 443, "mqtt": 1883, "ws": 80}
-
-
 DEFAULT_QUEUE_SIZE = 10_000
+
+
+class ConnectionOptions(TypedDict, total=False):
+    """The keyword options of every client's constructor but the credentials (see :class:`Client`):
+    where and how to connect, the session, flow control, and the durable outbox."""
+
+    company: str | None
+    auth: Auth | None
+    transport: Transport
+    port: int | None
+    path: str
+    ca_file: str | os.PathLike[str] | None
+    ca_pem: str | bytes | None
+    tls_insecure: bool
+    client_id: str | None
+    clean_session: bool
+    keepalive: float
+    reconnect: bool | Reconnect
+    connect_timeout: float
+    protocol: Literal[3, 5]
+    on_event: Callable[[ConnectionEvent], object] | None
+    max_packet_size: int
+    inflight: int
+    account_kind: AccountKind
+    scope: bool
+    offline: Offline
+    max_queued: int
+    outbox: str | os.PathLike[str] | None
+    outbox_sync: OutboxSync
+    outbox_max_bytes: int
+
+
+class ClientOptions(ConnectionOptions, total=False):
+    """The keyword options of ``Client(...)`` and ``AsyncClient(...)``."""
+
+    username: str | None
+    password: str | None
+    source_id: str | None
+
+
+class SourceOptions(ConnectionOptions, total=False):
+    """The keyword options of ``SourceClient(...)`` besides its credentials."""
+
+    connect: bool
+
+
+class AsyncUrlOptions(ClientOptions, total=False):
+    """What ``AsyncClient.from_url`` and ``from_env`` take: the constructor's options, and ``host``,
+    overriding the URL's or the environment's."""
+
+    host: str
+
+
+class UrlOptions(AsyncUrlOptions, total=False):
+    """What ``Client.from_url`` and ``from_env`` take."""
+
+    connect: bool
 
 
 class AsyncSubscribeOptions(TypedDict, total=False):

@@ -14,7 +14,15 @@ from ._core import Command, DataPoint
 from .async_client import AsyncClient
 from .client import Client, _BaseClient
 from .errors import TopicError
-from .options import AsyncSubscribeOptions, SubscribeOptions, _env_options, _url_options
+from .options import (
+    AsyncSubscribeOptions,
+    ConnectionOptions,
+    SourceOptions,
+    SubscribeOptions,
+    UrlOptions,
+    _env_options,
+    _url_options,
+)
 from .subscription import AsyncSubscription, Subscription
 
 __all__ = ["AsyncSourceClient", "SourceClient", "load_auth_config"]
@@ -148,26 +156,31 @@ class _SourceMixin(_BaseClient):
             )
 
     @classmethod
-    def from_auth_config(cls, path: str | os.PathLike[str], host: str | None = None, **options: Any) -> Self:
+    def from_auth_config(
+        cls, path: str | os.PathLike[str], host: str | None = None, /, **options: Unpack[UrlOptions]
+    ) -> Self:
         """A source client from the auth config file downloaded from the source's page in the portal;
-        ``host`` (and ``port``) override what the file says. See :func:`load_auth_config`.
+        ``host`` (and any option, such as ``port``) override what the file says. See
+        :func:`load_auth_config`.
 
         >>> import capture_mqtt as cm
         >>> cm.SourceClient.from_auth_config.__name__, cm.AsyncSourceClient.from_auth_config.__name__
         ('from_auth_config', 'from_auth_config')
         """
         config = load_auth_config(path)
-        host = host or config.get("host")
-        if not host:
+        merged: dict[str, Any] = {
+            key: config[key] for key in ("host", "port", "source_id", "username", "password") if key in config
+        }
+        host = host or options.pop("host", None)  # positional or keyword; None leaves the file's
+        if host:
+            merged["host"] = host
+        merged |= options
+        if not merged.get("host"):
             raise ValueError(f"the auth config {str(path)!r} names no host: pass host=... (ask the Capture team)")
-        if "port" in config:
-            options.setdefault("port", config["port"])
-        return cls(
-            host, source_id=config["source_id"], username=config["username"], password=config["password"], **options
-        )
+        return cls._from_options(merged)
 
     @classmethod
-    def from_url(cls, url: str, **options: Any) -> Self:
+    def from_url(cls, url: str, **options: Unpack[UrlOptions]) -> Self:
         """A source client from ``mqtts://<source id>:<password>@host:8883``.
 
         >>> import capture_mqtt as cm
@@ -176,11 +189,10 @@ class _SourceMixin(_BaseClient):
         >>> cm.AsyncSourceClient.from_url("mqtt://src-1:s3cret@127.0.0.1:1883").source_id
         'src-1'
         """
-        merged = _url_options(url) | options
-        return cls._from_options(merged)
+        return cls._from_options({**_url_options(url), **options})
 
     @classmethod
-    def from_env(cls, **options: Any) -> Self:
+    def from_env(cls, **options: Unpack[UrlOptions]) -> Self:
         """A source client from the same environment variables as :meth:`Client.from_env`; the username
         is the source id.
 
@@ -188,12 +200,11 @@ class _SourceMixin(_BaseClient):
         >>> cm.SourceClient.from_env.__name__
         'from_env'
         """
-        return cls._from_options(_env_options() | options)
+        return cls._from_options({**_env_options(), **options})
 
     @classmethod
     def _from_options(cls, options: dict[str, Any]) -> Self:
-        username = options.pop("username", None)
-        options.setdefault("source_id", username)
+        options.setdefault("source_id", options.get("username"))
         options.pop("company", None)
         if not options.get("source_id") or options.get("password") is None:
             raise ValueError("a source needs its source id (the URL's user) and its password")
@@ -264,7 +275,13 @@ class SourceClient(_SourceMixin, Client):
     """
 
     def __init__(
-        self, host: str, *, source_id: str, password: str, username: str | None = None, **options: Any
+        self,
+        host: str,
+        *,
+        source_id: str,
+        password: str,
+        username: str | None = None,
+        **options: Unpack[SourceOptions],
     ) -> None:
         self._setup_source(source_id)
         options.setdefault("account_kind", "source")
@@ -402,11 +419,25 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
     """
 
     def __init__(
-        self, host: str, *, source_id: str, password: str, username: str | None = None, **options: Any
+        self,
+        host: str,
+        *,
+        source_id: str,
+        password: str,
+        username: str | None = None,
+        connect: Literal[False] = False,
+        **options: Unpack[ConnectionOptions],
     ) -> None:
         self._setup_source(source_id)
         options.setdefault("account_kind", "source")
-        super().__init__(host, username=username or source_id, password=password, source_id=source_id, **options)
+        super().__init__(
+            host,
+            username=username or source_id,
+            password=password,
+            source_id=source_id,
+            connect=connect,
+            **options,
+        )
 
     async def push(
         self,
