@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import doctest
+import inspect
 import os
 import re
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -48,9 +50,9 @@ def readme_broker() -> Iterator[str]:
 
         thread = threading.Thread(target=stream, daemon=True)
         thread.start()
-        os.environ["README_SOURCE_URL"] = f"mqtt://src-1:src-pw@127.0.0.1:{broker.mqtt_port}"
+        os.environ["SOURCE_URL"] = f"mqtt://src-1:src-pw@127.0.0.1:{broker.mqtt_port}"
         yield f"mqtt://alice:alice-pw@127.0.0.1:{broker.mqtt_port}?company=AcmeCorp"
-        del os.environ["README_SOURCE_URL"]
+        del os.environ["SOURCE_URL"]
         stop.set()
         thread.join(timeout=5)
 
@@ -65,16 +67,65 @@ PUBLIC = [name for name in cm.__all__ if name != "__version__"]
 
 
 @pytest.mark.parametrize("name", PUBLIC)
-def test_public_name_has_a_runnable_example(name: str) -> None:
+def test_public_name_has_a_runnable_example(name: str, readme_broker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CAPTURE_MQTT_URL", readme_broker)
     obj = getattr(cm, name)
     doc = obj.__doc__ or ""
     examples = doctest.DocTestParser().get_examples(doc)
     assert examples, f"cm.{name} has no >>> example in its docstring"
+    assert not any(".__name__" in example.source for example in examples), f"cm.{name}'s example only names it"
     test = doctest.DocTestParser().get_doctest(doc, {"cm": cm}, f"cm.{name}", None, 0)
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     runner.run(test)
     assert runner.tries == len(examples)
     assert runner.failures == 0, f"the example of cm.{name} fails"
+
+
+def _public_methods() -> dict[str, Any]:
+    """Every public method of the public classes, once per function (a method a class inherits
+    from another public class is the same function), by its qualified name."""
+    found: dict[str, Any] = {}
+    seen: set[int] = set()
+    for name in PUBLIC:
+        owner = getattr(cm, name)
+        if not inspect.isclass(owner) or issubclass(owner, BaseException):
+            continue
+        for attr in dir(owner):
+            if attr.startswith("_"):
+                continue
+            raw = inspect.getattr_static(owner, attr)
+            function = raw.__func__ if isinstance(raw, classmethod | staticmethod) else raw
+            if not callable(function) or isinstance(function, type) or id(function) in seen:
+                continue
+            module = getattr(function, "__module__", None) or ""
+            if not (module.startswith("capture_mqtt") or type(function).__name__ == "method_descriptor"):
+                continue
+            seen.add(id(function))
+            found[f"{owner.__name__}.{attr}"] = function
+    return found
+
+
+METHODS = _public_methods()
+
+
+def test_every_public_method_is_found() -> None:
+    assert {"Client.publish", "AsyncClient.publish", "SourceClient.push_frame", "DataPoint.to_dict"} <= set(METHODS)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_public_method_has_a_real_example(name: str, readme_broker: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each example runs against a local broker with the README's accounts: ``CAPTURE_MQTT_URL`` is
+    the user's, ``SOURCE_URL`` the source's. An example that only names the method shows nothing."""
+    monkeypatch.setenv("CAPTURE_MQTT_URL", readme_broker)
+    doc = METHODS[name].__doc__ or ""
+    parser = doctest.DocTestParser()
+    examples = parser.get_examples(doc)
+    assert examples, f"{name} has no >>> example in its docstring"
+    assert not any(".__name__" in example.source for example in examples), f"{name}'s example only names it"
+    test = parser.get_doctest(doc, {"cm": cm}, name, None, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    runner.run(test)
+    assert runner.failures == 0, f"the example of {name} fails"
 
 
 def test_version() -> None:

@@ -5,6 +5,7 @@ tree by the core's own codec (one message per field, Connection_Tag added, a mis
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import math
 import os
@@ -560,3 +561,12 @@ def test_every_public_method_exists_in_both_call_styles(sync: type, async_: type
     only_async = {(sync.__name__, name) for name in public(async_) - public(sync)}
     assert only_sync <= ONLY_SYNC, f"{async_.__name__} lacks {sorted(n for _, n in only_sync - ONLY_SYNC)}"
     assert only_async <= ONLY_ASYNC, f"{sync.__name__} lacks {sorted(n for _, n in only_async - ONLY_ASYNC)}"
+
+
+def test_every_waiting_function_has_an_async_twin() -> None:
+    """Module-level calls that wait (collect) exist in both call styles, the async one named ``*_async``."""
+    waiting = {"collect"}
+    for name in waiting:
+        assert inspect.iscoroutinefunction(getattr(cm, f"{name}_async")), f"cm.{name}_async is missing"
+        sync_params = set(inspect.signature(getattr(cm, name)).parameters)
+        assert sync_params == set(inspect.signature(getattr(cm, f"{name}_async")).parameters)

@@ -32,7 +32,7 @@ from .async_client import AsyncClient
 from .auth import Auth, fetch_jwt
 from .batch import Batch
 from .client import Client, ConnectionEvent
-from .collect import collect
+from .collect import collect, collect_async
 from .errors import (
     AuthenticationError,
     AuthorizationError,
@@ -79,6 +79,7 @@ __all__ = [
     "TopicInfo",
     "__version__",
     "collect",
+    "collect_async",
     "command_payload",
     "command_topic",
     "data_topic",

@@ -61,8 +61,9 @@ class AsyncClient(_BaseClient):
         """Like :meth:`Client.from_env`.
 
         >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.from_env.__name__
-        'from_env'
+        >>> client = cm.AsyncClient.from_env()  # CAPTURE_MQTT_URL="mqtt://alice:...@127.0.0.1:...?company=AcmeCorp"
+        >>> client.company
+        'AcmeCorp'
         """
         merged: dict[str, Any] = {**_env_options(), **options}
         return cls(merged.pop("host"), **merged)
@@ -70,9 +71,16 @@ class AsyncClient(_BaseClient):
     async def connect(self, *, wait: bool = True) -> None:
         """Connects; raises the connection's error. ``wait=False``: as :meth:`Client.connect`.
 
+        >>> import asyncio
         >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.connect.__name__
-        'connect'
+        >>> async def main():
+        ...     client = cm.AsyncClient.from_env()
+        ...     await client.connect()
+        ...     connected = client.is_connected
+        ...     await client.close()
+        ...     return connected
+        >>> asyncio.run(main())
+        True
         """
         if self._closed:
             raise ClosedError("the client is closed")
@@ -84,9 +92,14 @@ class AsyncClient(_BaseClient):
     async def close(self) -> None:
         """Disconnects cleanly; subscriptions end. Idempotent.
 
+        >>> import asyncio
         >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.close.__name__
-        'close'
+        >>> async def main():
+        ...     async with cm.AsyncClient.from_env() as client:
+        ...         pass
+        ...     return client.is_connected
+        >>> asyncio.run(main())
+        False
         """
         if self._closed:
             return
@@ -143,9 +156,15 @@ class AsyncClient(_BaseClient):
     ) -> AsyncSubscription[Any]:
         """Subscribes; ``async for`` over the result. Same rules as :meth:`Client.subscribe`.
 
+        >>> import asyncio
         >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.subscribe.__name__
-        'subscribe'
+        >>> async def main():
+        ...     async with cm.AsyncClient.from_env() as client:
+        ...         sub = await client.subscribe("v1/raw/AcmeCorp/+/+/Monitoring/#")
+        ...         async for point in sub:
+        ...             return point.key, point.value
+        >>> asyncio.run(main())
+        ('CPU_Temp', 55)
         """
         native = await self._native_subscribe(
             filter, qos=qos, decode=decode, queue_size=queue_size, overflow=overflow, timeout=timeout
@@ -162,9 +181,14 @@ class AsyncClient(_BaseClient):
     ) -> AsyncSubscription[DataPoint]:
         """Subscribes to the client's company's raw tree.
 
+        >>> import asyncio
         >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.subscribe_raw.__name__
-        'subscribe_raw'
+        >>> async def main():
+        ...     async with cm.AsyncClient.from_env() as client:
+        ...         sub = await client.subscribe_raw(measurement="Monitoring")
+        ...         return (await sub.get(timeout=10)).source_id
+        >>> asyncio.run(main())
+        'src-1'
         """
         extra = cast("dict[str, Any]", options)  # an untyped caller may still pass decode=
         decode = extra.pop("decode", "raw")
@@ -187,9 +211,14 @@ class AsyncClient(_BaseClient):
         durable outbox (``outbox=``), until it is on disk; ``wait=True`` waits for the broker in any
         case, ``wait=False`` only until it is queued.
 
+        >>> import asyncio
         >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.publish.__name__
-        'publish'
+        >>> async def main():
+        ...     async with cm.AsyncClient.from_env() as client:
+        ...         await client.publish("v1/sources/src-1/cmd/writedata", cm.command_payload("Line1/Valve/Open", True))
+        ...         return client.stats["acknowledged"]
+        >>> asyncio.run(main())
+        1
         """
         op = self._native.publish(
             topic, payload, qos=qos, retain=retain, wait=self._wait_default(wait), timeout=timeout
@@ -211,9 +240,14 @@ class AsyncClient(_BaseClient):
     ) -> None:
         """Like :meth:`Client.send_command`, awaitable.
 
+        >>> import asyncio
         >>> import capture_mqtt as cm
-        >>> cm.AsyncClient.send_command.__name__
-        'send_command'
+        >>> async def main():
+        ...     async with cm.AsyncClient.from_env() as client:
+        ...         await client.send_command("src-1", "Line1/Valve/Open", True)
+        ...         return client.stats["acknowledged"]
+        >>> asyncio.run(main())
+        1
         """
         command_topic = _core.command_topic(source_id)
         payload = _core.command_payload(topic, data, mapping=mapping, data_as=data_as)

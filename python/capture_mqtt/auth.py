@@ -84,7 +84,12 @@ class Auth:
         return self._token_callable is not None
 
     def secret(self) -> str:
-        """The password or token to send now (calls the token callable when there is one)."""
+        """The password or token to send now (calls the token callable when there is one).
+
+        >>> import capture_mqtt as cm
+        >>> cm.Auth.jwt("alice", lambda: "eyJ.fresh.token").secret()
+        'eyJ.fresh.token'
+        """
         if self._token_callable is not None:
             token = self._token_callable()
             if not isinstance(token, str) or not token:

@@ -262,7 +262,17 @@ class _BaseClient:
         return None if stats is None else cast(OutboxStats, dict(stats))
 
     def on_event(self, callback: Callable[[ConnectionEvent], object]) -> None:
-        """Calls ``callback(event)`` for every :class:`ConnectionEvent`, on the dispatcher thread."""
+        """Calls ``callback(event)`` for every :class:`ConnectionEvent`, on the dispatcher thread.
+
+        >>> import capture_mqtt as cm
+        >>> events = []
+        >>> client = cm.Client.from_env(connect=False)
+        >>> client.on_event(lambda event: events.append(event.kind))
+        >>> client.connect()
+        >>> client.close()
+        >>> events
+        ['connected', 'closed']
+        """
         self._on_event.append(callback)
 
     def __repr__(self) -> str:
@@ -513,8 +523,10 @@ class Client(_BaseClient):
         :class:`AuthorizationError` when the broker refuses it.
 
         >>> import capture_mqtt as cm
-        >>> cm.Client.subscribe.__name__
-        'subscribe'
+        >>> with cm.Client.from_env() as client, client.subscribe("v1/raw/AcmeCorp/+/+/Monitoring/#") as sub:
+        ...     point = sub.get(timeout=10)
+        >>> point.measurement, point.key, point.value
+        ('Monitoring', 'CPU_Temp', 55)
         """
         native = self._native_subscribe(
             filter, qos=qos, decode=decode, queue_size=queue_size, overflow=overflow, timeout=timeout
@@ -534,8 +546,10 @@ class Client(_BaseClient):
         """Subscribes to the client's company's raw tree; the levels are names, ``+`` or ``#``.
 
         >>> import capture_mqtt as cm
-        >>> cm.Client.subscribe_raw.__name__
-        'subscribe_raw'
+        >>> with cm.Client.from_env() as client, client.subscribe_raw(measurement="Monitoring") as sub:
+        ...     point = sub.get(timeout=10)
+        >>> point.topic
+        'v1/raw/AcmeCorp/src-1/Conn/Monitoring/CPU_Temp'
         """
         extra = cast("dict[str, Any]", options)  # an untyped caller may still pass decode=
         decode = extra.pop("decode", "raw")
@@ -561,8 +575,13 @@ class Client(_BaseClient):
         :class:`PayloadError` before anything is sent.
 
         >>> import capture_mqtt as cm
-        >>> cm.Client.publish.__name__
-        'publish'
+        >>> topic = "v1/sources/src-1/cmd/writedata"
+        >>> with cm.Client.from_env() as client:
+        ...     client.publish(topic, cm.command_payload("Line1/Valve/Open", True))  # returns once acknowledged
+        ...     handle = client.publish(topic, cm.command_payload("Line1/Valve/Open", False), wait=False)
+        ...     handle.wait(10)
+        ...     client.stats["acknowledged"]
+        2
         """
         return self._publish(topic, payload, qos=qos, retain=retain, wait=wait, timeout=timeout)
 
@@ -585,8 +604,10 @@ class Client(_BaseClient):
         durable outbox: once it is on disk; ``wait`` as in :meth:`publish`).
 
         >>> import capture_mqtt as cm
-        >>> cm.Client.send_command.__name__
-        'send_command'
+        >>> with cm.Client.from_env() as client:
+        ...     client.send_command("src-1", "Line1/Valve/Open", True)
+        ...     client.stats["acknowledged"]
+        1
         """
         command_topic = _core.command_topic(source_id)
         payload = _core.command_payload(topic, data, mapping=mapping, data_as=data_as)

@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._core import DataPoint
+from .async_client import AsyncClient
 from .batch import Batch
 from .client import Client
 from .errors import ClosedError
-from .subscription import Subscription
+from .subscription import AsyncSubscription, Subscription
 
-__all__ = ["collect"]
+__all__ = ["collect", "collect_async"]
 
 log = logging.getLogger("capture_mqtt")
 
@@ -82,42 +83,110 @@ def collect(
     keeps what arrived.
 
     >>> import capture_mqtt as cm
-    >>> cm.collect.__name__
-    'collect'
+    >>> with cm.Client.from_env() as client:
+    ...     batch = cm.collect(client, seconds=10, max_rows=5, progress=False)
+    >>> len(batch), set(batch.to_pandas()["key"])
+    (5, {'CPU_Temp'})
     """
     _check_limits(seconds, max_rows)
-    owned = isinstance(source, Client)
     if isinstance(source, Client):
         subscription = source.subscribe(filter, qos=qos) if filter else source.subscribe_raw(qos=qos)
     elif filter is not None:
         raise ValueError("filter= goes with a client; a subscription already has its filter")
     else:
         subscription = source
-    deadline = None if seconds is None else time.monotonic() + seconds
-    bar = _Progress(progress, seconds, max_rows)
-    parts: list[Batch] = []
-    rows = 0
+    gathering = _Gathering(seconds, max_rows, progress, tag_columns)
     try:
-        while max_rows is None or rows < max_rows:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            chunk = 50_000 if max_rows is None else min(50_000, max_rows - rows)
+        while (request := gathering.next_request()) is not None:
             try:
-                part = subscription.batch(
-                    chunk, timeout=0.25 if left is None else min(0.25, left), tag_columns=tag_columns
-                )
+                part = subscription.batch(request[0], timeout=request[1], tag_columns=tag_columns)
             except ClosedError:
                 break
-            if len(part):
-                parts.append(part)
-                rows += len(part)
-            bar.update(len(part), rows)
+            gathering.add(part)
     except KeyboardInterrupt:
-        log.info("collect interrupted: keeping the %d rows gathered", rows)
+        log.info("collect interrupted: keeping the %d rows gathered", gathering.rows)
     finally:
-        bar.close()
-        if owned:
+        gathering.close()
+        if isinstance(source, Client):
             with contextlib.suppress(Exception):
                 subscription.close()
-    return Batch.concat(parts, tag_columns=tag_columns)
+    return gathering.result()
+
+
+async def collect_async(
+    source: AsyncClient | AsyncSubscription[DataPoint],
+    filter: str | None = None,
+    *,
+    seconds: float | None = None,
+    max_rows: int | None = None,
+    progress: bool | None = None,
+    tag_columns: Sequence[str] = (),
+    qos: int = 0,
+) -> Batch:
+    """:func:`collect` for asyncio: the same options, awaited without blocking the event loop.
+
+    >>> import asyncio
+    >>> import capture_mqtt as cm
+    >>> async def main():
+    ...     async with cm.AsyncClient.from_env() as client:
+    ...         return await cm.collect_async(client, seconds=10, max_rows=5, progress=False)
+    >>> len(asyncio.run(main()))
+    5
+    """
+    _check_limits(seconds, max_rows)
+    if isinstance(source, AsyncClient):
+        subscription = await (source.subscribe(filter, qos=qos) if filter else source.subscribe_raw(qos=qos))
+    elif filter is not None:
+        raise ValueError("filter= goes with a client; a subscription already has its filter")
+    else:
+        subscription = source
+    gathering = _Gathering(seconds, max_rows, progress, tag_columns)
+    try:
+        while (request := gathering.next_request()) is not None:
+            try:
+                part = await subscription.batch(request[0], timeout=request[1], tag_columns=tag_columns)
+            except ClosedError:
+                break
+            gathering.add(part)
+    finally:
+        gathering.close()
+        if isinstance(source, AsyncClient):
+            with contextlib.suppress(Exception):
+                await subscription.close()
+    return gathering.result()
+
+
+class _Gathering:
+    """What both call styles of collect share: the limits, the parts and the progress bar."""
+
+    def __init__(
+        self, seconds: float | None, max_rows: int | None, progress: bool | None, tag_columns: Sequence[str]
+    ) -> None:
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.max_rows = max_rows
+        self.tag_columns = tag_columns
+        self.bar = _Progress(progress, seconds, max_rows)
+        self.parts: list[Batch] = []
+        self.rows = 0
+
+    def next_request(self) -> tuple[int, float] | None:
+        """The next batch to ask for (rows, seconds to wait), or None when done."""
+        if self.max_rows is not None and self.rows >= self.max_rows:
+            return None
+        left = None if self.deadline is None else self.deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return None
+        chunk = 50_000 if self.max_rows is None else min(50_000, self.max_rows - self.rows)
+        return chunk, 0.25 if left is None else min(0.25, left)
+
+    def add(self, part: Batch) -> None:
+        if len(part):
+            self.parts.append(part)
+            self.rows += len(part)
+        self.bar.update(len(part), self.rows)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def result(self) -> Batch:
+        return Batch.concat(self.parts, tag_columns=self.tag_columns)

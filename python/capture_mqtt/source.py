@@ -163,9 +163,15 @@ class _SourceMixin(_BaseClient):
         ``host`` (and any option, such as ``port``) override what the file says. See
         :func:`load_auth_config`.
 
+        >>> import json, os, tempfile, urllib.parse
         >>> import capture_mqtt as cm
-        >>> cm.SourceClient.from_auth_config.__name__, cm.AsyncSourceClient.from_auth_config.__name__
-        ('from_auth_config', 'from_auth_config')
+        >>> url = urllib.parse.urlsplit(os.environ["SOURCE_URL"])  # stands in for the portal's download
+        >>> path = os.path.join(tempfile.mkdtemp(), "auth.json")
+        >>> with open(path, "w") as f:
+        ...     json.dump({"SourceID": url.username, "Password": url.password, "Broker": url.hostname}, f)
+        >>> with cm.SourceClient.from_auth_config(path, transport="mqtt", port=url.port) as src:
+        ...     src.source_id, src.is_connected
+        ('src-1', True)
         """
         config = load_auth_config(path)
         merged: dict[str, Any] = {
@@ -196,9 +202,12 @@ class _SourceMixin(_BaseClient):
         """A source client from the same environment variables as :meth:`Client.from_env`; the username
         is the source id.
 
+        >>> import os
         >>> import capture_mqtt as cm
-        >>> cm.SourceClient.from_env.__name__
-        'from_env'
+        >>> os.environ["CAPTURE_MQTT_URL"] = "mqtts://6d1a:s3cret@broker.example:8883"
+        >>> cm.SourceClient.from_env(connect=False).source_id
+        '6d1a'
+        >>> del os.environ["CAPTURE_MQTT_URL"]
         """
         return cls._from_options({**_env_options(), **options})
 
@@ -307,9 +316,12 @@ class SourceClient(_SourceMixin, Client):
         broker acknowledged it, or, with a durable outbox (``outbox=``), once it is on disk (``wait``
         as in :meth:`Client.publish`); bad values raise :class:`PayloadError` before anything is sent.
 
+        >>> import os
         >>> import capture_mqtt as cm
-        >>> cm.SourceClient.push.__name__
-        'push'
+        >>> with cm.SourceClient.from_url(os.environ["SOURCE_URL"]) as src:
+        ...     src.push("Line1", "Press", {"Pressure_bar": 4.2, "Running": True}, tags={"Shift": "A"})
+        ...     src.stats["acknowledged"]
+        1
         """
         topic, payload = self._push_message(connection, measurement, fields, tags, timestamp, naive=naive)
         return self._publish(topic, payload, qos=qos, retain=False, wait=wait, timeout=timeout)
@@ -330,9 +342,12 @@ class SourceClient(_SourceMixin, Client):
     ) -> Any:
         """Pushes one field-level message (one value).
 
+        >>> import os
         >>> import capture_mqtt as cm
-        >>> cm.SourceClient.push_field.__name__
-        'push_field'
+        >>> with cm.SourceClient.from_url(os.environ["SOURCE_URL"]) as src:
+        ...     src.push_field("Line1", "Press", "Pressure_bar", 4.2)
+        ...     src.stats["acknowledged"]
+        1
         """
         topic, payload = self._field_message(
             connection, measurement, key, value, tags=tags, timestamp=timestamp, naive=naive
@@ -360,9 +375,19 @@ class SourceClient(_SourceMixin, Client):
         the messages sent, once all were acknowledged, or, with a durable outbox (``outbox=``), once all
         are on disk (``wait`` as in :meth:`Client.publish`).
 
+        >>> import os
+        >>> import pandas as pd
         >>> import capture_mqtt as cm
-        >>> cm.SourceClient.push_frame.__name__
-        'push_frame'
+        >>> frame = pd.DataFrame(
+        ...     {"UtcTimestamp": pd.to_datetime(["2024-11-08 10:00:00", "2024-11-08 10:00:01"], utc=True),
+        ...      "Pressure_bar": [4.2, 4.3], "Machine": ["P1", "P1"]}
+        ... )
+        >>> with cm.SourceClient.from_url(os.environ["SOURCE_URL"]) as src:
+        ...     src.push_frame(
+        ...         frame, connection="Line1", measurement="Press",
+        ...         timestamp_column="UtcTimestamp", tag_columns=["Machine"],
+        ...     )
+        2
         """
         operations = self._frame_operations(
             frame,
@@ -378,7 +403,17 @@ class SourceClient(_SourceMixin, Client):
         return sum(op.wait() for op in operations)
 
     def subscribe_raw(self, *args: Any, **kwargs: Any) -> Subscription[DataPoint]:
-        """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`)."""
+        """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`); a source
+        reads its own subtree (:meth:`commands`).
+
+        >>> import capture_mqtt as cm
+        >>> src = cm.SourceClient("broker.example", source_id="6d1a", password="s3cret", connect=False)
+        >>> src.subscribe_raw()
+        Traceback (most recent call last):
+        ...
+        capture_mqtt.errors.TopicError: a source cannot subscribe to the raw tree: ...
+        >>> src.close()
+        """
         raise TopicError(f"a source cannot subscribe to the raw tree: {SCOPE_RULE}", segment="topic", value="v1/raw")
 
     def commands(
@@ -391,9 +426,14 @@ class SourceClient(_SourceMixin, Client):
         """The commands sent to this source (``v1/sources/<id>/cmd/+``), as :class:`Command` objects:
         ``for cmd in src.commands(): ...``.
 
+        >>> import os
         >>> import capture_mqtt as cm
-        >>> cm.SourceClient.commands.__name__
-        'commands'
+        >>> with cm.SourceClient.from_url(os.environ["SOURCE_URL"]) as src, src.commands() as commands:
+        ...     with cm.Client.from_env() as operator:
+        ...         operator.send_command("src-1", "Line1/Valve/Open", True)
+        ...     command = commands.get(timeout=10)
+        >>> command.connection, command.measurement, command.variable, command.data
+        ('Line1', 'Valve', 'Open', 'true')
         """
         options.setdefault("qos", 1)
         return self.subscribe(self._command_filter(verb), decode="command", callback=callback, **options)
@@ -403,9 +443,15 @@ class SourceClient(_SourceMixin, Client):
     ) -> Subscription[Command]:
         """Calls ``callback(command)`` for every command, on a dispatcher thread.
 
+        >>> import os, threading
         >>> import capture_mqtt as cm
-        >>> cm.SourceClient.on_command.__name__
-        'on_command'
+        >>> done = threading.Event()
+        >>> with cm.SourceClient.from_url(os.environ["SOURCE_URL"]) as src:
+        ...     handler = src.on_command(lambda command: done.set())
+        ...     with cm.Client.from_env() as operator:
+        ...         operator.send_command("src-1", "Line1/Valve/Open", True)
+        ...     done.wait(10)
+        True
         """
         return self.commands(verb, callback=callback, **options)
 
@@ -454,9 +500,14 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
     ) -> None:
         """Like :meth:`SourceClient.push`, awaitable.
 
+        >>> import asyncio, os
         >>> import capture_mqtt as cm
-        >>> cm.AsyncSourceClient.push.__name__
-        'push'
+        >>> async def main():
+        ...     async with cm.AsyncSourceClient.from_url(os.environ["SOURCE_URL"]) as src:
+        ...         await src.push("Line1", "Press", {"Pressure_bar": 4.2})
+        ...         return src.stats["acknowledged"]
+        >>> asyncio.run(main())
+        1
         """
         topic, payload = self._push_message(connection, measurement, fields, tags, timestamp, naive=naive)
         await self.publish(topic, payload, qos=qos, wait=wait, timeout=timeout)
@@ -477,9 +528,14 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
     ) -> None:
         """Like :meth:`SourceClient.push_field`, awaitable.
 
+        >>> import asyncio, os
         >>> import capture_mqtt as cm
-        >>> cm.AsyncSourceClient.push_field.__name__
-        'push_field'
+        >>> async def main():
+        ...     async with cm.AsyncSourceClient.from_url(os.environ["SOURCE_URL"]) as src:
+        ...         await src.push_field("Line1", "Press", "Pressure_bar", 4.2)
+        ...         return src.stats["acknowledged"]
+        >>> asyncio.run(main())
+        1
         """
         topic, payload = self._field_message(
             connection, measurement, key, value, tags=tags, timestamp=timestamp, naive=naive
@@ -502,9 +558,15 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         """Like :meth:`SourceClient.push_frame`, awaitable (the rows are converted and sent in Rust,
         off the event loop).
 
+        >>> import asyncio, os
+        >>> import pandas as pd
         >>> import capture_mqtt as cm
-        >>> cm.AsyncSourceClient.push_frame.__name__
-        'push_frame'
+        >>> frame = pd.DataFrame({"Pressure_bar": [4.2, 4.3, 4.4]})  # no time column: stamped when sent
+        >>> async def main():
+        ...     async with cm.AsyncSourceClient.from_url(os.environ["SOURCE_URL"]) as src:
+        ...         return await src.push_frame(frame, connection="Line1", measurement="Press")
+        >>> asyncio.run(main())
+        3
         """
         operations = self._frame_operations(
             frame,
@@ -520,15 +582,33 @@ class AsyncSourceClient(_SourceMixin, AsyncClient):
         return sum([await op for op in operations])
 
     async def subscribe_raw(self, *args: Any, **kwargs: Any) -> AsyncSubscription[DataPoint]:
-        """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`)."""
+        """Not for sources: the raw tree is outside a source's scope (:class:`TopicError`).
+
+        >>> import asyncio
+        >>> import capture_mqtt as cm
+        >>> src = cm.AsyncSourceClient("broker.example", source_id="6d1a", password="s3cret")
+        >>> asyncio.run(src.subscribe_raw())
+        Traceback (most recent call last):
+        ...
+        capture_mqtt.errors.TopicError: a source cannot subscribe to the raw tree: ...
+        >>> asyncio.run(src.close())
+        """
         raise TopicError(f"a source cannot subscribe to the raw tree: {SCOPE_RULE}", segment="topic", value="v1/raw")
 
     async def commands(self, verb: str = "+", **options: Unpack[AsyncSubscribeOptions]) -> AsyncSubscription[Command]:
         """The commands sent to this source: ``async for cmd in await src.commands(): ...``.
 
+        >>> import asyncio, os
         >>> import capture_mqtt as cm
-        >>> cm.AsyncSourceClient.commands.__name__
-        'commands'
+        >>> async def main():
+        ...     async with cm.AsyncSourceClient.from_url(os.environ["SOURCE_URL"]) as src:
+        ...         commands = await src.commands()
+        ...         async with cm.AsyncClient.from_env() as operator:
+        ...             await operator.send_command("src-1", "Line1/Valve/Open", True)
+        ...         async for command in commands:
+        ...             return command.variable
+        >>> asyncio.run(main())
+        'Open'
         """
         options.setdefault("qos", 1)
         return await self.subscribe(self._command_filter(verb), decode="command", **options)

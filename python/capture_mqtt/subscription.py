@@ -39,8 +39,8 @@ class _SubscriptionBase:
         """Counters at this moment: received, delivered, malformed, dropped, queued."""
         return dict(self._native.stats())
 
-    def _batch(self, max_rows: int, timeout: float | None, tag_columns: Sequence[str]) -> Batch:
-        native, malformed = self._native.batch(max_rows, timeout, list(tag_columns))
+    def _batch(self, taken: tuple[_core._Batch, list[MalformedMessage]]) -> Batch:
+        native, malformed = taken
         for item in malformed:
             self._keep(item)
         return Batch(native)
@@ -67,8 +67,12 @@ class Subscription(_SubscriptionBase, Generic[ItemT]):
     (a :class:`MalformedMessage` with topic, raw bytes and reason); the stream goes on.
 
     >>> import capture_mqtt as cm
-    >>> cm.Subscription.__name__
-    'Subscription'
+    >>> with cm.Client.from_env() as client, client.subscribe_raw(measurement="Monitoring") as sub:
+    ...     first = sub.get(timeout=10)
+    ...     for point in sub:
+    ...         break
+    >>> first.key, point.key
+    ('CPU_Temp', 'CPU_Temp')
     """
 
     def __init__(
@@ -127,8 +131,11 @@ class Subscription(_SubscriptionBase, Generic[ItemT]):
         Raises :class:`ClosedError` once the subscription has ended and everything was read.
 
         >>> import capture_mqtt as cm
-        >>> cm.Subscription.get.__name__
-        'get'
+        >>> with cm.Client.from_env() as client, client.subscribe_raw(measurement="Monitoring") as sub:
+        ...     point = sub.get(timeout=10)
+        ...     nothing = client.subscribe_raw(measurement="NoSuchMeasurement").get(timeout=0.1)
+        >>> point.value, nothing
+        (55, None)
         """
         while True:
             item = self._native.get(timeout)
@@ -144,10 +151,12 @@ class Subscription(_SubscriptionBase, Generic[ItemT]):
         into columns of their own. Raises :class:`ClosedError` once the subscription has ended.
 
         >>> import capture_mqtt as cm
-        >>> cm.Subscription.batch.__name__
-        'batch'
+        >>> with cm.Client.from_env() as client, client.subscribe_raw(measurement="Monitoring") as sub:
+        ...     batch = sub.batch(max_rows=3, timeout=10)
+        >>> len(batch), batch.to_pandas()["value"].tolist()
+        (3, [55.0, 55.0, 55.0])
         """
-        return self._batch(max_rows, timeout, tag_columns)
+        return self._batch(self._native.batch(max_rows, timeout, list(tag_columns)).wait())
 
     def batches(
         self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()
@@ -155,12 +164,18 @@ class Subscription(_SubscriptionBase, Generic[ItemT]):
         """Batches until the subscription ends (empty ones are skipped): ``for b in sub.batches(): ...``.
 
         >>> import capture_mqtt as cm
-        >>> cm.Subscription.batches.__name__
-        'batches'
+        >>> with cm.Client.from_env() as client, client.subscribe_raw(measurement="Monitoring") as sub:
+        ...     sizes = []
+        ...     for batch in sub.batches(max_rows=2, timeout=10):
+        ...         sizes.append(len(batch))
+        ...         if len(sizes) == 3:
+        ...             break
+        >>> sizes
+        [2, 2, 2]
         """
         while True:
             try:
-                batch = self._batch(max_rows, timeout, tag_columns)
+                batch = self.batch(max_rows, timeout, tag_columns=tag_columns)
             except ClosedError:
                 return
             if len(batch):
@@ -170,8 +185,13 @@ class Subscription(_SubscriptionBase, Generic[ItemT]):
         """Stops delivery and unsubscribes at the broker.
 
         >>> import capture_mqtt as cm
-        >>> cm.Subscription.close.__name__
-        'close'
+        >>> with cm.Client.from_env() as client:
+        ...     sub = client.subscribe_raw(measurement="Monitoring")
+        ...     sub.close()
+        ...     sub.get(timeout=1)
+        Traceback (most recent call last):
+        ...
+        capture_mqtt.errors.ClosedError: the subscription to "v1/raw/AcmeCorp/+/+/Monitoring/#" has ended ...
         """
         self._native.close().wait()
         if self._thread is not None and self._thread is not threading.current_thread():
@@ -190,9 +210,15 @@ class AsyncSubscription(_SubscriptionBase, Generic[ItemT]):
     """A subscription for asyncio: ``async for item in sub``. Items reach the event loop in chunks
     (one wake-up per chunk, not per message).
 
+    >>> import asyncio
     >>> import capture_mqtt as cm
-    >>> cm.AsyncSubscription.__name__
-    'AsyncSubscription'
+    >>> async def main():
+    ...     async with cm.AsyncClient.from_env() as client:
+    ...         async with await client.subscribe_raw(measurement="Monitoring") as sub:
+    ...             async for point in sub:
+    ...                 return point.measurement
+    >>> asyncio.run(main())
+    'Monitoring'
     """
 
     def __init__(self, native: Any, *, on_malformed: Callable[[MalformedMessage], object] | None = None) -> None:
@@ -248,13 +274,18 @@ class AsyncSubscription(_SubscriptionBase, Generic[ItemT]):
     ) -> Batch:
         """Like :meth:`Subscription.batch`, without blocking the event loop.
 
+        >>> import asyncio
         >>> import capture_mqtt as cm
-        >>> cm.AsyncSubscription.batch.__name__
-        'batch'
+        >>> async def main():
+        ...     async with cm.AsyncClient.from_env() as client:
+        ...         sub = await client.subscribe_raw(measurement="Monitoring")
+        ...         return len(await sub.batch(max_rows=3, timeout=10))
+        >>> asyncio.run(main())
+        3
         """
         if self._buffer:
             raise RuntimeError("batch() after a partial async iteration would reorder items; use one or the other")
-        return await asyncio.to_thread(self._batch, max_rows, timeout, tag_columns)
+        return self._batch(await self._native.batch(max_rows, timeout, list(tag_columns)))
 
     async def batches(
         self, max_rows: int = 10_000, timeout: float | None = 1.0, *, tag_columns: Sequence[str] = ()
@@ -262,9 +293,15 @@ class AsyncSubscription(_SubscriptionBase, Generic[ItemT]):
         """Like :meth:`Subscription.batches`: ``async for b in sub.batches(): ...`` until the
         subscription ends (empty batches are skipped).
 
+        >>> import asyncio
         >>> import capture_mqtt as cm
-        >>> cm.AsyncSubscription.batches.__name__
-        'batches'
+        >>> async def main():
+        ...     async with cm.AsyncClient.from_env() as client:
+        ...         sub = await client.subscribe_raw(measurement="Monitoring")
+        ...         async for batch in sub.batches(max_rows=2, timeout=10):
+        ...             return len(batch)
+        >>> asyncio.run(main())
+        2
         """
         while True:
             try:
@@ -277,9 +314,14 @@ class AsyncSubscription(_SubscriptionBase, Generic[ItemT]):
     async def get(self, timeout: float | None = None) -> ItemT | None:
         """The next item, or None after ``timeout`` seconds.
 
+        >>> import asyncio
         >>> import capture_mqtt as cm
-        >>> cm.AsyncSubscription.get.__name__
-        'get'
+        >>> async def main():
+        ...     async with cm.AsyncClient.from_env() as client:
+        ...         sub = await client.subscribe_raw(measurement="Monitoring")
+        ...         return (await sub.get(timeout=10)).value, await sub.get(timeout=0)
+        >>> asyncio.run(main())[0]
+        55
         """
         try:
             return await asyncio.wait_for(self.__anext__(), timeout)
@@ -291,9 +333,15 @@ class AsyncSubscription(_SubscriptionBase, Generic[ItemT]):
     async def close(self) -> None:
         """Stops delivery and unsubscribes at the broker.
 
+        >>> import asyncio
         >>> import capture_mqtt as cm
-        >>> cm.AsyncSubscription.close.__name__
-        'close'
+        >>> async def main():
+        ...     async with cm.AsyncClient.from_env() as client:
+        ...         sub = await client.subscribe_raw(measurement="Monitoring")
+        ...         await sub.close()
+        ...         return [point async for point in sub]
+        >>> asyncio.run(main())
+        []
         """
         await self._native.close()
 

@@ -10,8 +10,10 @@ use pyo3::types::PyBytes;
 /// A plain MQTT message (from a subscription with a filter outside Capture's raw tree).
 ///
 /// >>> import capture_mqtt as cm
-/// >>> cm.Message.__name__
-/// 'Message'
+/// >>> with cm.Client.from_env() as client, client.subscribe("v1/raw/AcmeCorp/#", decode="bytes") as sub:
+/// ...     message = sub.get(timeout=10)
+/// >>> message.topic, message.payload[:10], message.qos
+/// ('v1/raw/AcmeCorp/src-1/Conn/Monitoring/CPU_Temp', b'{"Value":5', 0)
 #[pyclass(module = "capture_mqtt", name = "Message", frozen, get_all)]
 pub struct PyMessage {
     /// The topic it was published to.
@@ -41,9 +43,18 @@ impl PyMessage {
 ///
 /// Counted in the subscription's `stats["malformed"]`; the stream goes on after it.
 ///
+/// >>> import os
 /// >>> import capture_mqtt as cm
-/// >>> cm.MalformedMessage.__name__
-/// 'MalformedMessage'
+/// >>> seen = []
+/// >>> with cm.SourceClient.from_url(os.environ.get("SOURCE_URL")) as src:
+/// ...     # Not the raw tree, so decoding as raw data points fails: each message is handed over.
+/// ...     sub = src.subscribe("v1/sources/src-1/data/read/#", decode="raw", on_malformed=seen.append)
+/// ...     src.push_field("Line1", "Press", "Pressure_bar", 4.2)
+/// ...     sub.get(timeout=1)
+/// ...     sub.stats["malformed"]
+/// 1
+/// >>> seen[0].topic, seen[0].reason[:20]
+/// ('v1/sources/src-1/data/read/Line1/Press/Pressure_bar', '...')
 #[pyclass(module = "capture_mqtt", name = "MalformedMessage", frozen, get_all)]
 pub struct PyMalformed {
     /// The topic it arrived on.

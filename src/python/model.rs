@@ -127,6 +127,12 @@ impl PyDataPoint {
         self.retain
     }
     /// All fields as a plain dict (for `pandas.DataFrame(points)` style code).
+    ///
+    /// >>> import capture_mqtt as cm
+    /// >>> point = cm.parse_raw("v1/raw/AcmeCorp/src-1/Conn/Monitoring/CPU_Temp", b'{"Value": 55, "UtcTimestamp": 1731061326260}')
+    /// >>> key, value, timestamp = map(point.to_dict().get, ("key", "value", "timestamp"))
+    /// >>> key, value, timestamp.isoformat()
+    /// ('CPU_Temp', 55, '2024-11-08T10:22:06.260000+00:00')
     fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let dict = PyDict::new(py);
         dict.set_item("topic", self.topic())?;

@@ -11,7 +11,7 @@ use super::session::block_on;
 use super::subscription::PySubscription;
 use crate::payload::PayloadError;
 use crate::session::{Completions, Item, Operation, Route, Session, SessionError};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyList;
@@ -33,6 +33,7 @@ pub enum OpError {
     /// A subscription with nothing more to give: its filter.
     Ended(String),
     Type(String),
+    Value(String),
 }
 
 impl From<SessionError> for OpError {
@@ -128,6 +129,7 @@ pub fn op_error(py: Python<'_>, session: &Session, err: OpError) -> PyErr {
             session_error(py, &error)
         }
         OpError::Type(message) => PyTypeError::new_err(message),
+        OpError::Value(message) => PyValueError::new_err(message),
     }
 }
 

@@ -4,19 +4,15 @@
 use super::batch::PyBatch;
 use super::errors::session_error;
 use super::message::item_to_py;
-use super::operation::{Outcome, PyOperation};
+use super::operation::{OpError, Outcome, PyOperation};
 use super::session::SIGNAL_CHECK;
-use crate::columnar;
+use crate::session::batch::{self, CollectError, Collected};
 use crate::session::{Completions, Item, Pop, Route, Session, SessionError};
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
-
-/// How long a batch waits for more rows after the first one arrives, to take them in chunks.
-const BATCH_LINGER: Duration = Duration::from_millis(2);
 
 /// The native half of a subscription: its queue and its counters.
 #[pyclass(module = "capture_mqtt._core", name = "_Subscription", frozen)]
@@ -151,17 +147,17 @@ impl PySubscription {
         Ok(out)
     }
 
-    /// Up to `max_rows` data points as one Arrow batch, waiting up to `timeout` seconds in all; also
-    /// the malformed messages met on the way. Raises `ClosedError` when the subscription has ended and
-    /// nothing was left, and the subscription's error if it failed.
+    /// Up to `max_rows` data points as one Arrow batch, waiting up to `timeout` seconds in all
+    /// (forever with None), and the malformed messages met on the way: an operation. It raises
+    /// `ClosedError` when the subscription has ended and nothing was left, and the subscription's
+    /// error if it failed.
     #[pyo3(signature = (max_rows, timeout, tag_columns = Vec::new()))]
-    fn batch<'py>(
+    fn batch(
         &self,
-        py: Python<'py>,
         max_rows: usize,
         timeout: Option<f64>,
         tag_columns: Vec<String>,
-    ) -> PyResult<(PyBatch, Vec<Bound<'py, PyAny>>)> {
+    ) -> PyResult<PyOperation> {
         if max_rows == 0 {
             return Err(PyValueError::new_err("max_rows must be at least 1"));
         }
@@ -172,63 +168,27 @@ impl PySubscription {
                 )));
             }
         }
-        let deadline = timeout.map(|t| std::time::Instant::now() + super::convert::seconds(t));
-        let mut builder =
-            columnar::BatchBuilder::new(PyBatch::options(tag_columns), max_rows.min(65_536));
-        let mut malformed = Vec::new();
+        let within = timeout.map(super::convert::seconds);
         let queue = Arc::clone(&self.route.queue);
-        let mut closed = false;
-        while builder.len() < max_rows {
-            let items = queue.drain(max_rows - builder.len());
-            if items.is_empty() {
-                let now = std::time::Instant::now();
-                if deadline.is_some_and(|d| now >= d) {
-                    break;
+        let filter = self.route.filter.clone();
+        let options = PyBatch::options(tag_columns);
+        Ok(PyOperation::new(
+            &self.session,
+            &self.completions,
+            "the batch was not complete",
+            async move {
+                match batch::collect(&queue, max_rows, within, options).await {
+                    Ok(Collected { batch, malformed }) => Ok(Outcome::Batch(batch, malformed)),
+                    Err(CollectError::Failed(err)) => Err(OpError::Session(err)),
+                    Err(CollectError::Ended) => Err(OpError::Ended(filter)),
+                    Err(CollectError::NotPoints) => Err(OpError::Type(
+                        "batches hold Capture data points: subscribe to the raw tree (v1/raw/...) for them"
+                            .to_owned(),
+                    )),
+                    Err(CollectError::Arrow(message)) => Err(OpError::Value(message)),
                 }
-                let wait = deadline.map_or(SIGNAL_CHECK, |d| (d - now).min(SIGNAL_CHECK));
-                let wanted = (max_rows - builder.len()).min(4096);
-                let ready = py.detach(|| queue.wait_for(wanted, BATCH_LINGER, wait));
-                if !ready {
-                    if queue.is_closed() && queue.is_empty() {
-                        closed = true;
-                        break;
-                    }
-                    py.check_signals()?;
-                }
-                continue;
-            }
-            let mut failed = None;
-            for item in items {
-                if failed.is_some() {
-                    queue.push_front(item);
-                    continue;
-                }
-                match item {
-                    Item::Point { point, .. } => builder.push(&point),
-                    Item::Error(err) => failed = Some(err),
-                    other @ Item::Malformed { .. } => malformed.push(item_to_py(py, other)?),
-                    Item::Command { .. } | Item::Message(_) => {
-                        return Err(PyTypeError::new_err(
-                            "batches hold Capture data points: subscribe to the raw tree (v1/raw/...) for them",
-                        ))
-                    }
-                }
-            }
-            if let Some(err) = failed {
-                if builder.is_empty() {
-                    return Err(session_error(py, &err));
-                }
-                queue.push_front(Item::Error(err));
-                break;
-            }
-        }
-        if closed && builder.is_empty() && malformed.is_empty() {
-            return Err(self.ended(py));
-        }
-        let batch = builder
-            .finish()
-            .map_err(|e| PyValueError::new_err(format!("building the Arrow batch failed: {e}")))?;
-        Ok((PyBatch { batch }, malformed))
+            },
+        ))
     }
 
     /// An awaitable that resolves when items are queued (or the subscription ended): asyncio

@@ -8,6 +8,7 @@
 //! wake the task, which takes them in order as the in-flight window allows and writes them in
 //! batches. Subscriptions and unsubscriptions reach it the same way, as controls.
 
+pub mod batch;
 pub mod codec;
 pub mod config;
 mod engine;

@@ -426,6 +426,50 @@ impl<T> Queue<T> {
         }
     }
 
+    /// `wait_for` for async consumers: waits until `min_items` are queued, or `linger` has passed
+    /// since the first one arrived, or `deadline` has passed, or the queue is closed. True when
+    /// there is something to take.
+    pub async fn chunk(
+        &self,
+        min_items: usize,
+        linger: Duration,
+        deadline: Option<tokio::time::Instant>,
+    ) -> bool {
+        let mut first_seen: Option<tokio::time::Instant> = None;
+        loop {
+            let waiter = self.async_readable.notified();
+            let now = tokio::time::Instant::now();
+            {
+                let inner = self.lock();
+                if !inner.items.is_empty() {
+                    let since = *first_seen.get_or_insert(now);
+                    if inner.items.len() >= min_items
+                        || now >= since + linger
+                        || deadline.is_some_and(|d| now >= d)
+                    {
+                        return true;
+                    }
+                }
+                if inner.closed {
+                    return !inner.items.is_empty();
+                }
+            }
+            if deadline.is_some_and(|d| now >= d) {
+                return false;
+            }
+            let until = match (first_seen.map(|since| since + linger), deadline) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            match until {
+                Some(until) => {
+                    let _ = tokio::time::timeout_at(until, waiter).await;
+                }
+                None => waiter.await,
+            }
+        }
+    }
+
     /// Takes up to `max` items that are queued now, without waiting.
     pub fn drain(&self, max: usize) -> Vec<T> {
         let mut inner = self.lock();
