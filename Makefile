@@ -7,9 +7,9 @@ STAMPS := .stamps
 RUST_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 PY_SRC := $(shell find python -name '*.py' -o -name '*.pyi')
 
-.PHONY: test demo soak fuzz lint rust-test py-test stubtest build deps mosquitto bench clean
+.PHONY: test demo soak fuzz lint rust-test py-test stubtest docs build deps mosquitto bench clean
 
-test: lint rust-test stubtest py-test
+test: lint rust-test stubtest docs py-test
 
 # A local Capture emulator with a simulated plant, watched live for a few seconds, then a pandas summary.
 demo: $(STAMPS)/build mosquitto
@@ -49,6 +49,11 @@ rust-test: mosquitto
 stubtest: $(STAMPS)/build
 	$(PY) -m mypy.stubtest capture_mqtt --allowlist stubtest-allowlist.txt --mypy-config-file pyproject.toml
 
+# The documentation site (README, the guides in docs/, the API reference from the docstrings and stubs)
+# into site/; a warning (a broken link or reference) fails it.
+docs: $(STAMPS)/build
+	$(VENV)/bin/mkdocs build --strict  # not --quiet: it hides the warnings that --strict counts
+
 py-test: $(STAMPS)/build mosquitto
 	$(PY) -m pytest -q
 
@@ -70,4 +75,4 @@ fuzz:
 	scripts/fuzz.sh
 
 clean:
-	rm -rf $(STAMPS) target $(VENV)
+	rm -rf $(STAMPS) target $(VENV) site
