@@ -31,38 +31,33 @@ TOPIC = "bench/async"
 PAYLOAD = b'{"Value": 21.5, "UtcTimestamp": "2024-11-08T10:00:00.000Z"}'
 
 
+async def drive(client: Any, scenario: str, n: int) -> float:
+    """The scenario's publishes on a connected client of either library (same call shape)."""
+    for _ in range(100):  # warm up
+        await client.publish(TOPIC, PAYLOAD, qos=1)
+    started = time.perf_counter()
+    if scenario == "gather1":
+        await asyncio.gather(*(client.publish(TOPIC, PAYLOAD, qos=1) for _ in range(n)))
+    else:
+        qos = 0 if scenario == "seq0" else 1
+        for _ in range(n):
+            await client.publish(TOPIC, PAYLOAD, qos=qos)
+    return time.perf_counter() - started
+
+
 async def run_cm(port: int, scenario: str, n: int) -> float:
     import capture_mqtt as cm
 
     async with cm.AsyncClient("127.0.0.1", transport="mqtt", port=port, inflight=65_535) as client:
-        for _ in range(100):  # warm up
-            await client.publish(TOPIC, PAYLOAD, qos=1)
-        started = time.perf_counter()
-        if scenario == "gather1":
-            await asyncio.gather(*(client.publish(TOPIC, PAYLOAD, qos=1) for _ in range(n)))
-        else:
-            qos = 0 if scenario == "seq0" else 1
-            for _ in range(n):
-                await client.publish(TOPIC, PAYLOAD, qos=qos)
-        return time.perf_counter() - started
+        return await drive(client, scenario, n)
 
 
 async def run_aiomqtt(port: int, scenario: str, n: int) -> float:
     import aiomqtt
 
-    async with aiomqtt.Client(
-        "127.0.0.1", port, max_inflight_messages=65_535, max_queued_outgoing_messages=0
-    ) as client:
-        for _ in range(100):
-            await client.publish(TOPIC, PAYLOAD, qos=1)
-        started = time.perf_counter()
-        if scenario == "gather1":
-            await asyncio.gather(*(client.publish(TOPIC, PAYLOAD, qos=1) for _ in range(n)))
-        else:
-            qos = 0 if scenario == "seq0" else 1
-            for _ in range(n):
-                await client.publish(TOPIC, PAYLOAD, qos=qos)
-        return time.perf_counter() - started
+    client = aiomqtt.Client("127.0.0.1", port, max_inflight_messages=65_535, max_queued_outgoing_messages=0)
+    async with client:
+        return await drive(client, scenario, n)
 
 
 def child(argv: list[str]) -> None:

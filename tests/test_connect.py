@@ -821,3 +821,11 @@ def test_refusal_is_delivered_to_a_subscription_declared_before_connecting(dynse
             wait_until(lambda: allowed._native.is_active, what="the allowed subscription")
             pipeline.publish(RAW_TOPIC, cm.field_payload(4), qos=1)
             assert allowed.get(timeout=5) is not None
+
+
+@pytest.mark.parametrize("company", ["", "Acme/1", "+", "#", "Acme\0"])
+def test_a_bad_company_is_refused_before_anything_is_sent(company: str) -> None:
+    for make in (cm.Client, cm.AsyncClient):
+        with pytest.raises(cm.TopicError, match="company") as info:
+            make("127.0.0.1", transport="mqtt", port=1, company=company, connect=False)
+        assert info.value.segment == "company"

@@ -21,7 +21,7 @@ from typing import Any, Literal, Self, TypedDict, Unpack, cast, overload
 from . import _core
 from ._core import Command, DataPoint, MalformedMessage, Message
 from .auth import Auth
-from .errors import ClosedError, TopicError
+from .errors import ClosedError
 from .options import (
     DEFAULT_PORTS,
     DEFAULT_QUEUE_SIZE,
@@ -158,12 +158,6 @@ class _BaseClient:
             if password is None:
                 raise ValueError(f"username {username!r} was given without a password")
             auth = Auth.password(username, password)
-        if company is not None and (not company or any(c in company for c in "/+#\0")):
-            raise TopicError(
-                f"invalid company {company!r}: give the company's exact name (no '/', '+', '#')",
-                segment="company",
-                value=company,
-            )
         policy = reconnect if isinstance(reconnect, Reconnect) else Reconnect()
         self.company = company
         self._auth = auth

@@ -206,6 +206,11 @@ impl PySession {
             "source" => AccountKind::Source,
             _ => AccountKind::Unknown,
         };
+        if let Some(company) = company {
+            // The one check of the company option (Capture's rule for the company segment).
+            crate::topic::check_name(crate::topic::Segment::Company, company)
+                .map_err(|e| Python::attach(|py| super::errors::topic_error(py, &e)))?;
+        }
         if scope {
             config.scope = Scope::new(config.account_kind, company, source_id);
         }
