@@ -153,3 +153,29 @@ def test_two_event_loops_await_on_one_client(broker: Mosquitto) -> None:
             thread.join(timeout=30)
         assert not errors and all(not t.is_alive() for t in threads)
         assert pipeline.stats["acknowledged"] == 400
+
+
+def test_awaits_leave_nothing_behind_across_loops_and_cancellations(broker: Mosquitto) -> None:
+    raw = f"v1/raw/{COMPANY}/s/C/M/K"
+    with connect(broker, "pipeline") as pipeline, pipeline.subscribe(raw, qos=1, decode="raw") as sub:
+        native = sub._native
+
+        async def abandon() -> None:
+            task = asyncio.ensure_future(native.batch(10, None))  # waits for rows that never come
+            await asyncio.sleep(0.05)
+            task.cancel()
+
+        asyncio.run(abandon())  # the loop ends with that await cancelled
+
+        async def twice() -> int:
+            op = native.batch(1, None)
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(_aio.wait_operation(op), 0.05)  # the first await gives up
+            pipeline.publish(raw, cm.field_payload(1))
+            batch, malformed = await op  # the second one gets it
+            handles = [pipeline.publish("bench/idle", b"x", qos=1, wait=False) for _ in range(50)]
+            await asyncio.gather(*(h for h in handles if h is not None))
+            return len(batch) + len(malformed)
+
+        assert asyncio.run(twice()) == 1
+        assert _aio._WATCHES == {}, "a finished await left its watch behind"

@@ -1,10 +1,11 @@
 """Awaiting a native operation without a thread hop.
 
 An operation runs on the network runtime and, when it ends, its id goes on its session's completion
-list, whose doorbell descriptor turns readable when the list turns non-empty. The event loop watches
-that descriptor (``add_reader``): one wake-up settles every operation that ended meanwhile, and no
-network thread takes the interpreter lock. Where a loop has no ``add_reader`` (or the platform no
-descriptor), the wait runs in a worker thread instead.
+list, whose doorbell descriptor turns readable when the list turns non-empty. Each event loop that
+awaits an operation of that list watches the descriptor (``add_reader``) while it awaits any: one
+wake-up settles every operation that ended meanwhile, and no network thread takes the interpreter
+lock. Where a loop cannot watch descriptors (Windows' Proactor) or the platform has none, the wait
+runs in a worker thread instead.
 """
 
 from __future__ import annotations
@@ -17,72 +18,71 @@ _LOCK = threading.Lock()
 
 
 class _Watch:
-    """The operations awaited on one session's completion list, across event loops."""
+    """The awaits on one completion list, across event loops; lives while any await is pending."""
 
-    def __init__(self, completions: Any, fd: int) -> None:
+    def __init__(self, completions: Any, fd: int, key: int) -> None:
         self.completions = completions
         self.fd = fd
-        self.pending: dict[int, tuple[Any, asyncio.Future[Any]]] = {}
-        self.waiting: dict[asyncio.AbstractEventLoop, int] = {}  # awaited operations per loop
-        self.readers: set[asyncio.AbstractEventLoop] = set()
-
-    def add(self, op: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any] | None:
-        """A future for `op`'s end; None when `loop` cannot watch descriptors (Windows' Proactor)."""
-        with _LOCK:
-            watching = loop in self.readers
-        if not watching:
-            try:
-                loop.add_reader(self.fd, self.ring)
-            except NotImplementedError:
-                return None
-        future: asyncio.Future[Any] = loop.create_future()
-        with _LOCK:
-            self.pending[op.id] = (op, future)
-            self.waiting[loop] = self.waiting.get(loop, 0) + 1
-            self.readers.add(loop)
-        return future
+        self.key = key
+        self.pending: dict[int, list[tuple[Any, asyncio.Future[Any]]]] = {}
+        self.waiting: dict[asyncio.AbstractEventLoop, int] = {}  # pending awaits per loop (each has a reader)
 
     def ring(self) -> None:
+        """On a watching loop: settles every operation announced since the last ring."""
         running = asyncio.get_running_loop()
         ready = self.completions.take_ready()
         with _LOCK:
-            settled = [self.pending.pop(op_id) for op_id in ready if op_id in self.pending]
-            for _, future in settled:
-                self.waiting[future.get_loop()] -= 1
-        others = set()
-        for op, future in settled:
-            loop = future.get_loop()
-            if loop is running:
-                _settle(op, future)
-            else:
-                loop.call_soon_threadsafe(_settle, op, future)
-                others.add(loop)
-        self.release_if_idle(running)
-        for loop in others:
-            loop.call_soon_threadsafe(self.release_if_idle, loop)
+            settled = [(op_id, self.pending.pop(op_id)) for op_id in ready if op_id in self.pending]
+        for _, awaits in settled:
+            op = awaits[0][0]
+            try:
+                outcome: tuple[bool, Any] = (True, op.result())
+            except BaseException as err:
+                outcome = (False, err)
+            for _, future in awaits:
+                loop = future.get_loop()
+                if loop is running:
+                    _settle(future, outcome)
+                    continue
+                try:
+                    loop.call_soon_threadsafe(_settle, future, outcome)
+                except RuntimeError:  # that loop is closed: nobody awaits there any more
+                    self.forget(future, loop_closed=True)
 
-    def release_if_idle(self, loop: asyncio.AbstractEventLoop) -> None:
-        # Called on `loop` itself: a loop with nothing awaited stops watching the descriptor.
+    def forget(self, future: asyncio.Future[Any], *, loop_closed: bool = False) -> None:
+        """When an await ends (settled or cancelled), on its loop: a loop with nothing left to
+        await stops watching, and a watch with nothing left goes."""
+        loop = future.get_loop()
         with _LOCK:
-            if self.waiting.get(loop, 1) != 0:
+            if future.cancelled():
+                for op_id, awaits in list(self.pending.items()):
+                    kept = [entry for entry in awaits if entry[1] is not future]
+                    if kept:
+                        self.pending[op_id] = kept
+                    elif len(kept) != len(awaits):
+                        del self.pending[op_id]
+            left = self.waiting.get(loop, 0) - 1
+            if left > 0:
+                self.waiting[loop] = left
                 return
-            del self.waiting[loop]
-            self.readers.discard(loop)
-            if not self.readers:
-                _WATCHES.pop((self.fd, self.completions.key()), None)
-        loop.remove_reader(self.fd)
+            self.waiting.pop(loop, None)
+            if not self.waiting and _WATCHES.get(self.key) is self:
+                del _WATCHES[self.key]
+        if not loop_closed and not loop.is_closed():
+            loop.remove_reader(self.fd)
 
 
-def _settle(op: Any, future: asyncio.Future[Any]) -> None:
-    if future.done():  # the awaiting task was cancelled; the operation ended anyway
+def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+    if future.done():  # its task was cancelled; the operation ended anyway
         return
-    try:
-        future.set_result(op.result())
-    except BaseException as err:
-        future.set_exception(err)
+    ok, value = outcome
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
 
 
-_WATCHES: dict[tuple[int, int], _Watch] = {}
+_WATCHES: dict[int, _Watch] = {}
 
 
 async def wait_operation(op: Any) -> Any:
@@ -91,16 +91,25 @@ async def wait_operation(op: Any) -> Any:
         return op.result()
     completions = op.completions()
     fd = completions.fd()
-    loop = asyncio.get_running_loop()
     if fd is None:
         return await asyncio.to_thread(op.wait)
-    key = (fd, completions.key())
+    loop = asyncio.get_running_loop()
+    key = completions.key()
+    future: asyncio.Future[Any] = loop.create_future()
     with _LOCK:
         watch = _WATCHES.get(key)
         if watch is None:
-            watch = _WATCHES[key] = _Watch(completions, fd)
-    future = watch.add(op, loop)
-    if future is None:
-        return await asyncio.to_thread(op.wait)
+            watch = _WATCHES[key] = _Watch(completions, fd, key)
+        watching = loop in watch.waiting
+        watch.waiting[loop] = watch.waiting.get(loop, 0) + 1
+        watch.pending.setdefault(op.id, []).append((op, future))
+    if not watching:
+        try:
+            loop.add_reader(fd, watch.ring)
+        except NotImplementedError:  # this loop cannot watch a descriptor: wait in a thread
+            future.cancel()
+            watch.forget(future, loop_closed=True)
+            return await asyncio.to_thread(op.wait)
+    future.add_done_callback(watch.forget)
     op.start()
     return await future

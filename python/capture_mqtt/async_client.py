@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable
 from types import TracebackType
 from typing import Any, Literal, Self, Unpack, cast, overload
 
 from . import _core
 from ._core import Command, DataPoint, MalformedMessage, Message
-from .client import _LIVE, _BaseClient, _settle
+from .client import _LIVE, _BaseClient, _settle_soon
 from .errors import ClosedError
 from .options import (
     DEFAULT_QUEUE_SIZE,
@@ -107,7 +108,7 @@ class AsyncClient(_BaseClient):
         # The dispatcher thread ends after the session's last event: it tells the loop so.
         loop = asyncio.get_running_loop()
         ended = loop.create_future()
-        self._dispatcher_ended.append(lambda: loop.call_soon_threadsafe(_settle, ended))
+        self._dispatcher_ended.append(functools.partial(_settle_soon, loop, ended))
         await self._native.close_op(2.0)
         if self._dispatcher.is_alive():
             with contextlib.suppress(TimeoutError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
 import threading
@@ -365,6 +366,12 @@ class _BaseClient:
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _settle_soon(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> None:
+    # From another thread; a loop that closed meanwhile has nobody waiting any more.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(_settle, future)
 
 
 class Client(_BaseClient):

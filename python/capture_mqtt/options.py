@@ -70,15 +70,20 @@ class SourceOptions(ConnectionOptions, total=False):
     connect: bool
 
 
-class AsyncUrlOptions(ClientOptions, total=False):
-    """What ``AsyncClient.from_url`` and ``from_env`` take: the constructor's options, and ``host``,
-    overriding the URL's or the environment's."""
-
+class _UrlOptions(ClientOptions, total=False):
     host: str
 
 
-class UrlOptions(AsyncUrlOptions, total=False):
-    """What ``Client.from_url`` and ``from_env`` take."""
+class AsyncUrlOptions(_UrlOptions, total=False):
+    """What ``AsyncClient.from_url`` and ``from_env`` take: the constructor's options, and ``host``,
+    overriding the URL's or the environment's."""
+
+    connect: Literal[False]
+
+
+class UrlOptions(_UrlOptions, total=False):
+    """What ``Client.from_url`` and ``from_env`` take (and, shared by both call styles, the source
+    clients' ``from_url``, ``from_env`` and ``from_auth_config``; an async one refuses ``connect=True``)."""
 
     connect: bool
 

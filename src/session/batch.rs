@@ -63,28 +63,34 @@ pub async fn collect(
             }
             continue;
         }
-        let mut failed = None;
-        for item in items {
-            if failed.is_some() {
-                queue.push_front(item);
-                continue;
-            }
+        let mut items = items.into_iter();
+        let mut stop = None;
+        while let Some(item) = items.next() {
             match item {
                 Item::Point { point, .. } => builder.push(&point),
-                Item::Error(err) => failed = Some(err),
                 other @ Item::Malformed { .. } => malformed.push(other),
+                Item::Error(err) => {
+                    put_back(queue, items);
+                    stop = Some(CollectError::Failed(err));
+                    break;
+                }
                 other @ (Item::Command { .. } | Item::Message(_)) => {
-                    queue.push_front(other);
-                    return Err(CollectError::NotPoints);
+                    put_back(queue, std::iter::once(other).chain(items));
+                    stop = Some(CollectError::NotPoints);
+                    break;
                 }
             }
         }
-        if let Some(err) = failed {
-            if builder.is_empty() {
-                return Err(CollectError::Failed(err));
+        match stop {
+            None => {}
+            // Nothing taken yet: the error is this call's.
+            Some(err) if builder.is_empty() && malformed.is_empty() => return Err(err),
+            // Rows first: the error waits for the next call (a plain message stays queued).
+            Some(CollectError::Failed(err)) => {
+                queue.push_front(Item::Error(err));
+                break;
             }
-            queue.push_front(Item::Error(err));
-            break;
+            Some(_) => break,
         }
     }
     if closed && builder.is_empty() && malformed.is_empty() {
@@ -96,10 +102,18 @@ pub async fn collect(
     Ok(Collected { batch, malformed })
 }
 
+/// Puts items back at the front of the queue, in their order.
+fn put_back(queue: &Queue<Item>, items: impl Iterator<Item = Item>) {
+    let items: Vec<Item> = items.collect();
+    for item in items.into_iter().rev() {
+        queue.push_front(item);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::session::{runtime, Message, Overflow};
+    use crate::session::{runtime, Message, Overflow, Pop};
     use bytes::Bytes;
 
     fn point(value: i64) -> Item {
@@ -209,6 +223,22 @@ mod tests {
             Err(CollectError::NotPoints)
         ));
         assert_eq!(q.len(), 1);
+        // Rows before a plain message are given; it and what follows stay queued, in order.
+        let q = queue([point(1), Item::Message(message()), point(2), point(3)]);
+        assert_eq!(
+            take(&q, 10, Duration::from_secs(1))
+                .unwrap()
+                .batch
+                .num_rows(),
+            1
+        );
+        assert!(matches!(q.try_pop(), Pop::Item(Item::Message(_))));
+        let rest = take(&q, 10, Duration::from_millis(50)).unwrap().batch;
+        let values = rest.column_by_name("value").unwrap();
+        let shown: Vec<String> = (0..rest.num_rows())
+            .map(|i| arrow_cast::display::array_value_to_string(values, i).unwrap())
+            .collect();
+        assert_eq!(shown, ["2.0", "3.0"]);
     }
 
     #[test]

@@ -13,6 +13,9 @@ use std::time::Duration;
 /// At most this many acknowledgements are awaited at once: memory stays flat for any frame.
 const WINDOW: usize = 8192;
 
+/// A frame's rows give way to the connection's other work every this many rows.
+const YIELD_EVERY: usize = 1024;
+
 /// How a frame's rows become messages, and how long to wait.
 #[derive(Debug, Clone)]
 pub struct FrameOptions {
@@ -95,6 +98,11 @@ impl Session {
                     }
                 };
                 sent += 1;
+                if sent.is_multiple_of(YIELD_EVERY) {
+                    // The runtime has one network thread: let acknowledgements, pings and
+                    // incoming messages through between chunks of a large frame.
+                    tokio::task::yield_now().await;
+                }
                 if *qos > 0 && options.wait {
                     waiting.push_back(token);
                     while waiting.len() > WINDOW {

@@ -262,16 +262,16 @@ impl Completions {
     /// When the system refuses a socket pair.
     #[cfg(unix)]
     pub fn bell(&self) -> Result<&super::queue::Doorbell, String> {
-        self.bell
-            .get_or_init(|| {
-                let bell = super::queue::Doorbell::new()?;
-                if !self.lock().is_empty() {
-                    bell.ring_now(); // announced before the bell existed
-                }
-                Ok(bell)
-            })
+        let fresh = self.bell.get().is_none();
+        let bell = self
+            .bell
+            .get_or_init(super::queue::Doorbell::new)
             .as_ref()
-            .map_err(|e| format!("could not make the client's wake-up socket: {e}"))
+            .map_err(|e| format!("could not make the client's wake-up socket: {e}"))?;
+        if fresh && !self.lock().is_empty() {
+            bell.ring_now(); // announced before the bell existed: ring for those
+        }
+        Ok(bell)
     }
 }
 
