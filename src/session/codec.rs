@@ -1,7 +1,7 @@
 //! MQTT packets as the engine sees them, one type for MQTT 3.1.1 and 5, read and written with
 //! rumqttc's `mqttbytes` codec (the only part of rumqttc we use; its version is pinned exactly).
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::mqttbytes::QoS as QoS4;
 use rumqttc::v5::mqttbytes::v5;
@@ -174,6 +174,17 @@ impl Codec {
         if buf.len() < frame {
             return Ok(None);
         }
+        if self.version == Version::V5 && buf[0] == 0xE0 && frame <= 3 {
+            // A DISCONNECT with at most a reason code (MQTT 5 section 3.14.2.2.1: the property
+            // length may be left out), which mqttbytes 0.25 cannot read.
+            let reason = if frame == 3 { buf[2] } else { 0 };
+            buf.advance(frame);
+            let mut whole = BytesMut::from(&[0xE0, 0x02, reason, 0x00][..]);
+            return v5::Packet::read(&mut whole, None)
+                .map_err(|e| DecodeError::Malformed(e.to_string()))
+                .and_then(from_v5)
+                .map(Some);
+        }
         let packet = match self.version {
             Version::V311 => v4::Packet::read(buf, usize::MAX)
                 .map_err(|e| DecodeError::Malformed(e.to_string()))
@@ -187,6 +198,14 @@ impl Codec {
 
     /// Appends `packet` to `buf`.
     pub fn encode(&self, packet: &Packet, buf: &mut BytesMut) -> Result<(), String> {
+        if let (Version::V5, Packet::Disconnect { reason, .. }) = (self.version, packet) {
+            // Written here: mqttbytes 0.25 writes a reason code with a remaining length one short.
+            match reason {
+                0 => buf.extend_from_slice(&[0xE0, 0x00]),
+                code => buf.extend_from_slice(&[0xE0, 0x02, *code, 0x00]),
+            }
+            return Ok(());
+        }
         match self.version {
             Version::V311 => to_v4(packet)
                 .write(buf, usize::MAX)
@@ -594,6 +613,8 @@ fn to_v5(packet: &Packet) -> v5::Packet {
                 d.reason_code = v5::DisconnectReasonCode::SessionTakenOver;
             } else if *reason == 0x95 {
                 d.reason_code = v5::DisconnectReasonCode::PacketTooLarge;
+            } else if *reason == 0x87 {
+                d.reason_code = v5::DisconnectReasonCode::NotAuthorized;
             } else if *reason != 0 {
                 d.reason_code = v5::DisconnectReasonCode::UnspecifiedError;
             }
@@ -605,6 +626,39 @@ fn to_v5(packet: &Packet) -> v5::Packet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_mqtt5_disconnect_with_or_without_properties() {
+        let codec = Codec {
+            version: Version::V5,
+            max_incoming: 1 << 20,
+        };
+        // What a broker may send: no reason, a reason without a property length, or both.
+        for (bytes, reason) in [
+            (&[0xE0, 0x00][..], 0),
+            (&[0xE0, 0x01, 0x87][..], 0x87),
+            (&[0xE0, 0x02, 0x87, 0x00][..], 0x87),
+        ] {
+            let mut buf = BytesMut::from(bytes);
+            match codec.decode(&mut buf).unwrap() {
+                Some(Packet::Disconnect { reason: got, .. }) => assert_eq!(got, reason),
+                other => panic!("{bytes:?}: {other:?}"),
+            }
+            assert!(buf.is_empty());
+        }
+        // What we write is whole: remaining length 2 for a reason code.
+        let mut out = BytesMut::new();
+        codec
+            .encode(
+                &Packet::Disconnect {
+                    reason: 0x95,
+                    words: None,
+                },
+                &mut out,
+            )
+            .unwrap();
+        assert_eq!(&out[..], &[0xE0, 0x02, 0x95, 0x00]);
+    }
 
     fn roundtrip(version: Version, packet: &Packet) -> Packet {
         let codec = Codec {
