@@ -23,7 +23,7 @@ pub mod tls;
 pub mod transport;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 pub use config::{
     AccountKind, Credentials, CredentialsFuture, CredentialsProvider, OfflinePolicy, Protocol,

@@ -4,14 +4,14 @@ use super::*;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 
-struct Broker {
-    port: u16,
+pub(crate) struct Broker {
+    pub(crate) port: u16,
     config: std::path::PathBuf,
     child: Option<Child>,
 }
 
 impl Broker {
-    fn start() -> Broker {
+    pub(crate) fn start() -> Broker {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -38,7 +38,7 @@ impl Broker {
         broker
     }
 
-    fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         let binary = [
             "/usr/sbin/mosquitto",
             "/usr/local/sbin/mosquitto",
@@ -64,7 +64,7 @@ impl Broker {
         panic!("mosquitto did not start on port {}", self.port);
     }
 
-    fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();

@@ -1,0 +1,266 @@
+//! The gateway in front of a real Mosquitto, driven by raw MQTT clients written with the engine's
+//! codec, so that every byte a client sees is checked.
+
+use super::*;
+use crate::scope::AccountKind;
+use crate::session::codec::Connect;
+use crate::session::runtime;
+use crate::session::tests::Broker;
+use std::time::Instant;
+
+const WAIT: Duration = Duration::from_secs(5);
+
+struct Raw {
+    stream: TcpStream,
+    codec: Codec,
+    buf: BytesMut,
+}
+
+impl Raw {
+    async fn connect(gateway: &Gateway, version: Version, username: &str) -> Raw {
+        let stream = TcpStream::connect(gateway.addr()).await.unwrap();
+        let mut raw = Raw {
+            stream,
+            codec: Codec {
+                version,
+                max_incoming: usize::MAX,
+            },
+            buf: BytesMut::new(),
+        };
+        raw.send(&Packet::Connect(Connect {
+            client_id: format!("raw-{username}-{}", std::process::id()),
+            keepalive: 30,
+            clean: true,
+            login: Some((username.to_owned(), "secret".to_owned())),
+            session_expiry: None,
+            receive_maximum: None,
+            max_packet_size: None,
+        }))
+        .await;
+        match raw.next().await {
+            Some(Packet::ConnAck(ack)) => assert!(ack.refused.is_none(), "{ack:?}"),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        raw
+    }
+
+    async fn send(&mut self, packet: &Packet) {
+        let mut out = BytesMut::new();
+        self.codec.encode(packet, &mut out).unwrap();
+        self.stream.write_all(&out).await.unwrap();
+    }
+
+    /// The next packet within `WAIT`; None when the connection closed.
+    async fn next(&mut self) -> Option<Packet> {
+        self.next_within(WAIT)
+            .await
+            .expect("nothing arrived in time")
+    }
+
+    /// Err on timeout, Ok(None) when the connection closed.
+    async fn next_within(&mut self, limit: Duration) -> Result<Option<Packet>, ()> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(packet) = self.codec.decode(&mut self.buf).unwrap() {
+                return Ok(Some(packet));
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => return Err(()),
+                Ok(Ok(0) | Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    async fn subscribe(&mut self, filter: &str) -> Option<Packet> {
+        self.send(&Packet::Subscribe {
+            pkid: 1,
+            filters: vec![(filter.to_owned(), 0)],
+            sub_id: None,
+        })
+        .await;
+        self.next().await
+    }
+
+    async fn publish(&mut self, topic: &str, payload: &[u8]) {
+        self.send(&Packet::Publish(crate::session::codec::Publish {
+            topic: topic.to_owned(),
+            payload: bytes::Bytes::copy_from_slice(payload),
+            qos: 0,
+            retain: false,
+            dup: false,
+            pkid: 0,
+            sub_ids: Vec::new(),
+        }))
+        .await;
+    }
+}
+
+async fn gateway(broker: &Broker, max_packet: usize) -> Gateway {
+    let gateway = Gateway::start(
+        "127.0.0.1:0".parse().unwrap(),
+        GatewayConfig {
+            upstream: SocketAddr::from(([127, 0, 0, 1], broker.port)),
+            max_packet,
+        },
+    )
+    .await
+    .unwrap();
+    gateway.set_account("alice", Scope::new(AccountKind::User, Some("Acme"), None));
+    gateway.set_account(
+        "src-1",
+        Scope::new(AccountKind::Source, None, Some("src-1")),
+    );
+    gateway
+}
+
+fn granted(packet: Option<Packet>) -> bool {
+    matches!(packet, Some(Packet::SubAck { codes, .. }) if codes.iter().all(Result::is_ok))
+}
+
+/// The refusal a client sees: DISCONNECT with `reason` first under MQTT 5, then the close.
+async fn assert_refused(raw: &mut Raw, reason: u8) {
+    if raw.codec.version == Version::V5 {
+        match raw.next().await {
+            Some(Packet::Disconnect { reason: got, .. }) => assert_eq!(got, reason),
+            other => panic!("expected DISCONNECT {reason:#x}, got {other:?}"),
+        }
+    }
+    assert_eq!(raw.next().await, None, "the connection stays open");
+}
+
+#[test]
+fn traffic_in_scope_passes_and_a_subscribe_outside_it_disconnects() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
+        for version in [Version::V311, Version::V5] {
+            let mut alice = Raw::connect(&gateway, version, "alice").await;
+            assert!(granted(alice.subscribe("v1/raw/Acme/#").await));
+            let mut device = Raw::connect(&gateway, version, "src-1").await;
+            device
+                .publish("v1/sources/src-1/data/read/C/M", b"{}")
+                .await;
+            // The broker's bytes come back untouched; a publish in scope passes.
+            let mut pipeline = Raw::connect(&gateway, version, "pipeline").await; // no scope known
+            pipeline.publish("v1/raw/Acme/s/C/M/K", b"55").await;
+            match alice.next().await {
+                Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"55"),
+                other => panic!("expected the message, got {other:?}"),
+            }
+            // Another company's raw tree, and `+` in the company segment: disconnected.
+            alice
+                .send(&Packet::Subscribe {
+                    pkid: 2,
+                    filters: vec![("v1/raw/+/#".to_owned(), 0)],
+                    sub_id: None,
+                })
+                .await;
+            assert_refused(&mut alice, NOT_AUTHORIZED).await;
+            let mut alice = Raw::connect(&gateway, version, "alice").await;
+            alice
+                .send(&Packet::Subscribe {
+                    pkid: 3,
+                    filters: vec![("v1/raw/Other/#".to_owned(), 0)],
+                    sub_id: None,
+                })
+                .await;
+            assert_refused(&mut alice, NOT_AUTHORIZED).await;
+        }
+        assert_eq!(gateway.stats().refused_scope.load(Ordering::Relaxed), 4);
+    });
+}
+
+#[test]
+fn a_publish_outside_the_scope_disconnects() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
+        for version in [Version::V311, Version::V5] {
+            let mut device = Raw::connect(&gateway, version, "src-1").await;
+            device
+                .publish("v1/sources/src-2/data/read/C/M", b"{}")
+                .await;
+            assert_refused(&mut device, NOT_AUTHORIZED).await;
+            let mut alice = Raw::connect(&gateway, version, "alice").await;
+            alice.publish("v1/raw/Acme/s/C/M/K", b"55").await; // users only write commands
+            assert_refused(&mut alice, NOT_AUTHORIZED).await;
+        }
+    });
+}
+
+#[test]
+fn a_packet_over_the_limit_disconnects() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, 1024).await;
+        for version in [Version::V311, Version::V5] {
+            let mut device = Raw::connect(&gateway, version, "src-1").await;
+            device
+                .publish("v1/sources/src-1/data/read/C/M", &[b'x'; 900])
+                .await; // under
+            device
+                .publish("v1/sources/src-1/data/read/C/M", &[b'x'; 2000])
+                .await;
+            assert_refused(&mut device, PACKET_TOO_LARGE).await;
+        }
+        assert_eq!(gateway.stats().refused_size.load(Ordering::Relaxed), 2);
+    });
+}
+
+#[test]
+fn faults_stall_delay_drop_and_partition() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
+        let mut alice = Raw::connect(&gateway, Version::V5, "alice").await;
+        assert!(granted(alice.subscribe("v1/raw/Acme/#").await));
+        let mut pipeline = Raw::connect(&gateway, Version::V5, "pipeline").await;
+
+        // A stall holds the traffic and keeps the connections; the end of it releases the traffic.
+        gateway.set_stalled(true);
+        pipeline.publish("v1/raw/Acme/s/C/M/K", b"held").await;
+        assert!(alice.next_within(Duration::from_millis(300)).await.is_err());
+        gateway.set_stalled(false);
+        assert!(
+            matches!(alice.next().await, Some(Packet::Publish(p)) if &p.payload[..] == b"held")
+        );
+
+        // Latency delays every forwarded chunk, both ways.
+        gateway.set_latency(Duration::from_millis(100));
+        let started = Instant::now();
+        pipeline.publish("v1/raw/Acme/s/C/M/K", b"late").await;
+        assert!(
+            matches!(alice.next().await, Some(Packet::Publish(p)) if &p.payload[..] == b"late")
+        );
+        assert!(
+            started.elapsed() >= Duration::from_millis(200),
+            "{:?}",
+            started.elapsed()
+        );
+        gateway.set_latency(Duration::ZERO);
+
+        // Dropping the connections closes them; new ones work.
+        gateway.drop_connections();
+        assert_eq!(alice.next().await, None);
+        assert_eq!(pipeline.next().await, None);
+        let mut alice = Raw::connect(&gateway, Version::V311, "alice").await;
+
+        // A partition drops them and refuses new ones until it ends.
+        gateway.set_partitioned(true);
+        assert_eq!(alice.next().await, None);
+        let mut refused = TcpStream::connect(gateway.addr()).await.unwrap();
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            tokio::time::timeout(WAIT, refused.read(&mut byte))
+                .await
+                .unwrap()
+                .unwrap_or(0),
+            0
+        );
+        gateway.set_partitioned(false);
+        let mut alice = Raw::connect(&gateway, Version::V311, "alice").await;
+        assert!(granted(alice.subscribe("v1/raw/Acme/#").await));
+        assert!(gateway.stats().dropped.load(Ordering::Relaxed) >= 3);
+    });
+}
