@@ -12,6 +12,7 @@ import textwrap
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -281,3 +282,88 @@ def test_the_pytest_plugin_works_in_a_project_outside_this_repository(tmp_path: 
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "3 passed" in done.stdout
+
+
+# Capture's gateway (the plain MQTT listener for now): refusals by disconnect, faults on demand.
+
+
+def _paho(emu: CaptureEmulator, account: User, protocol: int) -> Any:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    version = paho.MQTTv5 if protocol == 5 else paho.MQTTv311
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=version)
+    client.username_pw_set(account.username, account.password)
+    client.connect(emu.host, emu.mqtt_port)
+    client.loop_start()
+    wait_until(client.is_connected, timeout=5)
+    return client
+
+
+@pytest.mark.parametrize("protocol", [3, 5])
+def test_the_gateway_disconnects_a_subscribe_or_publish_outside_the_scope(
+    capture_emulator: CaptureEmulator, capture_user: User, protocol: int
+) -> None:
+    emu = capture_emulator
+    # A plain paho-mqtt client: disconnected right away, as Capture's page says (0x87 under MQTT 5).
+    reasons: list[Any] = []
+    for count, request in enumerate(("subscribe", "publish"), start=1):
+        client = _paho(emu, capture_user, protocol)
+        client.on_disconnect = lambda _c, _u, _f, reason, _p: reasons.append(reason)
+        if request == "subscribe":
+            client.subscribe("v1/raw/SomeoneElse/#")
+        else:
+            client.publish("v1/raw/SomeoneElse/s/C/M/K", b"55", qos=1)
+        wait_until(lambda: len(reasons) >= count, timeout=5)  # noqa: B023 - awaited within the iteration
+        client.loop_stop()
+        client.disconnect()
+    if protocol == 5:
+        assert [int(getattr(r, "value", r)) for r in reasons[:2]] == [0x87, 0x87], reasons
+    # The SDK, its own checks turned off so that the request goes out: the disconnect is reported
+    # as the AuthorizationError it is.
+    with (
+        emu.client(capture_user, transport="mqtt", protocol=protocol, scope=False, connect_timeout=5) as client,
+        pytest.raises(cm.AuthorizationError, match="SomeoneElse"),
+    ):
+        client.subscribe("v1/raw/SomeoneElse/#", timeout=10)
+    assert emu._gateway is not None and emu._gateway.stats()["refused_scope"] >= 3
+
+
+def test_the_gateway_refuses_a_packet_over_one_megabyte(capture_emulator: CaptureEmulator) -> None:
+    emu = capture_emulator
+    source = emu.add_source(emu.add_company("BigCorp"))
+    events: list[str] = []
+    with emu.source_client(source, transport="mqtt", max_packet_size=4 << 20, reconnect=False) as device:
+        device.on_event(lambda event: events.append(event.kind))
+        device.publish(f"v1/sources/{source.source_id}/data/read/C/M", b"x" * (2 << 20), qos=0)
+        wait_until(lambda: not device.is_connected, timeout=5)
+    assert emu._gateway is not None and emu._gateway.stats()["refused_size"] == 1
+
+
+def test_faults_stall_delay_and_drop_connections(capture_emulator: CaptureEmulator, capture_company: Company) -> None:
+    emu = capture_emulator
+    alice = emu.add_user(capture_company, "faulty-alice")
+    reconnect = cm.Reconnect(min_delay=0.05, max_delay=0.2)
+    with (
+        emu.client(alice, transport="mqtt", reconnect=reconnect) as client,
+        client.subscribe_raw(qos=1) as sub,
+        emu.source_client(emu.add_source(capture_company), transport="mqtt", reconnect=reconnect) as device,
+    ):
+        # A stall holds the traffic while the connections stay open.
+        emu.faults.stall(0.5)
+        started = time.monotonic()
+        device.push_field("C", "Stall", "V", 1, wait=False)
+        point = wait_for(sub, lambda p: p.measurement == "Stall", timeout=10)
+        assert point.value == 1 and time.monotonic() - started >= 0.4
+        assert client.is_connected and device.is_connected
+        # Latency delays each way.
+        emu.faults.latency(150)
+        started = time.monotonic()
+        device.push_field("C", "Late", "V", 2)  # waits for the acknowledgement: there and back
+        assert time.monotonic() - started >= 0.3
+        emu.faults.latency(0)
+        # Dropped connections come back by themselves, subscriptions included.
+        emu.faults.drop_connections()
+        wait_until(lambda: client.stats["reconnects"] >= 1 and client.is_connected, timeout=10)
+        device.push_field("C", "After", "V", 3)
+        assert wait_for(sub, lambda p: p.measurement == "After", timeout=10).value == 3

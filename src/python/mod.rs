@@ -5,6 +5,7 @@ mod batch;
 mod codec;
 mod convert;
 mod errors;
+mod gateway;
 mod logbridge;
 mod message;
 mod model;
@@ -21,6 +22,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     logbridge::install();
     session::init_runtime();
     m.add_class::<batch::PyBatch>()?;
+    m.add_class::<gateway::PyGateway>()?;
     m.add_class::<session::PySession>()?;
     m.add_class::<subscription::PySubscription>()?;
     m.add_class::<operation::PyOperation>()?;

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -237,6 +238,67 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+class Faults:
+    """Network faults between clients and the emulator's broker, for tests of what a program does on
+    a flaky network. They apply in Capture's gateway, so to connections on the plain MQTT listener
+    (``transport="mqtt"``, :attr:`CaptureEmulator.mqtt_port`); Capture's server side is not affected.
+
+    >>> import capture_mqtt as cm
+    >>> from capture_mqtt.testing import CaptureEmulator, wait_until
+    >>> with CaptureEmulator() as emu:
+    ...     alice = emu.add_user(emu.add_company("AcmeCorp"), "alice")
+    ...     with emu.client(alice, transport="mqtt", reconnect=cm.Reconnect(0.05, 0.2)) as client:
+    ...         with emu.faults.partition():
+    ...             _ = wait_until(lambda: not client.is_connected, timeout=5)
+    ...         _ = wait_until(lambda: client.is_connected, timeout=10)
+    ...         client.stats["reconnects"] >= 1
+    True
+    """
+
+    def __init__(self, emulator: CaptureEmulator) -> None:
+        self._emulator = emulator
+        self._timers: list[threading.Timer] = []
+
+    def _gateway(self) -> _core._Gateway:
+        gateway = self._emulator._gateway
+        if gateway is None:
+            raise RuntimeError("the emulator is not running: call start() or use it in a with block")
+        return gateway
+
+    def latency(self, ms: float) -> None:
+        """Delays all traffic, both ways, by ``ms`` milliseconds per chunk; ``latency(0)`` ends it."""
+        self._gateway().set_latency(max(0.0, ms) / 1000)
+
+    def stall(self, seconds: float) -> None:
+        """Holds all traffic, both ways, for ``seconds`` (the connections stay open, as behind a
+        congested link: keepalives go unanswered); returns at once."""
+        gateway = self._gateway()
+        gateway.set_stalled(True)
+        timer = threading.Timer(seconds, gateway.set_stalled, args=(False,))
+        timer.daemon = True
+        self._timers.append(timer)
+        timer.start()
+
+    def drop_connections(self) -> None:
+        """Closes every client connection now; clients reconnect as after any lost connection."""
+        self._gateway().drop_connections()
+
+    @contextlib.contextmanager
+    def partition(self) -> Iterator[None]:
+        """Inside the block, every connection is dropped and new ones are refused."""
+        gateway = self._gateway()
+        gateway.set_partitioned(True)
+        try:
+            yield
+        finally:
+            gateway.set_partitioned(False)
+
+    def _end(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+
+
 class CaptureEmulator:
     """A local Capture: Mosquitto with Capture's listeners, accounts and scopes, and Capture's
     republishing of pushes onto the raw tree. Stop it with :meth:`stop` or a ``with`` block (it is
@@ -276,6 +338,8 @@ class CaptureEmulator:
             limits=limits,
         )
         self._pipeline: cm.Client | None = None
+        self._gateway: _core._Gateway | None = None
+        self.faults = Faults(self)
         self._clients: weakref.WeakSet[cm.Client] = weakref.WeakSet()
         self._counts = {"republished_pushes": 0, "raw_messages": 0, "rejected_pushes": 0}
         self._portal: _PortalServer | None = None
@@ -285,6 +349,12 @@ class CaptureEmulator:
     def start(self) -> Self:
         """Starts the broker and Capture's server side; returns once both are ready."""
         self.broker.start()
+        if self._gateway is None:
+            # Clients of the plain MQTT listener meet Capture's gateway: scopes and packet size
+            # enforced by disconnecting, faults on demand. Capture's server side goes straight in.
+            self._gateway = _core._Gateway(self.broker.mqtt_port, max_packet=self.broker.limits.max_packet_size)
+            for account in self._accounts.values():
+                self._gateway_account(account)
         if self._pipeline is None:
             # With persistence, Capture's server side keeps a persistent session too, so that pushes
             # survive a broker restart on their way to the raw tree.
@@ -338,6 +408,10 @@ class CaptureEmulator:
         if pipeline is not None:
             with contextlib.suppress(Exception):
                 pipeline.close()
+        self.faults._end()
+        gateway, self._gateway = self._gateway, None
+        if gateway is not None:
+            gateway.stop()
         self.broker.close()
         _LIVE.discard(self)
 
@@ -380,8 +454,10 @@ class CaptureEmulator:
 
     @property
     def mqtt_port(self) -> int:
-        """Plain MQTT (no TLS), for tools that cannot do TLS."""
-        return self.broker.mqtt_port
+        """Plain MQTT (no TLS), for tools that cannot do TLS: through Capture's gateway, which
+        disconnects a client that subscribes or publishes outside its account's scope or sends a
+        packet over 1 MB, and where :attr:`faults` apply."""
+        return self.broker.mqtt_port if self._gateway is None else self._gateway.port
 
     @property
     def ca_file(self) -> Path:
@@ -482,13 +558,22 @@ class CaptureEmulator:
         return token
 
     def revoke(self, account: _Account) -> None:
-        """Removes an account: it can no longer log in (connected clients stay connected)."""
+        """Removes an account: it can no longer log in, and its connected clients are disconnected
+        (the broker drops them when it reloads its accounts)."""
         with self._lock:
             self._accounts.pop(account.username, None)
             self.broker.accounts = [a for a in self.broker.accounts if a.username != account.username]
             self._write_acls()
             self.broker.write_accounts()
             self.broker.reload()
+
+    def _gateway_account(self, account: _Account) -> None:
+        if self._gateway is None:
+            return
+        if isinstance(account, Source):
+            self._gateway.set_account(account.username, "source", source_id=account.source_id)
+        else:
+            self._gateway.set_account(account.username, "user", company=account.company.name)
 
     def _own(self, company: Company) -> Company:
         if not isinstance(company, Company) or self._companies.get(company.name) is not company:
@@ -500,6 +585,7 @@ class CaptureEmulator:
             if account.username in self._accounts or account.username == self._pipeline_account.username:
                 raise ValueError(f"an account named {account.username!r} already exists on this emulator")
             self._accounts[account.username] = account
+            self._gateway_account(account)
             self.broker.accounts.append(Account(account.username, broker_password or account.password))
             self._write_acls()
             self.broker.write_accounts()

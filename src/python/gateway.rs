@@ -1,0 +1,106 @@
+//! `_Gateway`: the Capture gateway of the local emulator (`capture_mqtt.testing`), over
+//! `crate::gateway`.
+
+use crate::gateway::{Gateway, GatewayConfig};
+use crate::scope::{AccountKind, Scope};
+use crate::session;
+use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+#[pyclass(module = "capture_mqtt._core", name = "_Gateway", frozen)]
+pub struct PyGateway {
+    gateway: Gateway,
+}
+
+#[pymethods]
+impl PyGateway {
+    /// Listens on 127.0.0.1 (a free port unless `port` is given) and forwards to Mosquitto on
+    /// 127.0.0.1:`upstream_port`; packets over `max_packet` bytes (0: no limit) are refused.
+    #[new]
+    #[pyo3(signature = (upstream_port, *, max_packet, port = 0))]
+    fn new(py: Python<'_>, upstream_port: u16, max_packet: usize, port: u16) -> PyResult<Self> {
+        let config = GatewayConfig {
+            upstream: SocketAddr::from(([127, 0, 0, 1], upstream_port)),
+            max_packet: if max_packet == 0 {
+                usize::MAX
+            } else {
+                max_packet
+            },
+        };
+        let listen = SocketAddr::from(([127, 0, 0, 1], port));
+        let gateway = py
+            .detach(|| {
+                session::runtime().block_on(async move { Gateway::start(listen, config).await })
+            })
+            .map_err(|e| PyOSError::new_err(format!("the gateway could not listen: {e}")))?;
+        Ok(PyGateway { gateway })
+    }
+
+    #[getter]
+    fn port(&self) -> u16 {
+        self.gateway.addr().port()
+    }
+
+    /// The scope of the account that logs in as `username`: kind "user" (with its company) or
+    /// "source" (with its source id).
+    #[pyo3(signature = (username, kind, *, company = None, source_id = None))]
+    fn set_account(
+        &self,
+        username: &str,
+        kind: &str,
+        company: Option<&str>,
+        source_id: Option<&str>,
+    ) -> PyResult<()> {
+        let kind = match kind {
+            "user" => AccountKind::User,
+            "source" => AccountKind::Source,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "kind must be \"user\" or \"source\", not {other:?}"
+                )))
+            }
+        };
+        self.gateway
+            .set_account(username, Scope::new(kind, company, source_id));
+        Ok(())
+    }
+
+    fn remove_account(&self, username: &str) {
+        self.gateway.remove_account(username);
+    }
+
+    fn set_latency(&self, seconds: f64) {
+        self.gateway
+            .set_latency(Duration::from_secs_f64(seconds.max(0.0)));
+    }
+
+    fn set_stalled(&self, stalled: bool) {
+        self.gateway.set_stalled(stalled);
+    }
+
+    fn drop_connections(&self) {
+        self.gateway.drop_connections();
+    }
+
+    fn set_partitioned(&self, partitioned: bool) {
+        self.gateway.set_partitioned(partitioned);
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = self.gateway.stats();
+        let dict = PyDict::new(py);
+        dict.set_item("connections", stats.connections.load(Ordering::Relaxed))?;
+        dict.set_item("refused_scope", stats.refused_scope.load(Ordering::Relaxed))?;
+        dict.set_item("refused_size", stats.refused_size.load(Ordering::Relaxed))?;
+        dict.set_item("dropped", stats.dropped.load(Ordering::Relaxed))?;
+        Ok(dict)
+    }
+
+    fn stop(&self) {
+        self.gateway.stop();
+    }
+}
