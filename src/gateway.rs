@@ -70,7 +70,7 @@ struct Shared {
 pub struct Gateway {
     addr: SocketAddr,
     shared: Arc<Shared>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -98,12 +98,54 @@ impl Gateway {
             stats: GatewayStats::default(),
             stopping: AtomicBool::new(false),
         });
-        let task = tokio::spawn(accept(listener, Arc::clone(&shared)));
+        let task = tokio::spawn(accept(listener, Arc::clone(&shared), None));
         Ok(Gateway {
             addr,
             shared,
-            task: Mutex::new(Some(task)),
+            tasks: Mutex::new(vec![task]),
         })
+    }
+
+    /// Adds an MQTT-over-TLS listener on `listen` with the server's certificate chain and key
+    /// (PEM), sharing the accounts and faults; returns its address. TLS ends here: Mosquitto is
+    /// reached in plain MQTT, on the private port.
+    ///
+    /// # Errors
+    /// A certificate or key that cannot be read, or an address that cannot be bound.
+    pub async fn listen_tls(
+        &self,
+        listen: SocketAddr,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<SocketAddr, String> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let certs = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("the gateway's certificate cannot be read: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem)
+            .map_err(|e| format!("the gateway's key cannot be read: {e}"))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS set-up failed: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("the gateway's certificate and key do not make a TLS server: {e}"))?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|e| format!("the gateway could not listen on {listen}: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("the gateway's listener has no address: {e}"))?;
+        let task = tokio::spawn(accept(listener, Arc::clone(&self.shared), Some(acceptor)));
+        self.tasks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(task);
+        Ok(addr)
     }
 
     /// Where clients connect.
@@ -162,12 +204,8 @@ impl Gateway {
     pub fn stop(&self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
         self.drop_connections();
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(task) = task {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(PoisonError::into_inner));
+        for task in tasks {
             task.abort();
         }
     }
@@ -179,7 +217,14 @@ impl Drop for Gateway {
     }
 }
 
-async fn accept(listener: TcpListener, shared: Arc<Shared>) {
+/// How long a client may take over its TLS handshake.
+const HANDSHAKE: Duration = Duration::from_secs(10);
+
+async fn accept(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
@@ -194,13 +239,24 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>) {
         }
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::clone(&shared);
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _ = client.set_nodelay(true);
             let Ok(upstream) = TcpStream::connect(shared.config.upstream).await else {
                 return;
             };
             let _ = upstream.set_nodelay(true);
-            serve(client, upstream, shared, faults.generation).await;
+            match tls {
+                None => serve(client, upstream, shared, faults.generation).await,
+                Some(acceptor) => {
+                    // A failed handshake (an untrusted certificate, say) ends only this connection.
+                    if let Ok(Ok(stream)) =
+                        tokio::time::timeout(HANDSHAKE, acceptor.accept(client)).await
+                    {
+                        serve(stream, upstream, shared, faults.generation).await;
+                    }
+                }
+            }
         });
     }
 }
@@ -213,8 +269,11 @@ enum Refusal {
     Gone,
 }
 
-async fn serve(client: TcpStream, upstream: TcpStream, shared: Arc<Shared>, generation: u64) {
-    let (client_read, client_write) = client.into_split();
+async fn serve<S>(client: S, upstream: TcpStream, shared: Arc<Shared>, generation: u64)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let (client_read, client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = upstream.into_split();
     let client_write = Arc::new(tokio::sync::Mutex::new(client_write));
     let faults = shared.faults.subscribe();

@@ -209,6 +209,23 @@ fn a_packet_over_the_limit_disconnects() {
 }
 
 #[test]
+fn a_tls_listener_needs_a_certificate_and_key_it_can_read() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
+        let err = gateway
+            .listen_tls(
+                "127.0.0.1:0".parse().unwrap(),
+                b"not a certificate",
+                b"not a key",
+            )
+            .await
+            .unwrap_err();
+        assert!(err.contains("cannot be read"), "{err}");
+    });
+}
+
+#[test]
 fn faults_stall_delay_drop_and_partition() {
     let broker = Broker::start();
     runtime().block_on(async {

@@ -240,8 +240,8 @@ def _b64url(data: bytes) -> str:
 
 class Faults:
     """Network faults between clients and the emulator's broker, for tests of what a program does on
-    a flaky network. They apply in Capture's gateway, so to connections on the plain MQTT listener
-    (``transport="mqtt"``, :attr:`CaptureEmulator.mqtt_port`); Capture's server side is not affected.
+    a flaky network. They apply in Capture's gateway, so to connections on the MQTT listeners
+    (``transport="mqtts"`` and ``"mqtt"``; not yet WebSocket); Capture's server side is not affected.
 
     >>> import capture_mqtt as cm
     >>> from capture_mqtt.testing import CaptureEmulator, wait_until
@@ -339,6 +339,7 @@ class CaptureEmulator:
         )
         self._pipeline: cm.Client | None = None
         self._gateway: _core._Gateway | None = None
+        self._gateway_tls_port = 0
         self.faults = Faults(self)
         self._clients: weakref.WeakSet[cm.Client] = weakref.WeakSet()
         self._counts = {"republished_pushes": 0, "raw_messages": 0, "rejected_pushes": 0}
@@ -353,6 +354,9 @@ class CaptureEmulator:
             # Clients of the plain MQTT listener meet Capture's gateway: scopes and packet size
             # enforced by disconnecting, faults on demand. Capture's server side goes straight in.
             self._gateway = _core._Gateway(self.broker.mqtt_port, max_packet=self.broker.limits.max_packet_size)
+            tls = self.broker.tls
+            assert tls is not None  # the emulator's broker always has TLS
+            self._gateway_tls_port = self._gateway.listen_tls(tls.cert_pem, tls.key_pem)
             for account in self._accounts.values():
                 self._gateway_account(account)
         if self._pipeline is None:
@@ -443,7 +447,9 @@ class CaptureEmulator:
 
     @property
     def mqtts_port(self) -> int:
-        """MQTT over TLS (Capture's 8883)."""
+        """MQTT over TLS (Capture's 8883), through Capture's gateway (see :attr:`mqtt_port`)."""
+        if self._gateway is not None:
+            return self._gateway_tls_port
         assert self.broker.mqtts_port is not None
         return self.broker.mqtts_port
 
