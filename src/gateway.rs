@@ -98,7 +98,7 @@ impl Gateway {
             stats: GatewayStats::default(),
             stopping: AtomicBool::new(false),
         });
-        let task = tokio::spawn(accept(listener, Arc::clone(&shared), None));
+        let task = tokio::spawn(accept(listener, Arc::clone(&shared), Front::Plain));
         Ok(Gateway {
             addr,
             shared,
@@ -118,29 +118,34 @@ impl Gateway {
         cert_pem: &[u8],
         key_pem: &[u8],
     ) -> Result<SocketAddr, String> {
-        use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let certs = CertificateDer::pem_slice_iter(cert_pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("the gateway's certificate cannot be read: {e}"))?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem)
-            .map_err(|e| format!("the gateway's key cannot be read: {e}"))?;
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS set-up failed: {e}"))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("the gateway's certificate and key do not make a TLS server: {e}"))?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let acceptor = tls_acceptor(cert_pem, key_pem)?;
+        self.listen(listen, Front::Tls(acceptor)).await
+    }
+
+    /// Adds a WebSocket-over-TLS listener, as Capture's: only the path `/mqtt` (HTTP 404 on any
+    /// other), and only with a `Sec-WebSocket-Protocol` of `mqtt`, `mqtt-v3`, `mqtt-v3.1.1` or
+    /// `mqtt-v5` (HTTP 400 without one). Returns its address.
+    ///
+    /// # Errors
+    /// A certificate or key that cannot be read, or an address that cannot be bound.
+    pub async fn listen_wss(
+        &self,
+        listen: SocketAddr,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<SocketAddr, String> {
+        let acceptor = tls_acceptor(cert_pem, key_pem)?;
+        self.listen(listen, Front::Wss(acceptor)).await
+    }
+
+    async fn listen(&self, listen: SocketAddr, front: Front) -> Result<SocketAddr, String> {
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|e| format!("the gateway could not listen on {listen}: {e}"))?;
         let addr = listener
             .local_addr()
             .map_err(|e| format!("the gateway's listener has no address: {e}"))?;
-        let task = tokio::spawn(accept(listener, Arc::clone(&self.shared), Some(acceptor)));
+        let task = tokio::spawn(accept(listener, Arc::clone(&self.shared), front));
         self.tasks
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -220,11 +225,81 @@ impl Drop for Gateway {
 /// How long a client may take over its TLS handshake.
 const HANDSHAKE: Duration = Duration::from_secs(10);
 
-async fn accept(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) {
+/// What a listener speaks before MQTT.
+#[derive(Clone)]
+enum Front {
+    Plain,
+    Tls(tokio_rustls::TlsAcceptor),
+    Wss(tokio_rustls::TlsAcceptor),
+}
+
+fn tls_acceptor(cert_pem: &[u8], key_pem: &[u8]) -> Result<tokio_rustls::TlsAcceptor, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the gateway's certificate cannot be read: {e}"))?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| format!("the gateway's key cannot be read: {e}"))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS set-up failed: {e}"))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("the gateway's certificate and key do not make a TLS server: {e}"))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The WebSocket subprotocols Capture's broker (EMQX) takes.
+const SUBPROTOCOLS: [&str; 4] = ["mqtt", "mqtt-v3", "mqtt-v3.1.1", "mqtt-v5"];
+
+type WsRequest = async_tungstenite::tungstenite::handshake::server::Request;
+type WsResponse = async_tungstenite::tungstenite::handshake::server::Response;
+type WsRefusal = async_tungstenite::tungstenite::handshake::server::ErrorResponse;
+
+/// Capture's WebSocket handshake rules: the path `/mqtt`, and an MQTT subprotocol.
+#[allow(clippy::result_large_err)] // the type tungstenite's callback returns
+fn websocket_handshake(
+    request: &WsRequest,
+    mut response: WsResponse,
+) -> Result<WsResponse, WsRefusal> {
+    use async_tungstenite::tungstenite::http;
+    let refuse = |status: http::StatusCode, why: &str| {
+        let mut refusal = http::Response::new(Some(why.to_owned()));
+        *refusal.status_mut() = status;
+        refusal
+    };
+    if request.uri().path() != "/mqtt" {
+        return Err(refuse(
+            http::StatusCode::NOT_FOUND,
+            "MQTT over WebSocket is served on /mqtt only",
+        ));
+    }
+    let chosen = request
+        .headers()
+        .get_all("Sec-WebSocket-Protocol")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .find(|offered| SUBPROTOCOLS.contains(offered));
+    let Some(chosen) = chosen else {
+        return Err(refuse(
+            http::StatusCode::BAD_REQUEST,
+            "a Sec-WebSocket-Protocol of mqtt (or mqtt-v3, mqtt-v3.1.1, mqtt-v5) is required",
+        ));
+    };
+    if let Ok(value) = http::HeaderValue::from_str(chosen) {
+        response
+            .headers_mut()
+            .insert("Sec-WebSocket-Protocol", value);
+    }
+    Ok(response)
+}
+
+async fn accept(listener: TcpListener, shared: Arc<Shared>, front: Front) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
@@ -239,20 +314,33 @@ async fn accept(
         }
         shared.stats.connections.fetch_add(1, Ordering::Relaxed);
         let shared = Arc::clone(&shared);
-        let tls = tls.clone();
+        let front = front.clone();
         tokio::spawn(async move {
             let _ = client.set_nodelay(true);
             let Ok(upstream) = TcpStream::connect(shared.config.upstream).await else {
                 return;
             };
             let _ = upstream.set_nodelay(true);
-            match tls {
-                None => serve(client, upstream, shared, faults.generation).await,
-                Some(acceptor) => {
-                    // A failed handshake (an untrusted certificate, say) ends only this connection.
+            // A failed handshake (an untrusted certificate, a refused WebSocket) ends only this
+            // connection.
+            match front {
+                Front::Plain => serve(client, upstream, shared, faults.generation).await,
+                Front::Tls(acceptor) => {
                     if let Ok(Ok(stream)) =
                         tokio::time::timeout(HANDSHAKE, acceptor.accept(client)).await
                     {
+                        serve(stream, upstream, shared, faults.generation).await;
+                    }
+                }
+                Front::Wss(acceptor) => {
+                    let handshake = async {
+                        let stream = acceptor.accept(client).await.ok()?;
+                        async_tungstenite::tokio::accept_hdr_async(stream, websocket_handshake)
+                            .await
+                            .ok()
+                    };
+                    if let Ok(Some(socket)) = tokio::time::timeout(HANDSHAKE, handshake).await {
+                        let stream = ws_stream_tungstenite::WsStream::new(socket);
                         serve(stream, upstream, shared, faults.generation).await;
                     }
                 }

@@ -366,3 +366,60 @@ def test_faults_stall_delay_and_drop_connections(capture_emulator: CaptureEmulat
         wait_until(lambda: client.stats["reconnects"] >= 1 and client.is_connected, timeout=10)
         device.push_field("C", "After", "V", 3)
         assert wait_for(sub, lambda p: p.measurement == "After", timeout=10).value == 3
+
+
+def _websocket_status(emu: CaptureEmulator, path: str, subprotocol: str | None) -> str:
+    """The status line the WebSocket-over-TLS listener answers a handshake with."""
+    import socket
+    import ssl
+
+    context = ssl.create_default_context(cafile=str(emu.ca_file))
+    assert emu.wss_port is not None
+    with (
+        socket.create_connection((emu.host, emu.wss_port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=emu.host) as tls,
+    ):
+        lines = [
+            f"GET {path} HTTP/1.1",
+            f"Host: {emu.host}:{emu.wss_port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "Sec-WebSocket-Version: 13",
+            *([f"Sec-WebSocket-Protocol: {subprotocol}"] if subprotocol else []),
+        ]
+        tls.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        return tls.recv(4096).decode(errors="replace").split("\r\n")[0]
+
+
+def test_the_websocket_listener_takes_only_mqtt_on_its_path(
+    capture_emulator: CaptureEmulator, capture_user: User
+) -> None:
+    emu = capture_emulator
+    assert " 101 " in _websocket_status(emu, "/mqtt", "mqtt")
+    assert " 101 " in _websocket_status(emu, "/mqtt", "mqtt-v5")
+    assert " 400 " in _websocket_status(emu, "/mqtt", None)
+    assert " 400 " in _websocket_status(emu, "/mqtt", "chat")
+    assert " 404 " in _websocket_status(emu, "/", "mqtt")
+    # The SDK and paho-mqtt connect on /mqtt; a request outside the scope disconnects there too.
+    with emu.client(capture_user, transport="wss") as client, client.subscribe_raw() as sub:
+        assert sub.get(timeout=0.2) is None
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    plain = paho.Client(CallbackAPIVersion.VERSION2, transport="websockets")
+    plain.ws_set_options(path="/mqtt")
+    plain.tls_set(ca_certs=str(emu.ca_file))
+    plain.username_pw_set(capture_user.username, capture_user.password)
+    plain.connect(emu.host, emu.wss_port or 0)
+    plain.loop_start()
+    try:
+        wait_until(plain.is_connected, timeout=5)
+    finally:
+        plain.loop_stop()
+        plain.disconnect()
+    with (
+        emu.client(capture_user, transport="wss", scope=False) as client,
+        pytest.raises(cm.AuthorizationError, match="SomeoneElse"),
+    ):
+        client.subscribe("v1/raw/SomeoneElse/#", timeout=10)

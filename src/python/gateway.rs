@@ -65,6 +65,26 @@ impl PyGateway {
         .map_err(PyOSError::new_err)
     }
 
+    /// Adds a WebSocket-over-TLS listener (the path `/mqtt`, an MQTT subprotocol) on 127.0.0.1;
+    /// returns its port.
+    #[pyo3(signature = (cert_pem, key_pem, *, port = 0))]
+    fn listen_wss(
+        &self,
+        py: Python<'_>,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        port: u16,
+    ) -> PyResult<u16> {
+        let listen = SocketAddr::from(([127, 0, 0, 1], port));
+        let gateway = &self.gateway;
+        py.detach(|| {
+            session::runtime()
+                .block_on(async { gateway.listen_wss(listen, cert_pem, key_pem).await })
+        })
+        .map(|addr| addr.port())
+        .map_err(PyOSError::new_err)
+    }
+
     /// The scope of the account that logs in as `username`: kind "user" (with its company) or
     /// "source" (with its source id).
     #[pyo3(signature = (username, kind, *, company = None, source_id = None))]

@@ -240,8 +240,8 @@ def _b64url(data: bytes) -> str:
 
 class Faults:
     """Network faults between clients and the emulator's broker, for tests of what a program does on
-    a flaky network. They apply in Capture's gateway, so to connections on the MQTT listeners
-    (``transport="mqtts"`` and ``"mqtt"``; not yet WebSocket); Capture's server side is not affected.
+    a flaky network. They apply in Capture's gateway, so to every client connection (MQTT over TLS,
+    WebSocket over TLS and plain MQTT); Capture's server side is not affected.
 
     >>> import capture_mqtt as cm
     >>> from capture_mqtt.testing import CaptureEmulator, wait_until
@@ -340,6 +340,7 @@ class CaptureEmulator:
         self._pipeline: cm.Client | None = None
         self._gateway: _core._Gateway | None = None
         self._gateway_tls_port = 0
+        self._gateway_wss_port = 0
         self.faults = Faults(self)
         self._clients: weakref.WeakSet[cm.Client] = weakref.WeakSet()
         self._counts = {"republished_pushes": 0, "raw_messages": 0, "rejected_pushes": 0}
@@ -357,6 +358,8 @@ class CaptureEmulator:
             tls = self.broker.tls
             assert tls is not None  # the emulator's broker always has TLS
             self._gateway_tls_port = self._gateway.listen_tls(tls.cert_pem, tls.key_pem)
+            if self.broker.wss_port is not None:
+                self._gateway_wss_port = self._gateway.listen_wss(tls.cert_pem, tls.key_pem)
             for account in self._accounts.values():
                 self._gateway_account(account)
         if self._pipeline is None:
@@ -455,7 +458,11 @@ class CaptureEmulator:
 
     @property
     def wss_port(self) -> int | None:
-        """WebSocket over TLS, path ``/mqtt`` (Capture's 443 and 8084); None without websockets."""
+        """WebSocket over TLS, path ``/mqtt`` (Capture's 443 and 8084), through Capture's gateway:
+        another path gets HTTP 404, a handshake without an MQTT subprotocol HTTP 400; None without
+        websockets."""
+        if self._gateway is not None and self.broker.wss_port is not None:
+            return self._gateway_wss_port
         return self.broker.wss_port
 
     @property
