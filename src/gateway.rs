@@ -106,9 +106,11 @@ impl Gateway {
         })
     }
 
-    /// Adds an MQTT-over-TLS listener on `listen` with the server's certificate chain and key
-    /// (PEM), sharing the accounts and faults; returns its address. TLS ends here: Mosquitto is
-    /// reached in plain MQTT, on the private port.
+    /// Adds a listener on `listen` that ends TLS with the server's certificate chain and key
+    /// (PEM) and forwards plain MQTT to Mosquitto, sharing the accounts and faults; returns its
+    /// address. With `websocket`, it serves MQTT over WebSocket as Capture does: only on the path
+    /// `/mqtt` (HTTP 404 elsewhere) and only with a `Sec-WebSocket-Protocol` of `mqtt`, `mqtt-v3`,
+    /// `mqtt-v3.1.1` or `mqtt-v5` (HTTP 400 without one).
     ///
     /// # Errors
     /// A certificate or key that cannot be read, or an address that cannot be bound.
@@ -117,25 +119,15 @@ impl Gateway {
         listen: SocketAddr,
         cert_pem: &[u8],
         key_pem: &[u8],
+        websocket: bool,
     ) -> Result<SocketAddr, String> {
         let acceptor = tls_acceptor(cert_pem, key_pem)?;
-        self.listen(listen, Front::Tls(acceptor)).await
-    }
-
-    /// Adds a WebSocket-over-TLS listener, as Capture's: only the path `/mqtt` (HTTP 404 on any
-    /// other), and only with a `Sec-WebSocket-Protocol` of `mqtt`, `mqtt-v3`, `mqtt-v3.1.1` or
-    /// `mqtt-v5` (HTTP 400 without one). Returns its address.
-    ///
-    /// # Errors
-    /// A certificate or key that cannot be read, or an address that cannot be bound.
-    pub async fn listen_wss(
-        &self,
-        listen: SocketAddr,
-        cert_pem: &[u8],
-        key_pem: &[u8],
-    ) -> Result<SocketAddr, String> {
-        let acceptor = tls_acceptor(cert_pem, key_pem)?;
-        self.listen(listen, Front::Wss(acceptor)).await
+        let front = if websocket {
+            Front::Wss(acceptor)
+        } else {
+            Front::Tls(acceptor)
+        };
+        self.listen(listen, front).await
     }
 
     async fn listen(&self, listen: SocketAddr, front: Front) -> Result<SocketAddr, String> {

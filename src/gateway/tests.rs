@@ -218,6 +218,7 @@ fn a_tls_listener_needs_a_certificate_and_key_it_can_read() {
                 "127.0.0.1:0".parse().unwrap(),
                 b"not a certificate",
                 b"not a key",
+                false,
             )
             .await
             .unwrap_err();

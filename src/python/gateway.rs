@@ -45,41 +45,26 @@ impl PyGateway {
         self.gateway.addr().port()
     }
 
-    /// Adds an MQTT-over-TLS listener on 127.0.0.1 (a free port unless `port` is given) with the
-    /// server's certificate chain and key (PEM); returns its port.
-    #[pyo3(signature = (cert_pem, key_pem, *, port = 0))]
+    /// Adds a listener on 127.0.0.1 (a free port unless `port` is given) that ends TLS with the
+    /// server's certificate chain and key (PEM): MQTT over TLS, or with `websocket` MQTT over
+    /// WebSocket over TLS (the path `/mqtt`, an MQTT subprotocol). Returns its port.
+    #[pyo3(signature = (cert_pem, key_pem, *, websocket = false, port = 0))]
     fn listen_tls(
         &self,
         py: Python<'_>,
         cert_pem: &[u8],
         key_pem: &[u8],
+        websocket: bool,
         port: u16,
     ) -> PyResult<u16> {
         let listen = SocketAddr::from(([127, 0, 0, 1], port));
         let gateway = &self.gateway;
         py.detach(|| {
-            session::runtime()
-                .block_on(async { gateway.listen_tls(listen, cert_pem, key_pem).await })
-        })
-        .map(|addr| addr.port())
-        .map_err(PyOSError::new_err)
-    }
-
-    /// Adds a WebSocket-over-TLS listener (the path `/mqtt`, an MQTT subprotocol) on 127.0.0.1;
-    /// returns its port.
-    #[pyo3(signature = (cert_pem, key_pem, *, port = 0))]
-    fn listen_wss(
-        &self,
-        py: Python<'_>,
-        cert_pem: &[u8],
-        key_pem: &[u8],
-        port: u16,
-    ) -> PyResult<u16> {
-        let listen = SocketAddr::from(([127, 0, 0, 1], port));
-        let gateway = &self.gateway;
-        py.detach(|| {
-            session::runtime()
-                .block_on(async { gateway.listen_wss(listen, cert_pem, key_pem).await })
+            session::runtime().block_on(async {
+                gateway
+                    .listen_tls(listen, cert_pem, key_pem, websocket)
+                    .await
+            })
         })
         .map(|addr| addr.port())
         .map_err(PyOSError::new_err)

@@ -359,7 +359,7 @@ class CaptureEmulator:
             assert tls is not None  # the emulator's broker always has TLS
             self._gateway_tls_port = self._gateway.listen_tls(tls.cert_pem, tls.key_pem)
             if self.broker.wss_port is not None:
-                self._gateway_wss_port = self._gateway.listen_wss(tls.cert_pem, tls.key_pem)
+                self._gateway_wss_port = self._gateway.listen_tls(tls.cert_pem, tls.key_pem, websocket=True)
             for account in self._accounts.values():
                 self._gateway_account(account)
         if self._pipeline is None:
