@@ -516,25 +516,29 @@ async fn inspect_and_forward(
 ) -> Refusal {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
-        // Forward every whole packet in the buffer.
+        // Forward every whole packet in the buffer; those before a refused one still go, in order,
+        // as the broker would have taken them before it closed the connection.
         let mut ready = 0;
+        let mut refused = None;
         loop {
             let Some(frame) = frame_length(&buf[ready..]) else {
                 if buf.len() - ready >= 5 {
-                    return Refusal::Gone; // a malformed length: not MQTT
+                    refused = Some(Refusal::Gone); // a malformed length: not MQTT
                 }
                 break;
             };
             if frame > inspector.max_packet {
                 // Refused from its header: the rest of an oversize packet is never read.
                 shared.stats.refused_size.fetch_add(1, Ordering::Relaxed);
-                return Refusal::Close(PACKET_TOO_LARGE);
+                refused = Some(Refusal::Close(PACKET_TOO_LARGE));
+                break;
             }
             if buf.len() - ready < frame {
                 break;
             }
             if let Err(refusal) = inspector.check(&buf[ready..ready + frame], shared) {
-                return refusal;
+                refused = Some(refusal);
+                break;
             }
             ready += frame;
         }
@@ -544,6 +548,10 @@ async fn inspect_and_forward(
                 return Refusal::Gone;
             }
             buf.advance(ready);
+        }
+        if let Some(refusal) = refused {
+            let _ = to.flush().await;
+            return refusal;
         }
         match from.read_buf(&mut buf).await {
             Ok(0) | Err(_) => {

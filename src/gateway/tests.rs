@@ -282,3 +282,40 @@ fn faults_stall_delay_drop_and_partition() {
         assert!(gateway.stats().dropped.load(Ordering::Relaxed) >= 3);
     });
 }
+
+#[test]
+fn what_came_before_a_refused_packet_still_goes_through() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
+        let mut alice = Raw::connect(&gateway, Version::V5, "alice").await;
+        assert!(granted(alice.subscribe("v1/raw/Acme/#").await));
+        let mut device = Raw::connect(&gateway, Version::V5, "src-1").await;
+        // One write: a push in scope, then a publish outside it.
+        let mut out = BytesMut::new();
+        for topic in ["v1/sources/src-1/data/read/C/M", "v1/raw/Acme/s/C/M/K"] {
+            device
+                .codec
+                .encode(
+                    &Packet::Publish(crate::session::codec::Publish {
+                        topic: topic.to_owned(),
+                        payload: bytes::Bytes::from_static(b"1"),
+                        qos: 0,
+                        retain: false,
+                        dup: false,
+                        pkid: 0,
+                        sub_ids: Vec::new(),
+                    }),
+                    &mut out,
+                )
+                .unwrap();
+        }
+        let mut watcher = Raw::connect(&gateway, Version::V5, "watcher").await; // no scope known
+        assert!(granted(watcher.subscribe("v1/sources/src-1/#").await));
+        device.stream.write_all(&out).await.unwrap();
+        assert_refused(&mut device, NOT_AUTHORIZED).await;
+        assert!(
+            matches!(watcher.next().await, Some(Packet::Publish(p)) if p.topic.ends_with("C/M"))
+        );
+    });
+}
