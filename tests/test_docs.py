@@ -135,6 +135,7 @@ def test_version() -> None:
 KIT_MODULES = [
     "capture_mqtt.testing",
     "capture_mqtt.testing.emulator",
+    "capture_mqtt.testing.mosquitto",
     "capture_mqtt.testing.waiting",
     "capture_mqtt.testing.plant",
     "capture_mqtt.cli",
@@ -150,3 +151,5 @@ def test_the_examples_of_the_testing_kit_and_the_cli_run(module_name: str) -> No
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0, f"{module_name} has no examples"
     assert result.failed == 0
+    for test in doctest.DocTestFinder().find(module):
+        assert not any(".__name__" in example.source for example in test.examples), f"{test.name} only names it"

@@ -4,8 +4,13 @@ for tests that wait for messages instead of sleeping. The pytest fixtures (``cap
 plugin.
 
 >>> from capture_mqtt.testing import CaptureEmulator, wait_for
->>> CaptureEmulator.__name__, wait_for.__name__
-('CaptureEmulator', 'wait_for')
+>>> with CaptureEmulator() as emu:
+...     acme = emu.add_company("AcmeCorp")
+...     alice, press = emu.add_user(acme, "alice"), emu.add_source(acme)
+...     with emu.client(alice) as client, client.subscribe_raw(qos=1) as sub, emu.source_client(press) as device:
+...         _ = device.push_field("PLC", "Press", "Count", 7)
+...         wait_for(sub, timeout=10).value
+7
 """
 
 from __future__ import annotations

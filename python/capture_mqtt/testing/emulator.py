@@ -89,9 +89,13 @@ class _Account:
         """Keyword arguments for ``cm.Client(**options)`` (host included) on the given transport:
         host, port, transport, the emulator's CA, the credentials and the company.
 
+        >>> import capture_mqtt as cm
         >>> from capture_mqtt.testing import CaptureEmulator
-        >>> CaptureEmulator.__name__
-        'CaptureEmulator'
+        >>> with CaptureEmulator() as emu:
+        ...     alice = emu.add_user(emu.add_company("AcmeCorp"), "alice")
+        ...     with cm.Client(**alice.client_options("mqtt")) as client:
+        ...         client.company, client.is_connected
+        ('AcmeCorp', True)
         """
         options = self.emulator.connection_options(transport)
         options.update(username=self.username, password=self.password, company=self.company.name)

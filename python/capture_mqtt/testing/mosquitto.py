@@ -140,9 +140,12 @@ class Mosquitto:
     """A Mosquitto process on free 127.0.0.1 ports; stop it with :meth:`stop` or a ``with`` block.
     Its limits are Capture's unless ``limits`` says otherwise.
 
+    >>> import capture_mqtt as cm
     >>> from capture_mqtt.testing.mosquitto import Mosquitto
-    >>> Mosquitto.__name__
-    'Mosquitto'
+    >>> with Mosquitto(anonymous=True, tls=False, websockets=False) as broker:
+    ...     with cm.Client(broker.host, transport="mqtt", port=broker.mqtt_port) as client:
+    ...         client.is_connected
+    True
     """
 
     def __init__(
