@@ -294,6 +294,8 @@ fn websocket_handshake(
 async fn accept(listener: TcpListener, shared: Arc<Shared>, front: Front) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
+            // Out of descriptors, say: wait a little instead of spinning.
+            tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
         if shared.stopping.load(Ordering::SeqCst) {
@@ -373,7 +375,13 @@ where
         faults.clone(),
         &shared,
     );
-    let downward = forward(upstream_read, Arc::clone(&client_write), faults.clone());
+    let mid_write = Arc::new(AtomicBool::new(false));
+    let downward = forward(
+        upstream_read,
+        Arc::clone(&client_write),
+        faults.clone(),
+        Arc::clone(&mid_write),
+    );
     let outcome = tokio::select! {
         refusal = upward => refusal,
         () = downward => Refusal::Gone,
@@ -382,7 +390,9 @@ where
             Refusal::Gone
         }
     };
-    if let (Refusal::Close(reason), Some(Version::V5)) = (outcome, inspector.version) {
+    // A DISCONNECT after half a packet of the broker's would read as garbage: then only the close.
+    let whole = !mid_write.load(Ordering::SeqCst);
+    if let (Refusal::Close(reason), Some(Version::V5), true) = (outcome, inspector.version, whole) {
         let mut buf = BytesMut::new();
         let codec = Codec {
             version: Version::V5,
@@ -399,13 +409,20 @@ where
             .is_ok()
         {
             let mut writer = client_write.lock().await;
-            let _ = writer.write_all(&buf).await;
-            let _ = writer.flush().await;
+            // Bounded: a client that reads nothing must not keep this task (and its socket).
+            let _ = tokio::time::timeout(GOODBYE, async {
+                let _ = writer.write_all(&buf).await;
+                let _ = writer.flush().await;
+            })
+            .await;
         }
     }
     let mut writer = client_write.lock().await;
-    let _ = writer.shutdown().await;
+    let _ = tokio::time::timeout(GOODBYE, writer.shutdown()).await;
 }
+
+/// How long a closing connection may take to say goodbye (a DISCONNECT, a TLS `close_notify`).
+const GOODBYE: Duration = Duration::from_secs(2);
 
 /// What the gateway knows of a connection: its protocol version and its account's scope.
 struct Inspector {
@@ -568,6 +585,7 @@ async fn forward(
     mut from: impl AsyncRead + Unpin,
     to: Arc<tokio::sync::Mutex<impl AsyncWrite + Unpin>>,
     mut faults: watch::Receiver<Faults>,
+    mid_write: Arc<AtomicBool>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -577,9 +595,12 @@ async fn forward(
         };
         obey(&mut faults).await;
         let mut writer = to.lock().await;
-        if writer.write_all(&buf[..n]).await.is_err() {
+        // Flushed each time: TLS and WebSocket streams may hold written bytes until then.
+        mid_write.store(true, Ordering::SeqCst);
+        if writer.write_all(&buf[..n]).await.is_err() || writer.flush().await.is_err() {
             return;
         }
+        mid_write.store(false, Ordering::SeqCst);
     }
 }
 

@@ -423,3 +423,13 @@ def test_the_websocket_listener_takes_only_mqtt_on_its_path(
         pytest.raises(cm.AuthorizationError, match="SomeoneElse"),
     ):
         client.subscribe("v1/raw/SomeoneElse/#", timeout=10)
+
+
+def test_a_later_stall_is_not_ended_by_an_earlier_one(capture_emulator: CaptureEmulator, capture_user: User) -> None:
+    emu = capture_emulator
+    with emu.client(capture_user, transport="mqtt") as client:
+        emu.faults.stall(0.1)
+        emu.faults.stall(1.5)
+        started = time.monotonic()
+        client.publish(f"v1/sources/{emu.add_source(capture_user.company).source_id}/cmd/writedata", b"{}")
+        assert time.monotonic() - started >= 1.2  # held by the second stall, not released by the first

@@ -262,6 +262,7 @@ class Faults:
     def __init__(self, emulator: CaptureEmulator) -> None:
         self._emulator = emulator
         self._timers: list[threading.Timer] = []
+        self._stalls = 0
 
     def _gateway(self) -> _core._Gateway:
         gateway = self._emulator._gateway
@@ -277,8 +278,15 @@ class Faults:
         """Holds all traffic, both ways, for ``seconds`` (the connections stay open, as behind a
         congested link: keepalives go unanswered); returns at once."""
         gateway = self._gateway()
+        self._stalls += 1
+        stall = self._stalls
+
+        def end() -> None:
+            if stall == self._stalls:  # a later stall() runs on
+                gateway.set_stalled(False)
+
         gateway.set_stalled(True)
-        timer = threading.Timer(seconds, gateway.set_stalled, args=(False,))
+        timer = threading.Timer(seconds, end)
         timer.daemon = True
         self._timers.append(timer)
         timer.start()
