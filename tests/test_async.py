@@ -179,3 +179,23 @@ def test_awaits_leave_nothing_behind_across_loops_and_cancellations(broker: Mosq
 
         assert asyncio.run(twice()) == 1
         assert _aio._WATCHES == {}, "a finished await left its watch behind"
+
+
+def test_a_loop_that_cannot_watch_descriptors_still_awaits(broker: Mosquitto) -> None:
+    """Windows' Proactor loop has no add_reader: awaits fall back to a worker thread there."""
+
+    class NoReaderLoop(asyncio.SelectorEventLoop):
+        def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+            raise NotImplementedError
+
+    async def main() -> int:
+        async with async_client(broker, "pipeline") as pipeline:
+            await asyncio.gather(*(pipeline.publish("bench/proactor", b"x", qos=1) for _ in range(20)))
+            return pipeline.stats["acknowledged"]
+
+    loop = NoReaderLoop()
+    try:
+        assert loop.run_until_complete(main()) == 20
+    finally:
+        loop.close()
+    assert _aio._WATCHES == {}
