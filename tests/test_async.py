@@ -6,8 +6,8 @@ Against the shared Capture-limits broker (32 in flight, 1,000 queued, 1 MB packe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVarTuple, Unpack
 
 import pyarrow as pa
 import pytest
@@ -17,6 +17,8 @@ from capture_mqtt import _aio, _core
 from capture_mqtt.testing import Mosquitto, wait_for_many
 
 from .conftest import COMPANY, PASSWORDS, SOURCE_ID, async_client, connect
+
+Ts = TypeVarTuple("Ts")
 
 
 @pytest.fixture
@@ -185,7 +187,7 @@ def test_a_loop_that_cannot_watch_descriptors_still_awaits(broker: Mosquitto) ->
     """Windows' Proactor loop has no add_reader: awaits fall back to a worker thread there."""
 
     class NoReaderLoop(asyncio.SelectorEventLoop):
-        def add_reader(self, fd: Any, callback: Any, *args: Any) -> None:
+        def add_reader(self, fd: Any, callback: Callable[[Unpack[Ts]], object], *args: *Ts) -> None:
             raise NotImplementedError
 
     async def main() -> int:
