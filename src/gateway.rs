@@ -6,22 +6,30 @@
 //!   `crate::scope`, by the CONNECT's username); a packet over the size limit is refused. A refusal
 //!   closes the connection, as Capture's page says, with an MQTT 5 DISCONNECT first (0x87 "not
 //!   authorized", 0x95 "packet too large");
+//! - a JWT login is checked by signature, subject and time (refused as bad credentials, as EMQX
+//!   does), the CONNECT forwarded with the password the broker knows for the account, and the
+//!   connection closed when the token expires (DISCONNECT 0x87 under MQTT 5);
+//! - a second connection with a client id takes the session over: the first gets DISCONNECT 0x8E
+//!   under MQTT 5 before it is closed; an MQTT 3.1.1 persistent session expires after it has been
+//!   left for `session_expiry` (EMQX's two hours);
 //! - faults on demand for tests: latency, a stall (traffic held, connections open), dropping every
 //!   connection, and a partition (connections dropped and refused until it ends).
 //!
 //! The broker's bytes go back to the client untouched. No Python here.
 
 use crate::scope::{Action, Scope};
-use crate::session::codec::{frame_length, Codec, Packet, Version};
+use crate::session::codec::{frame_length, Codec, Connect, Packet, Version};
 use bytes::{Buf, BytesMut};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
+
+pub mod login;
 
 /// Capture's packet size limit (EMQX's default): 1 MB.
 pub const CAPTURE_MAX_PACKET: usize = 1024 * 1024;
@@ -29,6 +37,10 @@ pub const CAPTURE_MAX_PACKET: usize = 1024 * 1024;
 /// MQTT 5 reason codes the gateway sends before it closes a connection.
 const NOT_AUTHORIZED: u8 = 0x87;
 const PACKET_TOO_LARGE: u8 = 0x95;
+const SESSION_TAKEN_OVER: u8 = 0x8E;
+
+/// How long EMQX keeps an MQTT 3.1.1 persistent session after its client has gone: two hours.
+pub const CAPTURE_SESSION_EXPIRY: Duration = Duration::from_secs(2 * 3600);
 
 /// What the gateway enforces.
 #[derive(Debug, Clone)]
@@ -37,6 +49,8 @@ pub struct GatewayConfig {
     pub upstream: SocketAddr,
     /// The largest packet a client may send.
     pub max_packet: usize,
+    /// How long an MQTT 3.1.1 persistent session outlives its connection.
+    pub session_expiry: Duration,
 }
 
 /// Counters, for tests and the emulator's `stats`.
@@ -45,7 +59,43 @@ pub struct GatewayStats {
     pub connections: AtomicU64,
     pub refused_scope: AtomicU64,
     pub refused_size: AtomicU64,
+    /// Logins refused by the gateway (a JWT that is forged, expired or someone else's).
+    pub refused_login: AtomicU64,
+    /// Connections closed when their JWT expired.
+    pub expired_logins: AtomicU64,
+    /// Connections closed because another took their client id.
+    pub taken_over: AtomicU64,
+    /// MQTT 3.1.1 persistent sessions ended because their client stayed away too long.
+    pub expired_sessions: AtomicU64,
     pub dropped: AtomicU64,
+}
+
+/// An account the gateway knows: its scope, and for a JWT user how its tokens are checked.
+#[derive(Clone)]
+struct Account {
+    scope: Scope,
+    jwt: Option<Arc<JwtLogin>>,
+}
+
+/// A JWT user's tokens are signed with `key`; the broker knows the account by `broker_password`.
+struct JwtLogin {
+    key: Vec<u8>,
+    broker_password: String,
+}
+
+/// Who holds each client id, and the MQTT 3.1.1 persistent sessions left behind.
+#[derive(Default)]
+struct Sessions {
+    next_connection: u64,
+    live: HashMap<String, Holder>,
+    left: HashMap<String, Instant>,
+}
+
+/// The connection holding a client id, and how to tell it that another one takes over: it answers
+/// through the sender it is given once it has said goodbye.
+struct Holder {
+    connection: u64,
+    kick: oneshot::Sender<oneshot::Sender<()>>,
 }
 
 /// The faults in force.
@@ -60,7 +110,10 @@ struct Faults {
 
 struct Shared {
     config: GatewayConfig,
-    accounts: RwLock<HashMap<String, Scope>>,
+    accounts: RwLock<HashMap<String, Account>>,
+    /// Source id to company: a user may send commands to its own company's sources only.
+    owners: RwLock<HashMap<String, String>>,
+    sessions: Mutex<Sessions>,
     faults: watch::Sender<Faults>,
     stats: GatewayStats,
     stopping: AtomicBool,
@@ -94,6 +147,8 @@ impl Gateway {
         let shared = Arc::new(Shared {
             config,
             accounts: RwLock::new(HashMap::new()),
+            owners: RwLock::new(HashMap::new()),
+            sessions: Mutex::new(Sessions::default()),
             faults,
             stats: GatewayStats::default(),
             stopping: AtomicBool::new(false),
@@ -130,6 +185,15 @@ impl Gateway {
         self.listen(listen, front).await
     }
 
+    /// Adds a listener on `listen` for MQTT over plain WebSocket, with the rules of
+    /// [`Gateway::listen_tls`]'s WebSocket; returns its address.
+    ///
+    /// # Errors
+    /// An address that cannot be bound.
+    pub async fn listen_websocket(&self, listen: SocketAddr) -> Result<SocketAddr, String> {
+        self.listen(listen, Front::Ws).await
+    }
+
     async fn listen(&self, listen: SocketAddr, front: Front) -> Result<SocketAddr, String> {
         let listener = TcpListener::bind(listen)
             .await
@@ -161,7 +225,37 @@ impl Gateway {
             .accounts
             .write()
             .unwrap_or_else(PoisonError::into_inner)
-            .insert(username.to_owned(), scope);
+            .entry(username.to_owned())
+            .and_modify(|account| account.scope = scope.clone())
+            .or_insert(Account { scope, jwt: None });
+    }
+
+    /// `username` logs in with JWTs signed (HS256) with `key`, checked here; the CONNECT goes on
+    /// to the broker with `broker_password` instead of the token.
+    pub fn set_jwt_login(&self, username: &str, key: &[u8], broker_password: &str) {
+        let jwt = Some(Arc::new(JwtLogin {
+            key: key.to_vec(),
+            broker_password: broker_password.to_owned(),
+        }));
+        self.shared
+            .accounts
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(username.to_owned())
+            .and_modify(|account| account.jwt.clone_from(&jwt))
+            .or_insert(Account {
+                scope: Scope::Open,
+                jwt,
+            });
+    }
+
+    /// The source `source_id` belongs to `company`: that company's users may send it commands.
+    pub fn set_source_owner(&self, source_id: &str, company: &str) {
+        self.shared
+            .owners
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(source_id.to_owned(), company.to_owned());
     }
 
     pub fn remove_account(&self, username: &str) {
@@ -221,6 +315,7 @@ const HANDSHAKE: Duration = Duration::from_secs(10);
 #[derive(Clone)]
 enum Front {
     Plain,
+    Ws,
     Tls(tokio_rustls::TlsAcceptor),
     Wss(tokio_rustls::TlsAcceptor),
 }
@@ -319,6 +414,14 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, front: Front) {
             // connection.
             match front {
                 Front::Plain => serve(client, upstream, shared, faults.generation).await,
+                Front::Ws => {
+                    let handshake =
+                        async_tungstenite::tokio::accept_hdr_async(client, websocket_handshake);
+                    if let Ok(Ok(socket)) = tokio::time::timeout(HANDSHAKE, handshake).await {
+                        let stream = ws_stream_tungstenite::WsStream::new(socket);
+                        serve(stream, upstream, shared, faults.generation).await;
+                    }
+                }
                 Front::Tls(acceptor) => {
                     if let Ok(Ok(stream)) =
                         tokio::time::timeout(HANDSHAKE, acceptor.accept(client)).await
@@ -347,6 +450,8 @@ async fn accept(listener: TcpListener, shared: Arc<Shared>, front: Front) {
 enum Refusal {
     /// A reason code to send under MQTT 5 before closing.
     Close(u8),
+    /// A login refused as bad credentials: a CONNACK saying so, then the close.
+    Login,
     /// The connection is gone, or dropped by a fault.
     Gone,
 }
@@ -367,7 +472,15 @@ where
                 .await;
         }
     };
-    let mut inspector = Inspector::new(&shared);
+    let (kick, kicked) = oneshot::channel::<oneshot::Sender<()>>();
+    // Resolves only when another connection takes this one's client id.
+    let kicked = async move {
+        match kicked.await {
+            Ok(done) => done,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    let mut inspector = Inspector::new(&shared, kick);
     let upward = inspect_and_forward(
         client_read,
         upstream_write,
@@ -382,6 +495,7 @@ where
         faults.clone(),
         Arc::clone(&mid_write),
     );
+    let mut taken_over = None;
     let outcome = tokio::select! {
         refusal = upward => refusal,
         () = downward => Refusal::Gone,
@@ -389,59 +503,97 @@ where
             shared.stats.dropped.fetch_add(1, Ordering::Relaxed);
             Refusal::Gone
         }
+        done = kicked => {
+            shared.stats.taken_over.fetch_add(1, Ordering::Relaxed);
+            taken_over = Some(done);
+            Refusal::Close(SESSION_TAKEN_OVER)
+        }
     };
     // A DISCONNECT after half a packet of the broker's would read as garbage: then only the close.
     let whole = !mid_write.load(Ordering::SeqCst);
-    if let (Refusal::Close(reason), Some(Version::V5), true) = (outcome, inspector.version, whole) {
-        let mut buf = BytesMut::new();
-        let codec = Codec {
-            version: Version::V5,
-            max_incoming: usize::MAX,
-        };
-        if codec
-            .encode(
-                &Packet::Disconnect {
-                    reason,
-                    words: None,
-                },
-                &mut buf,
-            )
-            .is_ok()
-        {
-            let mut writer = client_write.lock().await;
-            // Bounded: a client that reads nothing must not keep this task (and its socket).
-            let _ = tokio::time::timeout(GOODBYE, async {
-                let _ = writer.write_all(&buf).await;
-                let _ = writer.flush().await;
-            })
-            .await;
+    let v5 = inspector.version == Some(Version::V5);
+    let goodbye: Option<Vec<u8>> = match outcome {
+        Refusal::Close(reason) if v5 && whole => {
+            let mut buf = BytesMut::new();
+            let codec = Codec {
+                version: Version::V5,
+                max_incoming: usize::MAX,
+            };
+            let disconnect = Packet::Disconnect {
+                reason,
+                words: None,
+            };
+            codec
+                .encode(&disconnect, &mut buf)
+                .ok()
+                .map(|()| buf.to_vec())
         }
+        // Nothing went to the broker, so nothing of its can be half written.
+        Refusal::Login => Some(login::bad_credentials(v5).to_vec()),
+        Refusal::Close(_) | Refusal::Gone => None,
+    };
+    {
+        let mut writer = client_write.lock().await;
+        // Bounded: a client that reads nothing must not keep this task (and its socket).
+        let _ = tokio::time::timeout(GOODBYE, async {
+            if let Some(goodbye) = goodbye {
+                let _ = writer.write_all(&goodbye).await;
+                let _ = writer.flush().await;
+            }
+            let _ = writer.shutdown().await;
+        })
+        .await;
     }
-    let mut writer = client_write.lock().await;
-    let _ = tokio::time::timeout(GOODBYE, writer.shutdown()).await;
+    inspector.leave(&shared);
+    if let Some(done) = taken_over {
+        let _ = done.send(());
+    }
 }
 
 /// How long a closing connection may take to say goodbye (a DISCONNECT, a TLS `close_notify`).
 const GOODBYE: Duration = Duration::from_secs(2);
 
-/// What the gateway knows of a connection: its protocol version and its account's scope.
+/// What the gateway knows of a connection: its protocol version, its account's scope, its login.
 struct Inspector {
     version: Option<Version>,
     scope: Scope,
     max_packet: usize,
+    /// This connection's number, and its client id once it holds one.
+    connection: u64,
+    client_id: Option<String>,
+    /// An MQTT 3.1.1 persistent session: its expiry starts when the connection ends.
+    persistent_v3: bool,
+    /// Handed to the session table at CONNECT, for a later connection to take this one over.
+    kick: Option<oneshot::Sender<oneshot::Sender<()>>>,
+    /// When the connection's JWT expires.
+    expires: Option<tokio::time::Instant>,
 }
 
 impl Inspector {
-    fn new(shared: &Shared) -> Inspector {
+    fn new(shared: &Shared, kick: oneshot::Sender<oneshot::Sender<()>>) -> Inspector {
+        let connection = {
+            let mut sessions = shared
+                .sessions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            sessions.next_connection += 1;
+            sessions.next_connection
+        };
         Inspector {
             version: None,
             scope: Scope::Open,
             max_packet: shared.config.max_packet,
+            connection,
+            client_id: None,
+            persistent_v3: false,
+            kick: Some(kick),
+            expires: None,
         }
     }
 
-    /// Checks one whole packet from the client (`frame`): Ok to forward it, or the refusal.
-    fn check(&mut self, frame: &[u8], shared: &Shared) -> Result<(), Refusal> {
+    /// Checks one whole packet from the client (`frame`): Ok to forward it (with the frame to send
+    /// instead, if it was rewritten), or the refusal.
+    async fn check(&mut self, frame: &[u8], shared: &Shared) -> Result<Option<Vec<u8>>, Refusal> {
         if frame.len() > self.max_packet {
             shared.stats.refused_size.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::Close(PACKET_TOO_LARGE));
@@ -453,9 +605,9 @@ impl Inspector {
             }
             self.version = Some(connect_version(frame).ok_or(Refusal::Gone)?);
         }
-        // Only the packets the scope rules apply to are decoded: CONNECT, PUBLISH, SUBSCRIBE.
+        // Only the packets the gateway's rules apply to are decoded: CONNECT, PUBLISH, SUBSCRIBE.
         if !matches!(kind, 1 | 3 | 8) {
-            return Ok(());
+            return Ok(None);
         }
         let codec = Codec {
             version: self.version.unwrap_or(Version::V311),
@@ -464,20 +616,11 @@ impl Inspector {
         let mut buf = BytesMut::from(frame);
         // Malformed bytes go to the broker, which closes the connection as it does.
         let Ok(Some(packet)) = codec.decode(&mut buf) else {
-            return Ok(());
+            return Ok(None);
         };
         let refused = match packet {
-            Packet::Connect(connect) => {
-                if let Some((username, _)) = &connect.login {
-                    let accounts = shared
-                        .accounts
-                        .read()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    self.scope = accounts.get(username).cloned().unwrap_or(Scope::Open);
-                }
-                false
-            }
-            Packet::Publish(publish) => self.scope.check(Action::Publish, &publish.topic).is_err(),
+            Packet::Connect(connect) => return self.connect(frame, &connect, shared).await,
+            Packet::Publish(publish) => !self.may_publish(&publish.topic, shared),
             Packet::Subscribe { filters, .. } => filters
                 .iter()
                 .any(|(filter, _)| self.scope.check(Action::Subscribe, filter).is_err()),
@@ -487,7 +630,155 @@ impl Inspector {
             shared.stats.refused_scope.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::Close(NOT_AUTHORIZED));
         }
-        Ok(())
+        Ok(None)
+    }
+
+    fn may_publish(&self, topic: &str, shared: &Shared) -> bool {
+        if self.scope.check(Action::Publish, topic).is_err() {
+            return false;
+        }
+        // A user's command goes to a source of the user's own company only.
+        if let Scope::User {
+            company: Some(company),
+        } = &self.scope
+        {
+            let source = topic
+                .strip_prefix("v1/sources/")
+                .and_then(|rest| rest.split('/').next());
+            if let Some(source) = source {
+                let owners = shared.owners.read().unwrap_or_else(PoisonError::into_inner);
+                return owners.get(source) == Some(company);
+            }
+        }
+        true
+    }
+
+    /// The login: the account's scope, its JWT checked, its client id taken from any connection
+    /// that holds it, and an expired 3.1.1 session ended before the CONNECT goes on.
+    async fn connect(
+        &mut self,
+        frame: &[u8],
+        connect: &Connect,
+        shared: &Shared,
+    ) -> Result<Option<Vec<u8>>, Refusal> {
+        let mut rewritten = None;
+        if let Some((username, password)) = &connect.login {
+            let account = shared
+                .accounts
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(username)
+                .cloned();
+            if let Some(account) = account {
+                self.scope = account.scope;
+                if let Some(jwt) = account.jwt {
+                    let now = SystemTime::now()
+                        .duration_since(SystemTime::UNIX_EPOCH)
+                        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+                    let Ok(exp) = login::check_jwt(password, &jwt.key, username, now) else {
+                        shared.stats.refused_login.fetch_add(1, Ordering::Relaxed);
+                        return Err(Refusal::Login);
+                    };
+                    let left = Duration::from_secs(u64::try_from(exp - now).unwrap_or(0));
+                    self.expires = Some(tokio::time::Instant::now() + left);
+                    rewritten = Some(
+                        login::replace_password(frame, password, &jwt.broker_password)
+                            .ok_or(Refusal::Gone)?,
+                    );
+                }
+            }
+        }
+        let frame = rewritten.as_deref().unwrap_or(frame);
+        self.take_over(&connect.client_id, shared).await;
+        let left = shared
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .left
+            .remove(&connect.client_id);
+        if self.version == Some(Version::V311) && !connect.clean {
+            self.persistent_v3 = true;
+            if left.is_some_and(|at| at.elapsed() >= shared.config.session_expiry) {
+                end_session(frame, shared).await;
+            }
+        }
+        Ok(rewritten)
+    }
+
+    /// Takes `client_id` from the connection that holds it, which says goodbye first (DISCONNECT
+    /// 0x8E under MQTT 5) so that the broker's own takeover finds it gone.
+    async fn take_over(&mut self, client_id: &str, shared: &Shared) {
+        let Some(kick) = self.kick.take() else {
+            return;
+        };
+        if client_id.is_empty() {
+            return; // the broker assigns one: nothing to take over
+        }
+        let holder = {
+            let mut sessions = shared
+                .sessions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            sessions.live.insert(
+                client_id.to_owned(),
+                Holder {
+                    connection: self.connection,
+                    kick,
+                },
+            )
+        };
+        self.client_id = Some(client_id.to_owned());
+        if let Some(holder) = holder {
+            let (done, said_goodbye) = oneshot::channel();
+            if holder.kick.send(done).is_ok() {
+                let _ = tokio::time::timeout(GOODBYE + GOODBYE, said_goodbye).await;
+            }
+        }
+    }
+
+    /// The connection ended: its client id is free, and a 3.1.1 persistent session starts to age.
+    fn leave(&self, shared: &Shared) {
+        let Some(client_id) = &self.client_id else {
+            return;
+        };
+        let mut sessions = shared
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if sessions
+            .live
+            .get(client_id)
+            .is_some_and(|holder| holder.connection == self.connection)
+        {
+            sessions.live.remove(client_id);
+            if self.persistent_v3 {
+                sessions.left.insert(client_id.clone(), Instant::now());
+            }
+        }
+    }
+}
+
+/// Ends the broker's session of the client whose CONNECT is `frame` (an MQTT 3.1.1 session left
+/// for longer than Capture keeps one): the same login once with a clean session, then DISCONNECT.
+async fn end_session(frame: &[u8], shared: &Shared) {
+    let Some(clean) = login::with_clean_session(frame) else {
+        return;
+    };
+    let ended = tokio::time::timeout(GOODBYE, async {
+        let mut upstream = TcpStream::connect(shared.config.upstream).await.ok()?;
+        upstream.write_all(&clean).await.ok()?;
+        let mut connack = [0u8; 4];
+        upstream.read_exact(&mut connack).await.ok()?;
+        upstream.write_all(&[0xE0, 0x00]).await.ok()?;
+        let _ = upstream.shutdown().await;
+        Some(())
+    })
+    .await;
+    if matches!(ended, Ok(Some(()))) {
+        shared
+            .stats
+            .expired_sessions
+            .fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -523,7 +814,7 @@ async fn obey(faults: &mut watch::Receiver<Faults>) {
     }
 }
 
-/// Client to broker: each whole packet is checked, then forwarded as it came.
+/// Client to broker: each whole packet is checked, then forwarded as it came (or as rewritten).
 async fn inspect_and_forward(
     mut from: impl AsyncRead + Unpin,
     mut to: impl AsyncWrite + Unpin,
@@ -553,11 +844,25 @@ async fn inspect_and_forward(
             if buf.len() - ready < frame {
                 break;
             }
-            if let Err(refusal) = inspector.check(&buf[ready..ready + frame], shared) {
-                refused = Some(refusal);
-                break;
+            match inspector.check(&buf[ready..ready + frame], shared).await {
+                Err(refusal) => {
+                    refused = Some(refusal);
+                    break;
+                }
+                Ok(None) => ready += frame,
+                Ok(Some(rewritten)) => {
+                    // What came before goes first, then the rewritten packet in place of the
+                    // client's.
+                    obey(&mut faults).await;
+                    if to.write_all(&buf[..ready]).await.is_err()
+                        || to.write_all(&rewritten).await.is_err()
+                    {
+                        return Refusal::Gone;
+                    }
+                    buf.advance(ready + frame);
+                    ready = 0;
+                }
             }
-            ready += frame;
         }
         if ready > 0 {
             obey(&mut faults).await;
@@ -570,12 +875,26 @@ async fn inspect_and_forward(
             let _ = to.flush().await;
             return refusal;
         }
-        match from.read_buf(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = to.shutdown().await;
-                return Refusal::Gone;
+        let deadline = inspector.expires;
+        let expired = async move {
+            match deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
             }
-            Ok(_) => {}
+        };
+        tokio::select! {
+            read = from.read_buf(&mut buf) => match read {
+                Ok(0) | Err(_) => {
+                    let _ = to.shutdown().await;
+                    return Refusal::Gone;
+                }
+                Ok(_) => {}
+            },
+            () = expired => {
+                // Capture closes a JWT connection when its token expires.
+                shared.stats.expired_logins.fetch_add(1, Ordering::Relaxed);
+                return Refusal::Close(NOT_AUTHORIZED);
+            }
         }
     }
 }

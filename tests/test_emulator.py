@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -130,14 +131,16 @@ def test_companies_are_isolated_and_scopes_hold(capture_emulator: CaptureEmulato
         ):
             unchecked.subscribe(cm.raw_filter(other.name), qos=1)
 
-        # ... and her command to its source is dropped, while its own user's command arrives.
-        alice_client.send_command(other_source.source_id, "PLC/Process/Setpoint", "1")
+        # ... and for a command to its source (a source id the SDK cannot tell from her own
+        # company's), while its own user's command arrives.
+        with pytest.raises(cm.AuthorizationError, match=other_source.source_id):
+            alice_client.send_command(other_source.source_id, "PLC/Process/Setpoint", "1")
         bob_client.send_command(other_source.source_id, "PLC/Process/Setpoint", "2")
         assert wait_for(other_commands).data == "2"
         assert other_commands.get(timeout=0.3) is None
 
 
-def test_jwt_users_get_tokens_from_the_auth_api_and_a_new_token_retires_the_old(
+def test_jwt_users_get_tokens_from_the_auth_api_and_the_broker_checks_them_as_capture_does(
     capture_emulator: CaptureEmulator, capture_company: Company
 ) -> None:
     emu = capture_emulator
@@ -146,14 +149,89 @@ def test_jwt_users_get_tokens_from_the_auth_api_and_a_new_token_retires_the_old(
     claims = json.loads(base64.urlsafe_b64decode(first.split(".")[1] + "=="))
     assert claims["sub"] == "carol" and 7100 < claims["exp"] - time.time() <= 7200
     assert connack_code(emu.host, emu.mqtt_port, "carol", first) == 0
-    assert connack_code(emu.host, emu.mqtt_port, "carol", carol.password) != 0  # the login is not a token
+    assert connack_code(emu.host, emu.mqtt_port, "carol", carol.password) == 4  # the login is not a token
+    # A new token leaves the earlier ones valid until they expire, as on Capture.
     second = carol.token()
-    assert connack_code(emu.host, emu.mqtt_port, "carol", first) != 0
+    assert connack_code(emu.host, emu.mqtt_port, "carol", first) == 0
     assert connack_code(emu.host, emu.mqtt_port, "carol", second) == 0
+    # Expired, signed by someone else, or another user's: refused as bad credentials (3.1.1 code 4).
+    dave = emu.add_jwt_user(capture_company, "jwt-dave")
+    with CaptureEmulator() as elsewhere:
+        foreign = elsewhere.add_jwt_user(elsewhere.add_company(capture_company.name), "carol").token()
+    for token in (carol.token(valid_for=-1), foreign):
+        assert connack_code(emu.host, emu.mqtt_port, "carol", token) == 4
+    assert connack_code(emu.host, emu.mqtt_port, "jwt-dave", carol.token()) == 4
+    assert connack_code(emu.host, emu.mqtt_port, "jwt-dave", dave.token()) == 0
     with pytest.raises(cm.AuthenticationError, match="refused"):
         cm.fetch_jwt("carol", "wrong password", base_url=emu.portal_url)
+    # The SDK reports an expired token as the AuthenticationError it is.
+    expired = cm.Auth.jwt("carol", carol.token(valid_for=-1))
+    with pytest.raises(cm.AuthenticationError):
+        emu.client(carol, auth=expired, reconnect=False, connect_timeout=5)
     with emu.client(carol) as client:  # auth=cm.Auth.jwt(name, carol.token): a fresh token per connect
         assert client.is_connected
+
+
+@pytest.mark.parametrize("protocol", [3, 5])
+def test_a_jwt_connection_is_closed_when_its_token_expires(
+    capture_emulator: CaptureEmulator, capture_company: Company, protocol: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    emu = capture_emulator
+    fast = cm.Reconnect(min_delay=0.05, max_delay=0.2)
+    erin = emu.add_jwt_user(capture_company, f"erin-{protocol}")
+    # paho-mqtt: closed at exp, with DISCONNECT 0x87 under MQTT 5; an expired token is refused
+    # (CONNACK 0x86 under MQTT 5).
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    reasons: list[Any] = []
+    plain = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5 if protocol == 5 else paho.MQTTv311)
+    plain.username_pw_set(erin.username, erin.token(valid_for=2))
+    plain.on_disconnect = lambda _c, _u, _f, reason, _p: reasons.append(reason)
+    plain.connect(emu.host, emu.mqtt_port)
+    plain.loop_start()
+    try:
+        wait_until(plain.is_connected, timeout=5)
+        wait_until(lambda: reasons, timeout=6)
+    finally:
+        plain.loop_stop()
+        plain.disconnect()
+    if protocol == 5:
+        assert int(getattr(reasons[0], "value", reasons[0])) == 0x87, reasons
+        answers: list[Any] = []
+        late = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        late.username_pw_set(erin.username, erin.token(valid_for=-1))
+        late.on_connect = lambda _c, _u, _f, reason, _p: answers.append(reason)
+        late.connect(emu.host, emu.mqtt_port)
+        late.loop_start()
+        try:
+            wait_until(lambda: answers, timeout=5)
+        finally:
+            late.loop_stop()
+            late.disconnect()
+        assert int(getattr(answers[0], "value", answers[0])) == 0x86, answers
+    assert emu._gateway is not None
+    closed_at_exp = emu._gateway.stats()["expired_logins"]
+    # The SDK with a token it cannot renew: closed at exp, then refused, and it says why.
+    events: list[cm.ConnectionEvent] = []
+    auth = cm.Auth.jwt(erin.username, erin.token(valid_for=2))
+    caplog.set_level(logging.WARNING, logger="capture_mqtt")
+    with emu.client(erin, transport="mqtt", protocol=protocol, auth=auth, reconnect=fast) as client:
+        client.on_event(events.append)
+        wait_until(lambda: "was refused" in caplog.text, timeout=8)
+    disconnected = next(e for e in events if e.kind == "disconnected")
+    if protocol == 5:
+        assert disconnected.reason is not None and "NotAuthorized" in disconnected.reason
+    assert "give cm.Auth.jwt a callable" in caplog.text
+    assert emu._gateway.stats()["expired_logins"] == closed_at_exp + 1
+    # With a callable, it logs in again with a fresh token before the old one expires: never closed.
+    auth = cm.Auth.jwt(erin.username, lambda: erin.token(valid_for=2))
+    events.clear()
+    with emu.client(erin, transport="mqtt", protocol=protocol, auth=auth, reconnect=fast) as client:
+        client.on_event(events.append)
+        wait_until(lambda: [e.kind for e in events].count("connected") >= 2, timeout=8)
+        assert client.is_connected
+    assert emu._gateway.stats()["expired_logins"] == closed_at_exp + 1
 
 
 def test_a_source_connects_from_its_auth_config_file(capture_emulator: CaptureEmulator, capture_source: Source) -> None:
@@ -433,3 +511,147 @@ def test_a_later_stall_is_not_ended_by_an_earlier_one(capture_emulator: CaptureE
         started = time.monotonic()
         client.publish(f"v1/sources/{emu.add_source(capture_user.company).source_id}/cmd/writedata", b"{}")
         assert time.monotonic() - started >= 1.2  # held by the second stall, not released by the first
+
+
+def _paho_login(emu: CaptureEmulator, account: User, protocol: int = 3, **options: Any) -> Any:
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    version = paho.MQTTv5 if protocol == 5 else paho.MQTTv311
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=version, **options)
+    client.username_pw_set(account.username, account.password)
+    return client
+
+
+def test_the_broker_advertises_capture_limits_and_keeps_1000_messages_per_client(
+    capture_emulator: CaptureEmulator, capture_company: Company
+) -> None:
+    emu = capture_emulator
+    user = emu.add_user(capture_company, "queue-user")
+    raw = cm.raw_filter(capture_company.name)
+    topic = f"v1/raw/{capture_company.name}/s/C/M/K"
+    assert emu._pipeline is not None
+
+    def publish_while_away(count: int) -> None:
+        assert emu._pipeline is not None
+        for i in range(count):
+            emu._pipeline.publish(topic, str(i).encode(), qos=1)
+
+    # MQTT 5's CONNACK says 32 in flight and 1 MB packets, as Capture's broker does.
+    properties: list[Any] = []
+    probe = _paho_login(emu, user, protocol=5)
+    probe.on_connect = lambda _c, _u, _f, _r, props: properties.append(props.json())
+    probe.connect(emu.host, emu.mqtt_port)
+    probe.loop_start()
+    try:
+        wait_until(lambda: properties, timeout=5)
+    finally:
+        probe.loop_stop()
+        probe.disconnect()
+    assert properties[0]["ReceiveMaximum"] == 32 and properties[0]["MaximumPacketSize"] == 1 << 20
+
+    # A persistent session away while 1,500 messages come keeps 1,000. Mosquitto keeps the oldest
+    # (0-999), where Capture's broker keeps the newest: the documented difference.
+    got: list[bytes] = []
+    plain = _paho_login(emu, user, client_id="queue-paho", clean_session=False)
+    plain.connect(emu.host, emu.mqtt_port)
+    plain.loop_start()
+    wait_until(plain.is_connected, timeout=5)
+    subscribed: list[Any] = []
+    plain.on_subscribe = lambda *args: subscribed.append(args)
+    plain.subscribe(raw, qos=1)
+    wait_until(lambda: subscribed, timeout=5)
+    plain.loop_stop()
+    plain.disconnect()
+    publish_while_away(1500)
+    plain = _paho_login(emu, user, client_id="queue-paho", clean_session=False)
+    plain.on_message = lambda _c, _u, message: got.append(message.payload)
+    plain.connect(emu.host, emu.mqtt_port)
+    plain.loop_start()
+    try:
+        wait_until(plain.is_connected, timeout=5)
+        emu._pipeline.publish(topic, b"end", qos=1)
+        wait_until(lambda: b"end" in got, timeout=10)
+    finally:
+        plain.loop_stop()
+        plain.disconnect()
+    assert got == [str(i).encode() for i in range(1000)] + [b"end"]
+
+    # The SDK sees the same.
+    options: dict[str, Any] = {"client_id": "queue-sdk", "clean_session": False, "transport": "mqtt"}
+    with emu.client(user, **options) as client:
+        client.subscribe(raw, qos=1)  # kept by the session (closing it would unsubscribe)
+    publish_while_away(1500)
+    client = emu.client(user, connect=False, **options)
+    with client, client.subscribe(raw, qos=1, decode="bytes") as sub:
+        client.connect()
+        emu._pipeline.publish(topic, b"end", qos=1)
+        payloads = [m.payload for m in wait_for_many(sub, 1001, timeout=20)]
+    assert payloads == [str(i).encode() for i in range(1000)] + [b"end"]
+
+
+def test_a_second_connection_with_a_client_id_takes_the_session_over(
+    capture_emulator: CaptureEmulator, capture_user: User
+) -> None:
+    emu = capture_emulator
+    # paho-mqtt under MQTT 5: DISCONNECT 0x8E when the SDK connects with its client id.
+    reasons: list[Any] = []
+    plain = _paho_login(emu, capture_user, protocol=5, client_id="twin-paho")
+    plain.on_disconnect = lambda _c, _u, _f, reason, _p: reasons.append(reason)
+    plain.connect(emu.host, emu.mqtt_port)
+    plain.loop_start()
+    try:
+        wait_until(plain.is_connected, timeout=5)
+        with emu.client(capture_user, transport="mqtt", protocol=5, client_id="twin-paho") as newcomer:
+            wait_until(lambda: reasons, timeout=5)
+            assert newcomer.is_connected
+    finally:
+        plain.loop_stop()
+        plain.disconnect()
+    assert int(getattr(reasons[0], "value", reasons[0])) == 0x8E, reasons
+    # The SDK, taken over: its disconnect says so.
+    events: list[cm.ConnectionEvent] = []
+    options: dict[str, Any] = {"transport": "mqtt", "protocol": 5, "client_id": "twin-sdk"}
+    with emu.client(capture_user, reconnect=False, **options) as first:
+        first.on_event(events.append)
+        with emu.client(capture_user, **options):
+            wait_until(lambda: any(e.kind == "disconnected" for e in events), timeout=5)
+    reason = next(e.reason for e in events if e.kind == "disconnected")
+    assert reason is not None and "SessionTakenOver" in reason, reason
+
+
+def test_a_persistent_311_session_expires_when_its_client_stays_away() -> None:
+    # Capture keeps a 3.1.1 persistent session two hours; this emulator keeps it one second.
+    with CaptureEmulator(websockets=False, session_expiry=1.0) as emu:
+        user = emu.add_user(emu.add_company("ExpiryCorp"), "expiry-user")
+        options: dict[str, Any] = {"client_id": "expiring", "clean_session": False, "transport": "mqtt"}
+        present: list[bool | None] = []
+
+        def visit() -> None:
+            events: list[cm.ConnectionEvent] = []
+            with emu.client(user, connect=False, **options) as client:
+                client.on_event(events.append)
+                client.connect()
+                client.subscribe(cm.raw_filter("ExpiryCorp"), qos=1).close()
+            present.append(next(e.session_present for e in events if e.kind == "connected"))
+
+        visit()
+        visit()  # back at once: the session is there
+        time.sleep(1.5)  # the time an away client's session lives is what is tested
+        visit()  # back too late: a new session
+        assert present == [False, True, False]
+        # paho-mqtt sees the same.
+        flags: list[Any] = []
+        for visits, pause in enumerate((0.0, 0.0, 1.5), start=1):
+            time.sleep(pause)  # as above: the absence itself is the condition
+            plain = _paho_login(emu, user, client_id="expiring-paho", clean_session=False)
+            plain.on_connect = lambda _c, _u, connect_flags, _r, _p: flags.append(connect_flags.session_present)
+            plain.connect(emu.host, emu.mqtt_port)
+            plain.loop_start()
+            try:
+                wait_until(lambda: len(flags) == visits, timeout=5)  # noqa: B023 - awaited here
+            finally:
+                plain.loop_stop()
+                plain.disconnect()
+        assert flags == [False, True, False]
+        assert emu._gateway is not None and emu._gateway.stats()["expired_sessions"] >= 2

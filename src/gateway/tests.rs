@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::scope::AccountKind;
-use crate::session::codec::Connect;
+use crate::session::codec::{ConnAck, Connect};
 use crate::session::runtime;
 use crate::session::tests::Broker;
 use std::time::Instant;
@@ -18,6 +18,24 @@ struct Raw {
 
 impl Raw {
     async fn connect(gateway: &Gateway, version: Version, username: &str) -> Raw {
+        let client_id = format!("raw-{username}-{}", std::process::id());
+        let (raw, ack) = Raw::login(gateway, version, &client_id, username, "secret", true).await;
+        match ack {
+            Some(Packet::ConnAck(ack)) => assert!(ack.refused.is_none(), "{ack:?}"),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        raw
+    }
+
+    /// Sends a CONNECT and returns what came back.
+    async fn login(
+        gateway: &Gateway,
+        version: Version,
+        client_id: &str,
+        username: &str,
+        password: &str,
+        clean: bool,
+    ) -> (Raw, Option<Packet>) {
         let stream = TcpStream::connect(gateway.addr()).await.unwrap();
         let mut raw = Raw {
             stream,
@@ -28,20 +46,17 @@ impl Raw {
             buf: BytesMut::new(),
         };
         raw.send(&Packet::Connect(Connect {
-            client_id: format!("raw-{username}-{}", std::process::id()),
+            client_id: client_id.to_owned(),
             keepalive: 30,
-            clean: true,
-            login: Some((username.to_owned(), "secret".to_owned())),
+            clean,
+            login: Some((username.to_owned(), password.to_owned())),
             session_expiry: None,
             receive_maximum: None,
             max_packet_size: None,
         }))
         .await;
-        match raw.next().await {
-            Some(Packet::ConnAck(ack)) => assert!(ack.refused.is_none(), "{ack:?}"),
-            other => panic!("expected CONNACK, got {other:?}"),
-        }
-        raw
+        let ack = raw.next().await;
+        (raw, ack)
     }
 
     async fn send(&mut self, packet: &Packet) {
@@ -83,13 +98,17 @@ impl Raw {
     }
 
     async fn publish(&mut self, topic: &str, payload: &[u8]) {
+        self.publish_qos(topic, payload, 0).await;
+    }
+
+    async fn publish_qos(&mut self, topic: &str, payload: &[u8], qos: u8) {
         self.send(&Packet::Publish(crate::session::codec::Publish {
             topic: topic.to_owned(),
             payload: bytes::Bytes::copy_from_slice(payload),
-            qos: 0,
+            qos,
             retain: false,
             dup: false,
-            pkid: 0,
+            pkid: u16::from(qos > 0),
             sub_ids: Vec::new(),
         }))
         .await;
@@ -97,11 +116,16 @@ impl Raw {
 }
 
 async fn gateway(broker: &Broker, max_packet: usize) -> Gateway {
+    gateway_with(broker, max_packet, CAPTURE_SESSION_EXPIRY).await
+}
+
+async fn gateway_with(broker: &Broker, max_packet: usize, session_expiry: Duration) -> Gateway {
     let gateway = Gateway::start(
         "127.0.0.1:0".parse().unwrap(),
         GatewayConfig {
             upstream: SocketAddr::from(([127, 0, 0, 1], broker.port)),
             max_packet,
+            session_expiry,
         },
     )
     .await
@@ -317,5 +341,181 @@ fn what_came_before_a_refused_packet_still_goes_through() {
         assert!(
             matches!(watcher.next().await, Some(Packet::Publish(p)) if p.topic.ends_with("C/M"))
         );
+    });
+}
+
+fn jwt(key: &[u8], username: &str, exp: u64) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"HS256","typ":"JWT"}"#);
+    let body = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"{username}","exp":{exp}}}"#));
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let tag = ring::hmac::sign(&key, format!("{header}.{body}").as_bytes());
+    format!("{header}.{body}.{}", URL_SAFE_NO_PAD.encode(tag.as_ref()))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[test]
+fn a_jwt_login_is_checked_and_closed_when_the_token_expires() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
+        let key = b"the emulator's signing key";
+        gateway.set_jwt_login("carol", key, "what-the-broker-knows");
+        let now = unix_now();
+        for (version, refused) in [(Version::V311, 4u8), (Version::V5, 0x86)] {
+            // Forged, expired, or someone else's: refused as bad credentials, nothing forwarded.
+            for token in [
+                jwt(b"another key", "carol", now + 3600),
+                jwt(key, "carol", now - 1),
+                jwt(key, "dave", now + 3600),
+                "not a token".to_owned(),
+            ] {
+                let (mut raw, ack) =
+                    Raw::login(&gateway, version, "jwt-client", "carol", &token, true).await;
+                // The engine's codec reads code 4 (3.1.1) and 0x86 (v5) as refused credentials.
+                assert!(
+                    matches!(&ack, Some(Packet::ConnAck(ConnAck { refused: Some(r), .. })) if r.credentials),
+                    "expected a refusal with {refused:#x}, got {ack:?}"
+                );
+                assert_eq!(raw.next().await, None);
+            }
+            // A valid one logs in, and the connection is closed when it expires (two seconds
+            // from now, give or take the second the claim is rounded to).
+            let token = jwt(key, "carol", unix_now() + 2);
+            let (mut raw, ack) =
+                Raw::login(&gateway, version, "jwt-client", "carol", &token, true).await;
+            assert!(
+                matches!(ack, Some(Packet::ConnAck(ConnAck { refused: None, .. }))),
+                "{ack:?}"
+            );
+            let started = Instant::now();
+            match raw.next_within(Duration::from_secs(5)).await {
+                Ok(Some(Packet::Disconnect { reason, .. })) => {
+                    assert_eq!((version, reason), (Version::V5, NOT_AUTHORIZED));
+                    assert_eq!(raw.next().await, None);
+                }
+                Ok(None) => assert_eq!(version, Version::V311),
+                other => panic!("expected the close at exp, got {other:?}"),
+            }
+            assert!(started.elapsed() >= Duration::from_millis(900), "{:?}", started.elapsed());
+        }
+        assert_eq!(gateway.stats().refused_login.load(Ordering::Relaxed), 8);
+        assert_eq!(gateway.stats().expired_logins.load(Ordering::Relaxed), 2);
+    });
+}
+
+#[test]
+fn a_second_connection_with_a_client_id_takes_it_over() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
+        for (version, twin) in [(Version::V311, "twin-3"), (Version::V5, "twin-5")] {
+            let (mut first, _) = Raw::login(&gateway, version, twin, "alice", "secret", true).await;
+            let (mut second, ack) =
+                Raw::login(&gateway, version, twin, "alice", "secret", true).await;
+            assert!(matches!(
+                ack,
+                Some(Packet::ConnAck(ConnAck { refused: None, .. }))
+            ));
+            assert_refused(&mut first, SESSION_TAKEN_OVER).await;
+            // The newcomer keeps the connection.
+            assert!(granted(second.subscribe("v1/raw/Acme/#").await));
+        }
+        assert_eq!(gateway.stats().taken_over.load(Ordering::Relaxed), 2);
+    });
+}
+
+#[test]
+fn a_persistent_311_session_expires_when_left_too_long() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        for (expiry, kept) in [
+            (Duration::from_secs(3600), true),
+            (Duration::from_millis(200), false),
+        ] {
+            let gateway = gateway_with(&broker, CAPTURE_MAX_PACKET, expiry).await;
+            let client_id = format!("keeper-{kept}");
+            let (mut keeper, _) = Raw::login(
+                &gateway,
+                Version::V311,
+                &client_id,
+                "alice",
+                "secret",
+                false,
+            )
+            .await;
+            keeper
+                .send(&Packet::Subscribe {
+                    pkid: 1,
+                    filters: vec![(format!("v1/raw/Acme/{kept}"), 1)],
+                    sub_id: None,
+                })
+                .await;
+            assert!(granted(keeper.next().await));
+            drop(keeper);
+            // Its session holds what is published while it is away ...
+            let mut pipeline = Raw::connect(&gateway, Version::V311, "pipeline").await;
+            pipeline
+                .publish_qos(&format!("v1/raw/Acme/{kept}"), b"kept", 1)
+                .await;
+            assert!(matches!(pipeline.next().await, Some(Packet::PubAck { .. })));
+            tokio::time::sleep(Duration::from_millis(400)).await; // away longer than the short expiry
+                                                                  // ... unless it stayed away longer than the expiry.
+            let (mut keeper, ack) = Raw::login(
+                &gateway,
+                Version::V311,
+                &client_id,
+                "alice",
+                "secret",
+                false,
+            )
+            .await;
+            match ack {
+                Some(Packet::ConnAck(ack)) => assert_eq!(ack.session_present, kept),
+                other => panic!("{other:?}"),
+            }
+            let next = keeper.next_within(Duration::from_millis(500)).await;
+            assert_eq!(
+                matches!(next, Ok(Some(Packet::Publish(_)))),
+                kept,
+                "{next:?}"
+            );
+            assert_eq!(
+                gateway.stats().expired_sessions.load(Ordering::Relaxed),
+                u64::from(!kept)
+            );
+        }
+    });
+}
+
+#[test]
+fn a_user_sends_commands_to_its_own_companys_sources_only() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
+        gateway.set_source_owner("src-1", "Acme");
+        gateway.set_source_owner("src-9", "Other");
+        for version in [Version::V311, Version::V5] {
+            let mut device = Raw::connect(&gateway, version, "src-1").await;
+            assert!(granted(device.subscribe("v1/sources/src-1/cmd/+").await));
+            let mut alice = Raw::connect(&gateway, version, "alice").await;
+            alice.publish("v1/sources/src-1/cmd/writedata", b"{}").await;
+            assert!(matches!(device.next().await, Some(Packet::Publish(_))));
+            for foreign in [
+                "v1/sources/src-9/cmd/writedata",
+                "v1/sources/unknown/cmd/writedata",
+            ] {
+                let mut alice = Raw::connect(&gateway, version, "alice").await;
+                alice.publish(foreign, b"{}").await;
+                assert_refused(&mut alice, NOT_AUTHORIZED).await;
+            }
+        }
     });
 }

@@ -1,7 +1,7 @@
 //! `_Gateway`: the Capture gateway of the local emulator (`capture_mqtt.testing`), over
 //! `crate::gateway`.
 
-use crate::gateway::{Gateway, GatewayConfig};
+use crate::gateway::{Gateway, GatewayConfig, CAPTURE_SESSION_EXPIRY};
 use crate::scope::{AccountKind, Scope};
 use crate::session;
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -19,11 +19,28 @@ pub struct PyGateway {
 #[pymethods]
 impl PyGateway {
     /// Listens on 127.0.0.1 (a free port unless `port` is given) and forwards to Mosquitto on
-    /// 127.0.0.1:`upstream_port`; packets over `max_packet` bytes (0: no limit) are refused.
+    /// 127.0.0.1:`upstream_port`; packets over `max_packet` bytes (0: no limit) are refused; an
+    /// MQTT 3.1.1 persistent session expires `session_expiry` seconds after its client left (None:
+    /// Capture's two hours).
     #[new]
-    #[pyo3(signature = (upstream_port, *, max_packet, port = 0))]
-    fn new(py: Python<'_>, upstream_port: u16, max_packet: usize, port: u16) -> PyResult<Self> {
+    #[pyo3(signature = (upstream_port, *, max_packet, port = 0, session_expiry = None))]
+    fn new(
+        py: Python<'_>,
+        upstream_port: u16,
+        max_packet: usize,
+        port: u16,
+        session_expiry: Option<f64>,
+    ) -> PyResult<Self> {
+        let session_expiry = match session_expiry {
+            None => CAPTURE_SESSION_EXPIRY,
+            Some(seconds) => Duration::try_from_secs_f64(seconds).map_err(|_| {
+                PyValueError::new_err(format!(
+                    "session_expiry must be a number of seconds >= 0, not {seconds}"
+                ))
+            })?,
+        };
         let config = GatewayConfig {
+            session_expiry,
             upstream: SocketAddr::from(([127, 0, 0, 1], upstream_port)),
             max_packet: if max_packet == 0 {
                 usize::MAX
@@ -70,8 +87,25 @@ impl PyGateway {
         .map_err(PyOSError::new_err)
     }
 
+    /// Adds a listener on 127.0.0.1 for MQTT over plain WebSocket (the path `/mqtt`, an MQTT
+    /// subprotocol); returns its port.
+    #[pyo3(signature = (*, port = 0))]
+    fn listen_websocket(&self, py: Python<'_>, port: u16) -> PyResult<u16> {
+        let listen = SocketAddr::from(([127, 0, 0, 1], port));
+        let gateway = &self.gateway;
+        py.detach(|| session::runtime().block_on(async { gateway.listen_websocket(listen).await }))
+            .map(|addr| addr.port())
+            .map_err(PyOSError::new_err)
+    }
+
+    /// `username` logs in with JWTs signed (HS256) with `key`, checked by the gateway (signature,
+    /// `sub`, `exp`, `nbf`); the broker is given `broker_password` instead of the token.
+    fn set_jwt_login(&self, username: &str, key: &[u8], broker_password: &str) {
+        self.gateway.set_jwt_login(username, key, broker_password);
+    }
+
     /// The scope of the account that logs in as `username`: kind "user" (with its company) or
-    /// "source" (with its source id).
+    /// "source" (with its source id, and its company: that company's users may command it).
     #[pyo3(signature = (username, kind, *, company = None, source_id = None))]
     fn set_account(
         &self,
@@ -88,6 +122,14 @@ impl PyGateway {
                     "kind must be \"user\" or \"source\", not {other:?}"
                 )))
             }
+        };
+        if let (AccountKind::Source, Some(source_id), Some(company)) = (kind, source_id, company) {
+            self.gateway.set_source_owner(source_id, company);
+        }
+        let company = if kind == AccountKind::Source {
+            None
+        } else {
+            company
         };
         self.gateway
             .set_account(username, Scope::new(kind, company, source_id));
@@ -121,6 +163,16 @@ impl PyGateway {
         dict.set_item("connections", stats.connections.load(Ordering::Relaxed))?;
         dict.set_item("refused_scope", stats.refused_scope.load(Ordering::Relaxed))?;
         dict.set_item("refused_size", stats.refused_size.load(Ordering::Relaxed))?;
+        dict.set_item("refused_login", stats.refused_login.load(Ordering::Relaxed))?;
+        dict.set_item(
+            "expired_logins",
+            stats.expired_logins.load(Ordering::Relaxed),
+        )?;
+        dict.set_item("taken_over", stats.taken_over.load(Ordering::Relaxed))?;
+        dict.set_item(
+            "expired_sessions",
+            stats.expired_sessions.load(Ordering::Relaxed),
+        )?;
         dict.set_item("dropped", stats.dropped.load(Ordering::Relaxed))?;
         Ok(dict)
     }

@@ -136,6 +136,8 @@ pub(super) struct Task {
     warn_dropped: HashMap<u64, RateLimited>,
     warn_oversize: RateLimited,
     warn_expired: RateLimited,
+    /// Reconnections refused for their credentials (an expired token, a revoked account).
+    warn_refused_login: RateLimited,
     /// Bytes still to discard of a packet over our size limit.
     skip: usize,
 }
@@ -310,6 +312,7 @@ impl Task {
             warn_dropped: HashMap::new(),
             warn_oversize: RateLimited::default(),
             warn_expired: RateLimited::default(),
+            warn_refused_login: RateLimited::default(),
             skip: 0,
         }
     }
@@ -548,6 +551,16 @@ impl Task {
             if lost.hung_up {
                 self.attribute_refusal(&recent_filters, now);
             }
+        } else if matches!(lost.error, SessionError::Authentication { .. }) {
+            // Refused again and again while nothing else says why: one warning a while.
+            self.warn_refused_login.warn(now, |n| {
+                format!(
+                    "reconnecting to {} was refused ({n} time(s)): {}; a JWT given as a string \
+                     cannot be renewed: give cm.Auth.jwt a callable that returns a fresh one",
+                    shared.config.address(),
+                    lost.error
+                )
+            });
         } else {
             log::debug!("connection attempt failed: {}", lost.error);
         }

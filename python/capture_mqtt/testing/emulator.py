@@ -30,7 +30,7 @@ from typing import Any, Literal, Self
 import capture_mqtt as cm
 from capture_mqtt import _core
 
-from .mosquitto import Access, Account, BrokerLimits, Mosquitto
+from .mosquitto import CAPTURE_LIMITS, UNLIMITED, Access, Account, BrokerLimits, Mosquitto
 
 __all__ = ["ApiToken", "CaptureEmulator", "Company", "JwtUser", "Source", "User"]
 
@@ -316,6 +316,16 @@ class CaptureEmulator:
     republishing of pushes onto the raw tree. Stop it with :meth:`stop` or a ``with`` block (it is
     also stopped at interpreter exit).
 
+    Clients meet Capture's gateway, not Mosquitto: a subscribe or publish outside the account's
+    scope, or a packet over 1 MB, closes the connection (DISCONNECT 0x87 or 0x95 first under
+    MQTT 5); a JWT is checked by signature and ``exp`` at login and the connection is closed when it
+    expires; a second connection with a client id takes the session over (DISCONNECT 0x8E to the
+    first under MQTT 5); an MQTT 3.1.1 persistent session ends ``session_expiry`` seconds after its
+    client left (Capture's two hours by default). ``limits="capture"`` (the default) gives the
+    broker Capture's limits, 32 messages in flight and 1,000 queued per client; where a client's
+    queue is full Mosquitto drops the newest message, where Capture (EMQX) drops the oldest.
+    ``limits="unbounded"`` lifts them, for benchmarks.
+
     >>> import capture_mqtt as cm
     >>> from capture_mqtt.testing import CaptureEmulator
     >>> with CaptureEmulator() as emu:
@@ -330,8 +340,20 @@ class CaptureEmulator:
     """
 
     def __init__(
-        self, *, websockets: bool = True, persistence: bool = False, limits: BrokerLimits | None = None
+        self,
+        *,
+        websockets: bool = True,
+        persistence: bool = False,
+        limits: BrokerLimits | Literal["capture", "unbounded"] = "capture",
+        session_expiry: float = 7200.0,
     ) -> None:
+        if isinstance(limits, str):
+            if limits not in ("capture", "unbounded"):
+                raise ValueError(f'limits must be "capture", "unbounded" or a BrokerLimits, not {limits!r}')
+            limits = CAPTURE_LIMITS if limits == "capture" else UNLIMITED
+        if not isinstance(session_expiry, int | float) or session_expiry < 0:
+            raise ValueError(f"session_expiry must be a number of seconds >= 0, not {session_expiry!r}")
+        self._session_expiry = float(session_expiry)
         self._lock = threading.RLock()
         self._companies: dict[str, Company] = {}
         self._accounts: dict[str, _Account] = {}
@@ -353,6 +375,9 @@ class CaptureEmulator:
         self._gateway: _core._Gateway | None = None
         self._gateway_tls_port = 0
         self._gateway_wss_port = 0
+        self._gateway_ws_port = 0
+        # What the broker knows as each JWT user's password: the gateway checks the tokens.
+        self._jwt_broker_passwords: dict[str, str] = {}
         self.faults = Faults(self)
         self._clients: weakref.WeakSet[cm.Client] = weakref.WeakSet()
         self._counts = {"republished_pushes": 0, "raw_messages": 0, "rejected_pushes": 0}
@@ -366,12 +391,17 @@ class CaptureEmulator:
         if self._gateway is None:
             # Clients of the plain MQTT listener meet Capture's gateway: scopes and packet size
             # enforced by disconnecting, faults on demand. Capture's server side goes straight in.
-            self._gateway = _core._Gateway(self.broker.mqtt_port, max_packet=self.broker.limits.max_packet_size)
+            self._gateway = _core._Gateway(
+                self.broker.mqtt_port,
+                max_packet=self.broker.limits.max_packet_size,
+                session_expiry=self._session_expiry,
+            )
             tls = self.broker.tls
             assert tls is not None  # the emulator's broker always has TLS
             self._gateway_tls_port = self._gateway.listen_tls(tls.cert_pem, tls.key_pem)
             if self.broker.wss_port is not None:
                 self._gateway_wss_port = self._gateway.listen_tls(tls.cert_pem, tls.key_pem, websocket=True)
+                self._gateway_ws_port = self._gateway.listen_websocket()
             for account in self._accounts.values():
                 self._gateway_account(account)
         if self._pipeline is None:
@@ -478,6 +508,14 @@ class CaptureEmulator:
         return self.broker.wss_port
 
     @property
+    def ws_port(self) -> int | None:
+        """WebSocket without TLS, path ``/mqtt``, through Capture's gateway (Capture itself has
+        none: for tools that cannot do TLS); None without websockets."""
+        if self._gateway is not None and self.broker.ws_port is not None:
+            return self._gateway_ws_port
+        return self.broker.ws_port
+
+    @property
     def mqtt_port(self) -> int:
         """Plain MQTT (no TLS), for tools that cannot do TLS: through Capture's gateway, which
         disconnects a client that subscribes or publishes outside its account's scope or sends a
@@ -496,7 +534,7 @@ class CaptureEmulator:
 
     def connection_options(self, transport: Transport = "mqtts") -> dict[str, Any]:
         """Host, port, transport and trust for ``cm.Client``, without credentials."""
-        ports = {"mqtts": self.mqtts_port, "wss": self.wss_port, "mqtt": self.mqtt_port, "ws": self.broker.ws_port}
+        ports = {"mqtts": self.mqtts_port, "wss": self.wss_port, "mqtt": self.mqtt_port, "ws": self.ws_port}
         port = ports.get(transport)
         if port is None:
             raise ValueError(f"the emulator has no {transport!r} listener (websockets=False?)")
@@ -534,8 +572,11 @@ class CaptureEmulator:
         """Adds a user who logs in with tokens the emulator issues (see :meth:`JwtUser.token`)."""
         _check_name("user name", name)
         user = JwtUser(self._own(company), name, _secret())
-        # Until a token is issued, nothing logs in to the broker as this user.
-        self._register(user, broker_password=_secret())
+        # The gateway checks the tokens (signature, subject, expiry) and logs in to the broker with
+        # a password only it knows.
+        broker_password = _secret()
+        self._jwt_broker_passwords[user.username] = broker_password
+        self._register(user, broker_password=broker_password)
         return user
 
     def add_source(self, company: Company, source_id: str | None = None) -> Source:
@@ -559,8 +600,9 @@ class CaptureEmulator:
         return source
 
     def issue_jwt(self, user: JwtUser, *, valid_for: float = 7200.0) -> str:
-        """A signed JWT (HS256) for ``user`` with Capture's two-hour lifetime, made the account's
-        only valid password."""
+        """A signed JWT (HS256) for ``user`` with Capture's two-hour lifetime. As on Capture, the
+        broker checks its signature and ``exp`` at every login, earlier tokens stay valid until they
+        expire, and a connection is closed when its token expires."""
         now = int(time.time())
         header = _b64url(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
         claims = {
@@ -574,12 +616,6 @@ class CaptureEmulator:
         signature = _b64url(hmac.new(self._jwt_key, f"{header}.{body}".encode(), hashlib.sha256).digest())
         token = f"{header}.{body}.{signature}"
         ISSUED_SECRETS.append(token)
-        with self._lock:
-            for account in self.broker.accounts:
-                if account.username == user.username:
-                    account.password = token
-            self.broker.write_accounts()
-            self.broker.reload(until_accepted=(user.username, token))
         return token
 
     def revoke(self, account: _Account) -> None:
@@ -587,6 +623,8 @@ class CaptureEmulator:
         (the broker drops them when it reloads its accounts)."""
         with self._lock:
             self._accounts.pop(account.username, None)
+            if self._gateway is not None:
+                self._gateway.remove_account(account.username)
             self.broker.accounts = [a for a in self.broker.accounts if a.username != account.username]
             self._write_acls()
             self.broker.write_accounts()
@@ -596,9 +634,14 @@ class CaptureEmulator:
         if self._gateway is None:
             return
         if isinstance(account, Source):
-            self._gateway.set_account(account.username, "source", source_id=account.source_id)
+            self._gateway.set_account(
+                account.username, "source", company=account.company.name, source_id=account.source_id
+            )
         else:
             self._gateway.set_account(account.username, "user", company=account.company.name)
+        broker_password = self._jwt_broker_passwords.get(account.username)
+        if broker_password is not None:
+            self._gateway.set_jwt_login(account.username, self._jwt_key, broker_password)
 
     def _own(self, company: Company) -> Company:
         if not isinstance(company, Company) or self._companies.get(company.name) is not company:
@@ -614,10 +657,8 @@ class CaptureEmulator:
             self.broker.accounts.append(Account(account.username, broker_password or account.password))
             self._write_acls()
             self.broker.write_accounts()
-            if self.broker.pid and broker_password is None:
-                self.broker.reload(until_accepted=(account.username, account.password))
-            elif self.broker.pid:
-                self.broker.reload()
+            if self.broker.pid:
+                self.broker.reload(until_accepted=(account.username, broker_password or account.password))
 
     def _write_acls(self) -> None:
         # Capture's scopes: a user reads its company's raw tree and writes commands to its company's
