@@ -20,15 +20,16 @@
 use crate::scope::{Action, Scope};
 use crate::session::codec::{frame_length, Codec, Connect, Packet, Version};
 use bytes::{Buf, BytesMut};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
+mod deny;
 pub mod login;
 
 /// Capture's packet size limit (EMQX's default): 1 MB.
@@ -42,6 +43,19 @@ const SESSION_TAKEN_OVER: u8 = 0x8E;
 /// How long EMQX keeps an MQTT 3.1.1 persistent session after its client has gone: two hours.
 pub const CAPTURE_SESSION_EXPIRY: Duration = Duration::from_secs(2 * 3600);
 
+/// What a SUBSCRIBE or PUBLISH outside the account's scope gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Deny {
+    /// The connection is closed, with DISCONNECT 0x87 first under MQTT 5: what Capture's page
+    /// describes (EMQX's `deny_action = disconnect`).
+    #[default]
+    Disconnect,
+    /// EMQX's other mode (`deny_action = ignore`): a denied filter gets SUBACK 0x80 (3.1.1) or
+    /// 0x87 (MQTT 5), a denied QoS 1 publish PUBACK 0x87 (MQTT 5) or a plain PUBACK (3.1.1), a
+    /// denied QoS 2 publish PUBREC likewise, a denied QoS 0 publish is dropped.
+    ReasonCode,
+}
+
 /// What the gateway enforces.
 #[derive(Debug, Clone)]
 pub struct GatewayConfig {
@@ -51,6 +65,7 @@ pub struct GatewayConfig {
     pub max_packet: usize,
     /// How long an MQTT 3.1.1 persistent session outlives its connection.
     pub session_expiry: Duration,
+    pub deny: Deny,
 }
 
 /// Counters, for tests and the emulator's `stats`.
@@ -460,7 +475,7 @@ async fn serve<S>(client: S, upstream: TcpStream, shared: Arc<Shared>, generatio
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let (client_read, client_write) = tokio::io::split(client);
+    let (mut client_read, client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = upstream.into_split();
     let client_write = Arc::new(tokio::sync::Mutex::new(client_write));
     let faults = shared.faults.subscribe();
@@ -480,21 +495,43 @@ where
             Err(_) => std::future::pending().await,
         }
     };
-    let mut inspector = Inspector::new(&shared, kick);
+    // Answers the gateway gives in the broker's place (`Deny::ReasonCode`), and the SUBACKs it
+    // completes; bounded, so that a client that sends and never reads is held back.
+    let (answers, answered) = mpsc::channel(ANSWERS);
+    let edits: Edits = Arc::default();
+    let mut inspector = Inspector::new(&shared, kick, answers, Arc::clone(&edits));
     let upward = inspect_and_forward(
-        client_read,
+        &mut client_read,
         upstream_write,
         &mut inspector,
         faults.clone(),
         &shared,
     );
     let mid_write = Arc::new(AtomicBool::new(false));
-    let downward = forward(
-        upstream_read,
-        Arc::clone(&client_write),
-        faults.clone(),
-        Arc::clone(&mid_write),
-    );
+    // Set once the broker's CONNACK took the login.
+    let accepted = Arc::new(AtomicBool::new(false));
+    let reason_codes = shared.config.deny == Deny::ReasonCode;
+    let downward = async {
+        if reason_codes {
+            forward_framed(
+                upstream_read,
+                Arc::clone(&client_write),
+                faults.clone(),
+                (Arc::clone(&mid_write), Acceptance::new(&accepted)),
+                answered,
+                edits,
+            )
+            .await;
+        } else {
+            forward(
+                upstream_read,
+                Arc::clone(&client_write),
+                faults.clone(),
+                (Arc::clone(&mid_write), Acceptance::new(&accepted)),
+            )
+            .await;
+        }
+    };
     let mut taken_over = None;
     let outcome = tokio::select! {
         refusal = upward => refusal,
@@ -512,8 +549,41 @@ where
     // A DISCONNECT after half a packet of the broker's would read as garbage: then only the close.
     let whole = !mid_write.load(Ordering::SeqCst);
     let v5 = inspector.version == Some(Version::V5);
-    let goodbye: Option<Vec<u8>> = match outcome {
-        Refusal::Close(reason) if v5 && whole => {
+    let accepted = accepted.load(Ordering::SeqCst);
+    let goodbye = goodbye(&outcome, v5, whole && accepted);
+    {
+        let mut writer = client_write.lock().await;
+        // Bounded: a client that reads nothing must not keep this task (and its socket).
+        let _ = tokio::time::timeout(GOODBYE, async {
+            if let Some(goodbye) = goodbye {
+                let _ = writer.write_all(&goodbye).await;
+                let _ = writer.flush().await;
+            }
+            let _ = writer.shutdown().await;
+        })
+        .await;
+    }
+    inspector.leave(&shared, accepted);
+    if let Some(done) = taken_over {
+        let _ = done.send(());
+    }
+    if matches!(outcome, Refusal::Close(_) | Refusal::Login) {
+        // A lingering close: what the client still sends (the rest of an oversize packet, say) is
+        // read and dropped until it hangs up, for a while. Closed with unread bytes, the socket
+        // would answer with a reset, and the client's system could discard the goodbye unread.
+        let _ = tokio::time::timeout(GOODBYE, async {
+            let mut sink = vec![0u8; 16 * 1024];
+            while matches!(client_read.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+}
+
+/// What the client is told before the close: a DISCONNECT with the reason under MQTT 5 (only
+/// `after_connack`, and not after half a packet of the broker's), or the CONNACK refusing a login.
+fn goodbye(outcome: &Refusal, v5: bool, after_connack: bool) -> Option<Vec<u8>> {
+    match *outcome {
+        Refusal::Close(reason) if v5 && after_connack => {
             let mut buf = BytesMut::new();
             let codec = Codec {
                 version: Version::V5,
@@ -531,27 +601,18 @@ where
         // Nothing went to the broker, so nothing of its can be half written.
         Refusal::Login => Some(login::bad_credentials(v5).to_vec()),
         Refusal::Close(_) | Refusal::Gone => None,
-    };
-    {
-        let mut writer = client_write.lock().await;
-        // Bounded: a client that reads nothing must not keep this task (and its socket).
-        let _ = tokio::time::timeout(GOODBYE, async {
-            if let Some(goodbye) = goodbye {
-                let _ = writer.write_all(&goodbye).await;
-                let _ = writer.flush().await;
-            }
-            let _ = writer.shutdown().await;
-        })
-        .await;
-    }
-    inspector.leave(&shared);
-    if let Some(done) = taken_over {
-        let _ = done.send(());
     }
 }
 
 /// How long a closing connection may take to say goodbye (a DISCONNECT, a TLS `close_notify`).
 const GOODBYE: Duration = Duration::from_secs(2);
+
+/// The gateway's own answers that may wait for the client to read.
+const ANSWERS: usize = 256;
+
+/// The SUBACKs to complete, by packet id: whether the connection is MQTT 5, and per filter the
+/// code of a denied one or None where the broker's code goes.
+type Edits = Arc<Mutex<HashMap<u16, (bool, Vec<Option<u8>>)>>>;
 
 /// What the gateway knows of a connection: its protocol version, its account's scope, its login.
 struct Inspector {
@@ -567,10 +628,20 @@ struct Inspector {
     kick: Option<oneshot::Sender<oneshot::Sender<()>>>,
     /// When the connection's JWT expires.
     expires: Option<tokio::time::Instant>,
+    /// Under `Deny::ReasonCode`: where the gateway's answers go, the SUBACKs to complete, and the
+    /// denied 3.1.1 QoS 2 publishes whose PUBREL the gateway answers.
+    answers: mpsc::Sender<Vec<u8>>,
+    edits: Edits,
+    denied_qos2: HashSet<u16>,
 }
 
 impl Inspector {
-    fn new(shared: &Shared, kick: oneshot::Sender<oneshot::Sender<()>>) -> Inspector {
+    fn new(
+        shared: &Shared,
+        kick: oneshot::Sender<oneshot::Sender<()>>,
+        answers: mpsc::Sender<Vec<u8>>,
+        edits: Edits,
+    ) -> Inspector {
         let connection = {
             let mut sessions = shared
                 .sessions
@@ -588,6 +659,9 @@ impl Inspector {
             persistent_v3: false,
             kick: Some(kick),
             expires: None,
+            answers,
+            edits,
+            denied_qos2: HashSet::new(),
         }
     }
 
@@ -599,11 +673,17 @@ impl Inspector {
             return Err(Refusal::Close(PACKET_TOO_LARGE));
         }
         let kind = frame[0] >> 4;
-        if self.version.is_none() {
-            if kind != 1 {
-                return Err(Refusal::Gone); // not MQTT: the first packet must be CONNECT
+        match (self.version, kind) {
+            (None, 1) => self.version = Some(connect_version(frame).ok_or(Refusal::Gone)?),
+            // Not MQTT (the first packet must be CONNECT), or a second CONNECT: a protocol error.
+            (None, _) | (Some(_), 1) => return Err(Refusal::Gone),
+            _ => {}
+        }
+        if kind == 6 && !self.denied_qos2.is_empty() {
+            // The PUBREL of a denied 3.1.1 QoS 2 publish: the broker never had it.
+            if let Some(pid) = deny::pubrel_pid(frame).filter(|pid| self.denied_qos2.remove(pid)) {
+                return self.answer(deny::pubcomp(pid)).await;
             }
-            self.version = Some(connect_version(frame).ok_or(Refusal::Gone)?);
         }
         // Only the packets the gateway's rules apply to are decoded: CONNECT, PUBLISH, SUBSCRIBE.
         if !matches!(kind, 1 | 3 | 8) {
@@ -614,23 +694,64 @@ impl Inspector {
             max_incoming: usize::MAX,
         };
         let mut buf = BytesMut::from(frame);
-        // Malformed bytes go to the broker, which closes the connection as it does.
+        // A CONNECT, PUBLISH or SUBSCRIBE the gateway cannot read is not let through unchecked.
         let Ok(Some(packet)) = codec.decode(&mut buf) else {
-            return Ok(None);
+            return Err(Refusal::Gone);
         };
-        let refused = match packet {
-            Packet::Connect(connect) => return self.connect(frame, &connect, shared).await,
-            Packet::Publish(publish) => !self.may_publish(&publish.topic, shared),
-            Packet::Subscribe { filters, .. } => filters
-                .iter()
-                .any(|(filter, _)| self.scope.check(Action::Subscribe, filter).is_err()),
-            _ => false,
-        };
-        if refused {
-            shared.stats.refused_scope.fetch_add(1, Ordering::Relaxed);
-            return Err(Refusal::Close(NOT_AUTHORIZED));
+        let v5 = self.version == Some(Version::V5);
+        let reason_codes = shared.config.deny == Deny::ReasonCode;
+        match packet {
+            Packet::Connect(connect) => self.connect(frame, &connect, shared).await,
+            Packet::Publish(publish) => {
+                if self.may_publish(&publish.topic, shared) {
+                    return Ok(None);
+                }
+                shared.stats.refused_scope.fetch_add(1, Ordering::Relaxed);
+                if !reason_codes {
+                    return Err(Refusal::Close(NOT_AUTHORIZED));
+                }
+                match publish.qos {
+                    0 => Ok(Some(Vec::new())), // dropped
+                    1 => self.answer(deny::puback(publish.pkid, v5)).await,
+                    _ => {
+                        if !v5 {
+                            self.denied_qos2.insert(publish.pkid);
+                        }
+                        self.answer(deny::pubrec(publish.pkid, v5)).await
+                    }
+                }
+            }
+            Packet::Subscribe { filters, .. } => {
+                let denied = |filter: &str| self.scope.check(Action::Subscribe, filter).is_err();
+                if !filters.iter().any(|(filter, _)| denied(filter)) {
+                    return Ok(None);
+                }
+                shared.stats.refused_scope.fetch_add(1, Ordering::Relaxed);
+                if !reason_codes {
+                    return Err(Refusal::Close(NOT_AUTHORIZED));
+                }
+                let Some(split) = deny::split_subscribe(frame, v5, denied) else {
+                    return Ok(None); // unreadable: the broker answers it
+                };
+                if let Some(allowed) = split.allowed {
+                    self.edits
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .insert(split.pid, (v5, split.template));
+                    Ok(Some(allowed))
+                } else {
+                    let failures: Vec<u8> = split.template.iter().flatten().copied().collect();
+                    self.answer(deny::suback(split.pid, &failures, v5)).await
+                }
+            }
+            _ => Ok(None),
         }
-        Ok(None)
+    }
+
+    /// Answers the client in the broker's place; the client's packet goes no further.
+    async fn answer(&self, packet: Vec<u8>) -> Result<Option<Vec<u8>>, Refusal> {
+        self.answers.send(packet).await.map_err(|_| Refusal::Gone)?;
+        Ok(Some(Vec::new()))
     }
 
     fn may_publish(&self, topic: &str, shared: &Shared) -> bool {
@@ -674,13 +795,16 @@ impl Inspector {
                 if let Some(jwt) = account.jwt {
                     let now = SystemTime::now()
                         .duration_since(SystemTime::UNIX_EPOCH)
-                        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
-                    let Ok(exp) = login::check_jwt(password, &jwt.key, username, now) else {
+                        .unwrap_or_default();
+                    let seconds = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+                    let Ok(exp) = login::check_jwt(password, &jwt.key, username, seconds) else {
                         shared.stats.refused_login.fetch_add(1, Ordering::Relaxed);
                         return Err(Refusal::Login);
                     };
-                    let left = Duration::from_secs(u64::try_from(exp - now).unwrap_or(0));
-                    self.expires = Some(tokio::time::Instant::now() + left);
+                    // Closed at `exp` itself (not at the next whole second); a date too far to
+                    // count to is never reached.
+                    let at = Duration::from_secs(u64::try_from(exp).unwrap_or(0));
+                    self.expires = tokio::time::Instant::now().checked_add(at.saturating_sub(now));
                     rewritten = Some(
                         login::replace_password(frame, password, &jwt.broker_password)
                             .ok_or(Refusal::Gone)?,
@@ -689,44 +813,76 @@ impl Inspector {
             }
         }
         let frame = rewritten.as_deref().unwrap_or(frame);
-        self.take_over(&connect.client_id, shared).await;
-        let left = shared
-            .sessions
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .left
-            .remove(&connect.client_id);
-        if self.version == Some(Version::V311) && !connect.clean {
-            self.persistent_v3 = true;
+        let v5 = self.version == Some(Version::V5);
+        self.take_over(frame, &connect.client_id, v5, shared).await;
+        self.persistent_v3 = self.version == Some(Version::V311) && !connect.clean;
+        if !connect.clean && !connect.client_id.is_empty() {
+            // A session left by a 3.1.1 client longer than Capture keeps one is ended first,
+            // whichever version comes back for it.
+            let left = shared
+                .sessions
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .left
+                .get(&connect.client_id)
+                .copied();
             if left.is_some_and(|at| at.elapsed() >= shared.config.session_expiry) {
-                end_session(frame, shared).await;
+                let clean = login::with_clean_session(frame).ok_or(Refusal::Gone)?;
+                if login_upstream(&clean, v5, shared).await {
+                    shared
+                        .sessions
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .left
+                        .remove(&connect.client_id);
+                    shared
+                        .stats
+                        .expired_sessions
+                        .fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         Ok(rewritten)
     }
 
     /// Takes `client_id` from the connection that holds it, which says goodbye first (DISCONNECT
-    /// 0x8E under MQTT 5) so that the broker's own takeover finds it gone.
-    async fn take_over(&mut self, client_id: &str, shared: &Shared) {
+    /// 0x8E under MQTT 5) so that the broker's own takeover finds it gone. Only a login the broker
+    /// takes does that: with a holder, the credentials are tried first under another client id.
+    async fn take_over(&mut self, frame: &[u8], client_id: &str, v5: bool, shared: &Shared) {
         let Some(kick) = self.kick.take() else {
             return;
         };
         if client_id.is_empty() {
             return; // the broker assigns one: nothing to take over
         }
-        let holder = {
-            let mut sessions = shared
-                .sessions
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            sessions.live.insert(
+        let held = shared
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .live
+            .contains_key(client_id);
+        if held {
+            let probe_id = format!("capture-gateway-probe-{}", self.connection);
+            let accepted = match login::as_probe(frame, &probe_id) {
+                Some(probe) => login_upstream(&probe, v5, shared).await,
+                None => false,
+            };
+            if !accepted {
+                return; // the broker refuses this login: the holder keeps its connection
+            }
+        }
+        let holder = shared
+            .sessions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .live
+            .insert(
                 client_id.to_owned(),
                 Holder {
                     connection: self.connection,
                     kick,
                 },
-            )
-        };
+            );
         self.client_id = Some(client_id.to_owned());
         if let Some(holder) = holder {
             let (done, said_goodbye) = oneshot::channel();
@@ -736,8 +892,9 @@ impl Inspector {
         }
     }
 
-    /// The connection ended: its client id is free, and a 3.1.1 persistent session starts to age.
-    fn leave(&self, shared: &Shared) {
+    /// The connection ended: its client id is free, and, if the broker took the login, a 3.1.1
+    /// persistent session starts to age.
+    fn leave(&self, shared: &Shared, accepted: bool) {
         let Some(client_id) = &self.client_id else {
             return;
         };
@@ -751,57 +908,43 @@ impl Inspector {
             .is_some_and(|holder| holder.connection == self.connection)
         {
             sessions.live.remove(client_id);
-            if self.persistent_v3 {
-                sessions.left.insert(client_id.clone(), Instant::now());
+            if accepted {
+                sessions.left.remove(client_id);
+                if self.persistent_v3 {
+                    sessions.left.insert(client_id.clone(), Instant::now());
+                }
             }
         }
     }
 }
 
-/// Ends the broker's session of the client whose CONNECT is `frame` (an MQTT 3.1.1 session left
-/// for longer than Capture keeps one): the same login once with a clean session, then DISCONNECT.
-async fn end_session(frame: &[u8], shared: &Shared) {
-    let Some(clean) = login::with_clean_session(frame) else {
-        return;
-    };
-    let ended = tokio::time::timeout(GOODBYE, async {
+/// Logs in to the broker with the CONNECT `frame` and leaves at once (under MQTT 5 with a session
+/// expiry of zero); true when the broker took the login. The gateway's own logins: to try
+/// credentials before a takeover, and to end a session that expired.
+async fn login_upstream(frame: &[u8], v5: bool, shared: &Shared) -> bool {
+    let outcome = tokio::time::timeout(GOODBYE, async {
         let mut upstream = TcpStream::connect(shared.config.upstream).await.ok()?;
-        upstream.write_all(&clean).await.ok()?;
+        upstream.write_all(frame).await.ok()?;
         let mut connack = [0u8; 4];
         upstream.read_exact(&mut connack).await.ok()?;
-        upstream.write_all(&[0xE0, 0x00]).await.ok()?;
+        let accepted = connack[0] == 0x20 && connack[3] == 0;
+        if accepted {
+            upstream.write_all(login::upstream_goodbye(v5)).await.ok()?;
+        }
         let _ = upstream.shutdown().await;
-        Some(())
+        Some(accepted)
     })
     .await;
-    if matches!(ended, Ok(Some(()))) {
-        shared
-            .stats
-            .expired_sessions
-            .fetch_add(1, Ordering::Relaxed);
-    }
+    matches!(outcome, Ok(Some(true)))
 }
 
-/// The protocol level of a CONNECT frame (4: 3.1.1, 5: MQTT 5).
+/// The protocol version of a CONNECT frame: 3.1.1 or 5 (MQTT 3.1, `MQIsdp`, is not served).
 fn connect_version(frame: &[u8]) -> Option<Version> {
-    let header = frame_length(frame)? - remaining_length(frame)?;
-    // Protocol name (2-byte length + "MQTT"), then the level.
-    match frame.get(header + 6)? {
+    match login::connect_layout(frame)?.level {
         5 => Some(Version::V5),
-        3 | 4 => Some(Version::V311),
+        4 => Some(Version::V311),
         _ => None,
     }
-}
-
-fn remaining_length(frame: &[u8]) -> Option<usize> {
-    let mut len = 0usize;
-    for (i, byte) in frame.iter().skip(1).take(4).enumerate() {
-        len |= usize::from(byte & 0x7f) << (7 * i);
-        if byte & 0x80 == 0 {
-            return Some(len);
-        }
-    }
-    None
 }
 
 /// Waits out the faults in force before forwarding: a stall holds the traffic, latency delays it.
@@ -899,12 +1042,123 @@ async fn inspect_and_forward(
     }
 }
 
+/// Reads the broker's first bytes, its CONNACK, to learn whether it took the login.
+struct Acceptance {
+    head: Vec<u8>,
+    accepted: Arc<AtomicBool>,
+}
+
+impl Acceptance {
+    fn new(accepted: &Arc<AtomicBool>) -> Acceptance {
+        Acceptance {
+            head: Vec::with_capacity(4),
+            accepted: Arc::clone(accepted),
+        }
+    }
+
+    /// Watches the broker's next `bytes` on their way to the client. Mosquitto refuses a wrong
+    /// password as "not authorized" (3.1.1 code 5, MQTT 5 0x87); Capture's broker (EMQX) says
+    /// "bad username or password" (4, 0x86), and so the client is told.
+    fn watch(&mut self, bytes: &mut [u8]) {
+        let seen = self.head.len();
+        if seen >= 4 {
+            return;
+        }
+        let wanted = (4 - seen).min(bytes.len());
+        if seen + wanted == 4 && self.head.first().or(bytes.first()) == Some(&0x20) {
+            let code = &mut bytes[3 - seen];
+            *code = match *code {
+                5 => 4,
+                0x87 => 0x86,
+                other => other,
+            };
+        }
+        self.head.extend_from_slice(&bytes[..wanted]);
+        if self.head.len() == 4 {
+            let accepted = self.head[0] == 0x20 && self.head[3] == 0;
+            self.accepted.store(accepted, Ordering::SeqCst);
+        }
+    }
+
+    /// The broker's CONNACK has gone to the client.
+    fn answered(&self) -> bool {
+        self.head.len() >= 4
+    }
+}
+
+/// Broker to client under `Deny::ReasonCode`: whole packets, the SUBACKs of split SUBSCRIBEs
+/// completed, and the gateway's own answers put between packets.
+async fn forward_framed(
+    mut from: impl AsyncRead + Unpin,
+    to: Arc<tokio::sync::Mutex<impl AsyncWrite + Unpin>>,
+    mut faults: watch::Receiver<Faults>,
+    (mid_write, mut acceptance): (Arc<AtomicBool>, Acceptance),
+    mut answers: mpsc::Receiver<Vec<u8>>,
+    edits: Edits,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut out = Vec::with_capacity(64 * 1024);
+    // Answers wait for the broker's CONNACK: a client hears nothing before it.
+    let mut held = Vec::new();
+    loop {
+        tokio::select! {
+            read = from.read_buf(&mut buf) => {
+                if matches!(read, Ok(0) | Err(_)) {
+                    return;
+                }
+            }
+            Some(answer) = answers.recv() => held.extend_from_slice(&answer),
+        }
+        let mut whole = 0;
+        while let Some(len) = frame_length(&buf[whole..]) {
+            if buf.len() - whole < len {
+                break;
+            }
+            let packet = &buf[whole..whole + len];
+            let edit = if packet[0] >> 4 == 9 {
+                deny::suback_pid(packet).and_then(|pid| {
+                    edits
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .remove(&pid)
+                })
+            } else {
+                None
+            };
+            match edit.and_then(|(v5, template)| deny::merge_suback(packet, v5, &template)) {
+                Some(merged) => out.extend_from_slice(&merged),
+                None => out.extend_from_slice(packet),
+            }
+            whole += len;
+        }
+        buf.advance(whole);
+        acceptance.watch(&mut out);
+        while let Ok(answer) = answers.try_recv() {
+            held.extend_from_slice(&answer);
+        }
+        if acceptance.answered() {
+            out.append(&mut held);
+        }
+        if out.is_empty() {
+            continue;
+        }
+        obey(&mut faults).await;
+        let mut writer = to.lock().await;
+        mid_write.store(true, Ordering::SeqCst);
+        if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
+            return;
+        }
+        mid_write.store(false, Ordering::SeqCst);
+        out.clear();
+    }
+}
+
 /// Broker to client: bytes as they come, under the faults.
 async fn forward(
     mut from: impl AsyncRead + Unpin,
     to: Arc<tokio::sync::Mutex<impl AsyncWrite + Unpin>>,
     mut faults: watch::Receiver<Faults>,
-    mid_write: Arc<AtomicBool>,
+    (mid_write, mut acceptance): (Arc<AtomicBool>, Acceptance),
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -912,6 +1166,7 @@ async fn forward(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        acceptance.watch(&mut buf[..n]);
         obey(&mut faults).await;
         let mut writer = to.lock().await;
         // Flushed each time: TLS and WebSocket streams may hold written bytes until then.

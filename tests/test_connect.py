@@ -19,7 +19,7 @@ from typing import Any, Literal
 import pytest
 
 import capture_mqtt as cm
-from capture_mqtt.testing import Account, Mosquitto
+from capture_mqtt.testing import Account, CaptureEmulator, Mosquitto, User
 
 from .conftest import API_TOKEN_ID, COMPANY, PASSWORDS, SOURCE_ID, USER_ACL, async_client, capture_accounts, connect
 from .fakebroker import FakeCapture
@@ -519,16 +519,18 @@ def test_large_payloads_pass(broker: Mosquitto) -> None:
         assert point is not None and point.value == big
 
 
-def test_keepalive_notices_a_stalled_broker(fresh_broker: Mosquitto) -> None:
+def test_keepalive_notices_a_stalled_network(capture_emulator: CaptureEmulator, capture_user: User) -> None:
+    # The emulator's gateway holds all traffic while the connection stays open: only the
+    # keepalive can tell.
     events = Events()
-    client = connect(fresh_broker, keepalive=1, reconnect=cm.Reconnect(min_delay=0.1, max_delay=0.5), on_event=events)
-    with client:
-        fresh_broker.pause()
+    reconnect = cm.Reconnect(min_delay=0.1, max_delay=0.5)
+    with capture_emulator.client(capture_user, transport="mqtt", keepalive=1, reconnect=reconnect) as client:
+        client.on_event(events)
+        capture_emulator.faults.stall(5.0)
         started = time.monotonic()
         wait_until(lambda: "disconnected" in events.kinds(), timeout=10, what="the stall to be noticed")
         noticed = time.monotonic() - started
-        fresh_broker.resume()
-        wait_until(lambda: client.is_connected, timeout=10, what="the reconnect")
+        wait_until(lambda: client.is_connected, timeout=15, what="the reconnect once the stall is over")
         assert noticed < 4, f"took {noticed:.1f} s with keepalive 1 s"
 
 

@@ -154,6 +154,8 @@ def test_jwt_users_get_tokens_from_the_auth_api_and_the_broker_checks_them_as_ca
     second = carol.token()
     assert connack_code(emu.host, emu.mqtt_port, "carol", first) == 0
     assert connack_code(emu.host, emu.mqtt_port, "carol", second) == 0
+    with emu.client(carol, auth=cm.Auth.jwt("carol", first)) as client:
+        assert client.is_connected
     # Expired, signed by someone else, or another user's: refused as bad credentials (3.1.1 code 4).
     dave = emu.add_jwt_user(capture_company, "jwt-dave")
     with CaptureEmulator() as elsewhere:
@@ -222,14 +224,14 @@ def test_a_jwt_connection_is_closed_when_its_token_expires(
     disconnected = next(e for e in events if e.kind == "disconnected")
     if protocol == 5:
         assert disconnected.reason is not None and "NotAuthorized" in disconnected.reason
-    assert "give cm.Auth.jwt a callable" in caplog.text
+    assert "the token has expired" in caplog.text and "give cm.Auth.jwt a callable" in caplog.text
     assert emu._gateway.stats()["expired_logins"] == closed_at_exp + 1
     # With a callable, it logs in again with a fresh token before the old one expires: never closed.
-    auth = cm.Auth.jwt(erin.username, lambda: erin.token(valid_for=2))
+    auth = cm.Auth.jwt(erin.username, lambda: erin.token(valid_for=4))
     events.clear()
     with emu.client(erin, transport="mqtt", protocol=protocol, auth=auth, reconnect=fast) as client:
         client.on_event(events.append)
-        wait_until(lambda: [e.kind for e in events].count("connected") >= 2, timeout=8)
+        wait_until(lambda: [e.kind for e in events].count("connected") >= 2, timeout=10)
         assert client.is_connected
     assert emu._gateway.stats()["expired_logins"] == closed_at_exp + 1
 
@@ -360,10 +362,10 @@ def test_the_pytest_plugin_works_in_a_project_outside_this_repository(tmp_path: 
     assert "3 passed" in done.stdout
 
 
-# Capture's gateway (the plain MQTT listener for now): refusals by disconnect, faults on demand.
+# Capture's gateway: refusals as Capture's broker makes them, faults on demand.
 
 
-def _paho(emu: CaptureEmulator, account: User, protocol: int) -> Any:
+def _paho(emu: CaptureEmulator, account: User | Source, protocol: int) -> Any:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
@@ -382,28 +384,42 @@ def test_the_gateway_disconnects_a_subscribe_or_publish_outside_the_scope(
 ) -> None:
     emu = capture_emulator
     # A plain paho-mqtt client: disconnected right away, as Capture's page says (0x87 under MQTT 5).
+    requests = [
+        ("subscribe", "v1/raw/SomeoneElse/#"),  # another company's raw tree
+        ("subscribe", "v1/raw/+/#"),  # every company's: refused whatever it would deliver
+        ("publish", "v1/raw/SomeoneElse/s/C/M/K"),  # users write commands only
+    ]
     reasons: list[Any] = []
-    for count, request in enumerate(("subscribe", "publish"), start=1):
+    for count, (request, topic) in enumerate(requests, start=1):
         client = _paho(emu, capture_user, protocol)
         client.on_disconnect = lambda _c, _u, _f, reason, _p: reasons.append(reason)
         if request == "subscribe":
-            client.subscribe("v1/raw/SomeoneElse/#")
+            client.subscribe(topic)
         else:
-            client.publish("v1/raw/SomeoneElse/s/C/M/K", b"55", qos=1)
+            client.publish(topic, b"55", qos=1)
         wait_until(lambda: len(reasons) >= count, timeout=5)  # noqa: B023 - awaited within the iteration
         client.loop_stop()
         client.disconnect()
     if protocol == 5:
-        assert [int(getattr(r, "value", r)) for r in reasons[:2]] == [0x87, 0x87], reasons
-    # The SDK, its own checks turned off so that the request goes out: the disconnect is reported
-    # as the AuthorizationError it is, on the plain and the TLS listener.
+        assert [int(getattr(r, "value", r)) for r in reasons[:3]] == [0x87, 0x87, 0x87], reasons
+    # The SDK, its own scope checks turned off so that the request goes out: the disconnect is
+    # reported as the AuthorizationError it is, on the plain and the TLS listener. (`v1/raw/+/#`
+    # it refuses before sending, whatever the scope setting: no Capture broker takes it.)
     for transport in ("mqtt", "mqtts"):
-        with (
-            emu.client(capture_user, transport=transport, protocol=protocol, scope=False, connect_timeout=5) as client,
-            pytest.raises(cm.AuthorizationError, match="SomeoneElse"),
-        ):
-            client.subscribe("v1/raw/SomeoneElse/#", timeout=10)
-    assert emu._gateway is not None and emu._gateway.stats()["refused_scope"] >= 4
+        for request, topic in requests:
+            with emu.client(capture_user, transport=transport, protocol=protocol, scope=False) as client:
+                if "+" in topic:
+                    with pytest.raises(cm.TopicError, match="wildcards the company level"):
+                        client.subscribe(topic)
+                    continue
+                send = (
+                    (lambda: client.subscribe(topic, timeout=10))  # noqa: B023 - called right here
+                    if request == "subscribe"
+                    else (lambda: client.publish(topic, b"55", qos=1, timeout=10))  # noqa: B023
+                )
+                with pytest.raises(cm.AuthorizationError, match=topic):
+                    send()
+    assert emu._gateway is not None and emu._gateway.stats()["refused_scope"] >= 7
 
 
 def test_the_gateway_refuses_a_packet_over_one_megabyte(capture_emulator: CaptureEmulator) -> None:
@@ -415,6 +431,18 @@ def test_the_gateway_refuses_a_packet_over_one_megabyte(capture_emulator: Captur
         device.publish(f"v1/sources/{source.source_id}/data/read/C/M", b"x" * (2 << 20), qos=0)
         wait_until(lambda: not device.is_connected, timeout=5)
     assert emu._gateway is not None and emu._gateway.stats()["refused_size"] == 1
+    # paho-mqtt under MQTT 5: DISCONNECT 0x95, "packet too large".
+    reasons: list[Any] = []
+    plain = _paho(emu, source, 5)
+    plain.on_disconnect = lambda _c, _u, _f, reason, _p: reasons.append(reason)
+    plain.publish(f"v1/sources/{source.source_id}/data/read/C/M", b"x" * (2 << 20), qos=0)
+    try:
+        wait_until(lambda: reasons, timeout=5)
+    finally:
+        plain.loop_stop()
+        plain.disconnect()
+    assert int(getattr(reasons[0], "value", reasons[0])) == 0x95, reasons
+    assert emu._gateway.stats()["refused_size"] == 2
 
 
 def test_faults_stall_delay_and_drop_connections(capture_emulator: CaptureEmulator, capture_company: Company) -> None:
@@ -609,6 +637,24 @@ def test_a_second_connection_with_a_client_id_takes_the_session_over(
         plain.loop_stop()
         plain.disconnect()
     assert int(getattr(reasons[0], "value", reasons[0])) == 0x8E, reasons
+    # A login the broker refuses takes nothing over.
+    refused = _paho_login(emu, capture_user, protocol=5, client_id="twin-paho")
+    refused.username_pw_set(capture_user.username, "not the password")
+    answers: list[Any] = []
+    refused.on_connect = lambda _c, _u, _f, reason, _p: answers.append(reason)
+    with emu.client(capture_user, transport="mqtt", protocol=5, client_id="twin-paho") as holder:
+        refused.connect(emu.host, emu.mqtt_port)
+        refused.loop_start()
+        try:
+            wait_until(lambda: answers, timeout=5)
+        finally:
+            refused.loop_stop()
+            refused.disconnect()
+        # Refused as EMQX does: "bad username or password" (0x86; 4 under 3.1.1), not Mosquitto's
+        # "not authorized".
+        assert int(getattr(answers[0], "value", answers[0])) == 0x86 and holder.is_connected
+        assert connack_code(emu.host, emu.mqtt_port, capture_user.username, "not the password") == 4
+        assert holder.stats["reconnects"] == 0
     # The SDK, taken over: its disconnect says so.
     events: list[cm.ConnectionEvent] = []
     options: dict[str, Any] = {"transport": "mqtt", "protocol": 5, "client_id": "twin-sdk"}
@@ -655,3 +701,42 @@ def test_a_persistent_311_session_expires_when_its_client_stays_away() -> None:
                 plain.disconnect()
         assert flags == [False, True, False]
         assert emu._gateway is not None and emu._gateway.stats()["expired_sessions"] >= 2
+
+
+@pytest.mark.parametrize("protocol", [3, 5])
+def test_in_reason_code_mode_a_refusal_is_a_failure_code(protocol: int) -> None:
+    # EMQX's other deny mode: the connection stays, the refusal is in SUBACK (and PUBACK under 5).
+    with CaptureEmulator(websockets=False, deny="reason_code") as emu:
+        acme = emu.add_company("CodeAcme")
+        user = emu.add_user(acme, "code-user")
+        granted: list[list[int]] = []
+        acked: list[Any] = []
+        plain = _paho_login(emu, user, protocol=protocol)
+        plain.on_subscribe = lambda _c, _u, _m, codes, _p: granted.append([int(getattr(c, "value", c)) for c in codes])
+        plain.on_publish = lambda _c, _u, _m, reason, _p: acked.append(reason)
+        plain.connect(emu.host, emu.mqtt_port)
+        plain.loop_start()
+        try:
+            wait_until(plain.is_connected, timeout=5)
+            plain.subscribe([("v1/raw/Elsewhere/#", 1), (cm.raw_filter("CodeAcme"), 1)])
+            wait_until(lambda: granted, timeout=5)
+            plain.publish("v1/raw/CodeAcme/s/C/M/K", b"55", qos=1)
+            wait_until(lambda: acked, timeout=5)
+            assert plain.is_connected()
+        finally:
+            plain.loop_stop()
+            plain.disconnect()
+        assert granted == [[0x87 if protocol == 5 else 0x80, 1]]
+        if protocol == 5:
+            assert int(getattr(acked[0], "value", acked[0])) == 0x87
+        # The SDK reports both as the AuthorizationError they are, and stays connected.
+        with emu.client(user, transport="mqtt", protocol=protocol, scope=False) as client:
+            with pytest.raises(cm.AuthorizationError, match="Elsewhere"):
+                client.subscribe("v1/raw/Elsewhere/#", qos=1, timeout=10)
+            if protocol == 5:
+                with pytest.raises(cm.AuthorizationError, match="v1/raw/CodeAcme"):
+                    client.publish("v1/raw/CodeAcme/s/C/M/K", b"55", qos=1, timeout=10)
+            assert client.is_connected
+            with client.subscribe(cm.raw_filter("CodeAcme"), qos=1):
+                pass
+        assert emu._gateway is not None and emu._gateway.stats()["refused_scope"] == 3 + (protocol == 5)

@@ -204,7 +204,13 @@ class _Operation(Generic[_T]):
 @final
 class _Gateway:
     def __new__(
-        cls, upstream_port: int, *, max_packet: int, port: int = 0, session_expiry: float | None = None
+        cls,
+        upstream_port: int,
+        *,
+        max_packet: int,
+        port: int = 0,
+        session_expiry: float | None = None,
+        deny: Literal["disconnect", "reason_code"] = "disconnect",
     ) -> _Gateway: ...
     @property
     def port(self) -> int: ...

@@ -62,7 +62,7 @@ pub fn check_jwt(token: &str, key: &[u8], username: &str, now: i64) -> Result<i6
 }
 
 /// Where the body of an MQTT frame starts (after the fixed header).
-fn body_start(frame: &[u8]) -> Option<usize> {
+pub(super) fn body_start(frame: &[u8]) -> Option<usize> {
     let mut len = 0usize;
     for (i, byte) in frame.iter().skip(1).take(4).enumerate() {
         len |= usize::from(byte & 0x7f) << (7 * i);
@@ -73,7 +73,7 @@ fn body_start(frame: &[u8]) -> Option<usize> {
     None
 }
 
-fn push_length(out: &mut Vec<u8>, mut len: usize) {
+pub(super) fn push_length(out: &mut Vec<u8>, mut len: usize) {
     loop {
         // The low seven bits of what is left, by construction below 0x80.
         let byte = u8::try_from(len & 0x7f).unwrap_or(0);
@@ -108,13 +108,88 @@ pub fn replace_password(frame: &[u8], old: &str, new: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
-/// The CONNECT `frame` asking for a clean session (the flag byte follows the protocol name
-/// "MQTT" and the level).
+/// Where the parts of a CONNECT frame are: the protocol level, the flags byte and the client id
+/// (its 2-byte length), read from the protocol name's length so that any name (`MQTT`, 3.1's
+/// `MQIsdp`) is read right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectLayout {
+    pub level: u8,
+    flags: usize,
+    client_id: usize,
+}
+
+pub fn connect_layout(frame: &[u8]) -> Option<ConnectLayout> {
+    let start = body_start(frame)?;
+    let name = usize::from(u16::from_be_bytes([
+        *frame.get(start)?,
+        *frame.get(start + 1)?,
+    ]));
+    let level_at = start + 2 + name;
+    let level = *frame.get(level_at)?;
+    let flags = level_at + 1;
+    let mut client_id = flags + 3; // the flags, then the keepalive
+    if level == 5 {
+        let mut len = 0usize;
+        let mut size = 0;
+        loop {
+            let byte = *frame.get(client_id + size)?;
+            len |= usize::from(byte & 0x7f) << (7 * size);
+            size += 1;
+            if byte & 0x80 == 0 {
+                break;
+            }
+            if size == 4 {
+                return None;
+            }
+        }
+        client_id += size + len;
+    }
+    frame.get(client_id + 1)?;
+    Some(ConnectLayout {
+        level,
+        flags,
+        client_id,
+    })
+}
+
+/// The CONNECT `frame` asking for a clean session.
 pub fn with_clean_session(frame: &[u8]) -> Option<Vec<u8>> {
-    let flags = body_start(frame)? + 7;
+    let layout = connect_layout(frame)?;
     let mut out = frame.to_vec();
-    *out.get_mut(flags)? |= 0x02;
+    *out.get_mut(layout.flags)? |= 0x02;
     Some(out)
+}
+
+/// The CONNECT `frame` for a clean session of another client id: the same login, to ask the
+/// broker whether it takes these credentials without touching the client's session.
+pub fn as_probe(frame: &[u8], client_id: &str) -> Option<Vec<u8>> {
+    let layout = connect_layout(frame)?;
+    let start = body_start(frame)?;
+    let old = usize::from(u16::from_be_bytes([
+        frame[layout.client_id],
+        frame[layout.client_id + 1],
+    ]));
+    let rest = frame.get(layout.client_id + 2 + old..)?;
+    let mut body = frame[start..layout.client_id].to_vec();
+    body[layout.flags - start] |= 0x02;
+    body.extend_from_slice(&u16::try_from(client_id.len()).ok()?.to_be_bytes());
+    body.extend_from_slice(client_id.as_bytes());
+    body.extend_from_slice(rest);
+    let mut out = Vec::with_capacity(body.len() + 5);
+    out.push(frame[0]);
+    push_length(&mut out, body.len());
+    out.extend_from_slice(&body);
+    Some(out)
+}
+
+/// The DISCONNECT that ends a login the gateway made itself; under MQTT 5 with a session expiry
+/// of zero, so that the broker keeps nothing of it.
+pub fn upstream_goodbye(v5: bool) -> &'static [u8] {
+    if v5 {
+        &[0xE0, 0x07, 0x00, 0x05, 0x11, 0x00, 0x00, 0x00, 0x00]
+    } else {
+        &[0xE0, 0x00]
+    }
 }
 
 /// The CONNACK that refuses a login as bad credentials: return code 4 under 3.1.1, reason code
@@ -219,6 +294,18 @@ mod tests {
     }
 
     #[test]
+    fn an_mqtt_31_connect_is_read_by_its_protocol_name() {
+        // "MQIsdp", level 3, flags 0 (a persistent session), keepalive 60, client id "c".
+        let mut frame = vec![0x10, 15, 0, 6];
+        frame.extend_from_slice(b"MQIsdp");
+        frame.extend_from_slice(&[3, 0x00, 0, 60, 0, 1, b'c']);
+        let layout = connect_layout(&frame).unwrap();
+        assert_eq!(layout.level, 3);
+        assert_eq!(with_clean_session(&frame).unwrap()[11], 0x02); // the flags byte, after "MQIsdp" and 3
+        assert!(connect_layout(&frame[..12]).is_none());
+    }
+
+    #[test]
     fn the_password_and_the_clean_flag_are_rewritten_and_nothing_else() {
         for version in [Version::V311, Version::V5] {
             // A long password moves the remaining length into two bytes, a short one back.
@@ -237,6 +324,13 @@ mod tests {
             let clean = with_clean_session(&frame).unwrap();
             assert!(decode(version, &clean).clean);
             assert_eq!(decode(version, &clean).login, decode(version, &frame).login);
+            let probe = decode(version, &as_probe(&frame, "probe-123").unwrap());
+            assert_eq!((probe.client_id.as_str(), probe.clean), ("probe-123", true));
+            assert_eq!(probe.login, decode(version, &frame).login);
+            assert_eq!(
+                probe.receive_maximum,
+                decode(version, &frame).receive_maximum
+            );
         }
     }
 }

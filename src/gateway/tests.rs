@@ -120,12 +120,22 @@ async fn gateway(broker: &Broker, max_packet: usize) -> Gateway {
 }
 
 async fn gateway_with(broker: &Broker, max_packet: usize, session_expiry: Duration) -> Gateway {
+    gateway_config(broker, max_packet, session_expiry, Deny::Disconnect).await
+}
+
+async fn gateway_config(
+    broker: &Broker,
+    max_packet: usize,
+    session_expiry: Duration,
+    deny: Deny,
+) -> Gateway {
     let gateway = Gateway::start(
         "127.0.0.1:0".parse().unwrap(),
         GatewayConfig {
             upstream: SocketAddr::from(([127, 0, 0, 1], broker.port)),
             max_packet,
             session_expiry,
+            deny,
         },
     )
     .await
@@ -517,5 +527,115 @@ fn a_user_sends_commands_to_its_own_companys_sources_only() {
                 assert_refused(&mut alice, NOT_AUTHORIZED).await;
             }
         }
+    });
+}
+
+#[test]
+fn in_reason_code_mode_refusals_are_answers_and_the_connection_stays() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway_config(
+            &broker,
+            CAPTURE_MAX_PACKET,
+            CAPTURE_SESSION_EXPIRY,
+            Deny::ReasonCode,
+        )
+        .await;
+        for version in [Version::V311, Version::V5] {
+            let v5 = version == Version::V5;
+            let mut alice = Raw::connect(&gateway, version, "alice").await;
+            // Every filter denied: the gateway answers; one of several: the broker's SUBACK gets
+            // the denied code in its place.
+            alice
+                .send(&Packet::Subscribe {
+                    pkid: 4,
+                    filters: vec![("v1/raw/Other/#".to_owned(), 1)],
+                    sub_id: None,
+                })
+                .await;
+            match alice.next().await {
+                Some(Packet::SubAck { pkid: 4, codes }) => {
+                    assert!(matches!(&codes[..], [Err(_)]), "{codes:?}");
+                }
+                other => panic!("expected SUBACK 4, got {other:?}"),
+            }
+            alice
+                .send(&Packet::Subscribe {
+                    pkid: 5,
+                    filters: vec![
+                        ("v1/raw/Other/#".to_owned(), 1),
+                        ("v1/raw/Acme/#".to_owned(), 1),
+                        ("v1/raw/+/#".to_owned(), 0),
+                    ],
+                    sub_id: None,
+                })
+                .await;
+            match alice.next().await {
+                Some(Packet::SubAck { pkid: 5, codes }) => {
+                    assert!(matches!(&codes[..], [Err(_), Ok(1), Err(_)]), "{codes:?}");
+                }
+                other => panic!("expected SUBACK 5, got {other:?}"),
+            }
+            // Denied publishes: QoS 0 dropped, QoS 1 a PUBACK (0x87 under MQTT 5), QoS 2 a
+            // PUBREC, and under 3.1.1 its PUBREL a PUBCOMP.
+            alice.publish("v1/raw/Acme/s/C/M/K", b"dropped").await;
+            alice.publish_qos("v1/raw/Acme/s/C/M/K", b"acked", 1).await;
+            match alice.next().await {
+                Some(Packet::PubAck { pkid: 1, refused }) => assert_eq!(refused.is_some(), v5),
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+            alice
+                .publish_qos("v1/raw/Acme/s/C/M/K", b"received", 2)
+                .await;
+            match alice.next().await {
+                Some(Packet::PubRec { pkid: 1, refused }) => assert_eq!(refused.is_some(), v5),
+                other => panic!("expected PUBREC, got {other:?}"),
+            }
+            if !v5 {
+                alice.send(&Packet::PubRel { pkid: 1 }).await;
+                assert_eq!(alice.next().await, Some(Packet::PubComp { pkid: 1 }));
+            }
+            // Still connected, and the allowed filter works.
+            let mut pipeline = Raw::connect(&gateway, version, "pipeline").await;
+            pipeline.publish("v1/raw/Acme/s/C/M/K", b"55").await;
+            match alice.next().await {
+                Some(Packet::Publish(p)) => assert_eq!(&p.payload[..], b"55"),
+                other => panic!("expected the message, got {other:?}"),
+            }
+        }
+        assert_eq!(gateway.stats().refused_scope.load(Ordering::Relaxed), 10);
+    });
+}
+
+#[test]
+fn a_second_connect_or_an_mqtt_31_connect_closes_the_connection() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
+        // A second CONNECT on a connection is a protocol error: it cannot change the login.
+        let mut alice = Raw::connect(&gateway, Version::V311, "alice").await;
+        alice
+            .send(&Packet::Connect(Connect {
+                client_id: "someone-else".to_owned(),
+                keepalive: 30,
+                clean: true,
+                login: Some(("pipeline".to_owned(), "secret".to_owned())),
+                session_expiry: None,
+                receive_maximum: None,
+                max_packet_size: None,
+            }))
+            .await;
+        assert_eq!(alice.next().await, None);
+        // MQTT 3.1 ("MQIsdp") is not served: closed without an answer.
+        let mut old = TcpStream::connect(gateway.addr()).await.unwrap();
+        let mut frame = vec![0x10, 15, 0, 6];
+        frame.extend_from_slice(b"MQIsdp");
+        frame.extend_from_slice(&[3, 0x02, 0, 60, 0, 1, b'c']);
+        old.write_all(&frame).await.unwrap();
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(WAIT, old.read(&mut byte))
+            .await
+            .unwrap();
+        assert_eq!(read.unwrap_or(0), 0);
     });
 }

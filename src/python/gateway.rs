@@ -1,7 +1,7 @@
 //! `_Gateway`: the Capture gateway of the local emulator (`capture_mqtt.testing`), over
 //! `crate::gateway`.
 
-use crate::gateway::{Gateway, GatewayConfig, CAPTURE_SESSION_EXPIRY};
+use crate::gateway::{Deny, Gateway, GatewayConfig, CAPTURE_SESSION_EXPIRY};
 use crate::scope::{AccountKind, Scope};
 use crate::session;
 use pyo3::exceptions::{PyOSError, PyValueError};
@@ -21,16 +21,27 @@ impl PyGateway {
     /// Listens on 127.0.0.1 (a free port unless `port` is given) and forwards to Mosquitto on
     /// 127.0.0.1:`upstream_port`; packets over `max_packet` bytes (0: no limit) are refused; an
     /// MQTT 3.1.1 persistent session expires `session_expiry` seconds after its client left (None:
-    /// Capture's two hours).
+    /// Capture's two hours); a subscribe or publish outside an account's scope closes the
+    /// connection (`deny="disconnect"`) or gets a failure code (`deny="reason_code"`).
     #[new]
-    #[pyo3(signature = (upstream_port, *, max_packet, port = 0, session_expiry = None))]
+    #[pyo3(signature = (upstream_port, *, max_packet, port = 0, session_expiry = None, deny = "disconnect"))]
     fn new(
         py: Python<'_>,
         upstream_port: u16,
         max_packet: usize,
         port: u16,
         session_expiry: Option<f64>,
+        deny: &str,
     ) -> PyResult<Self> {
+        let deny = match deny {
+            "disconnect" => Deny::Disconnect,
+            "reason_code" => Deny::ReasonCode,
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "deny must be \"disconnect\" or \"reason_code\", not {other:?}"
+                )))
+            }
+        };
         let session_expiry = match session_expiry {
             None => CAPTURE_SESSION_EXPIRY,
             Some(seconds) => Duration::try_from_secs_f64(seconds).map_err(|_| {
@@ -41,6 +52,7 @@ impl PyGateway {
         };
         let config = GatewayConfig {
             session_expiry,
+            deny,
             upstream: SocketAddr::from(([127, 0, 0, 1], upstream_port)),
             max_packet: if max_packet == 0 {
                 usize::MAX

@@ -138,6 +138,8 @@ pub(super) struct Task {
     warn_expired: RateLimited,
     /// Reconnections refused for their credentials (an expired token, a revoked account).
     warn_refused_login: RateLimited,
+    /// The `exp` of the last password, when it was a JWT.
+    token_expiry: Option<i64>,
     /// Bytes still to discard of a packet over our size limit.
     skip: usize,
 }
@@ -313,6 +315,7 @@ impl Task {
             warn_oversize: RateLimited::default(),
             warn_expired: RateLimited::default(),
             warn_refused_login: RateLimited::default(),
+            token_expiry: None,
             skip: 0,
         }
     }
@@ -351,6 +354,7 @@ impl Task {
         match provider.credentials().await {
             Ok(c) => {
                 self.renew_at = provider.expires_at().map(renewal_time);
+                self.token_expiry = super::jwt::expiry(c.password.expose());
                 Ok(Some((c.username, c.password.expose().to_owned())))
             }
             Err(reason) => Err(Lost::new(
@@ -553,10 +557,20 @@ impl Task {
             }
         } else if matches!(lost.error, SessionError::Authentication { .. }) {
             // Refused again and again while nothing else says why: one warning a while.
+            let expired = self.token_expiry.is_some_and(|exp| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                    .is_ok_and(|now| i64::try_from(now.as_secs()).unwrap_or(i64::MAX) >= exp)
+            });
+            let hint = if expired {
+                "; the token has expired, and a token given as a string cannot be renewed: give \
+                 cm.Auth.jwt a callable that returns a fresh one"
+            } else {
+                ""
+            };
             self.warn_refused_login.warn(now, |n| {
                 format!(
-                    "reconnecting to {} was refused ({n} time(s)): {}; a JWT given as a string \
-                     cannot be renewed: give cm.Auth.jwt a callable that returns a fresh one",
+                    "reconnecting to {} was refused ({n} time(s)): {}{hint}",
                     shared.config.address(),
                     lost.error
                 )

@@ -316,15 +316,23 @@ class CaptureEmulator:
     republishing of pushes onto the raw tree. Stop it with :meth:`stop` or a ``with`` block (it is
     also stopped at interpreter exit).
 
-    Clients meet Capture's gateway, not Mosquitto: a subscribe or publish outside the account's
-    scope, or a packet over 1 MB, closes the connection (DISCONNECT 0x87 or 0x95 first under
-    MQTT 5); a JWT is checked by signature and ``exp`` at login and the connection is closed when it
-    expires; a second connection with a client id takes the session over (DISCONNECT 0x8E to the
-    first under MQTT 5); an MQTT 3.1.1 persistent session ends ``session_expiry`` seconds after its
-    client left (Capture's two hours by default). ``limits="capture"`` (the default) gives the
-    broker Capture's limits, 32 messages in flight and 1,000 queued per client; where a client's
-    queue is full Mosquitto drops the newest message, where Capture (EMQX) drops the oldest.
-    ``limits="unbounded"`` lifts them, for benchmarks.
+    Clients meet Capture's gateway, not Mosquitto:
+
+    - a subscribe or publish outside the account's scope, or a packet over 1 MB, closes the
+      connection (DISCONNECT 0x87 or 0x95 first under MQTT 5), as Capture's page says.
+      ``deny="reason_code"`` gives EMQX's other mode instead: a denied filter gets SUBACK 0x80
+      (0x87 under MQTT 5), a denied QoS 1 publish PUBACK 0x87 under MQTT 5 and a plain PUBACK
+      under 3.1.1, a denied QoS 0 publish is dropped;
+    - a JWT is checked by signature and ``exp`` at login, and the connection is closed when it
+      expires;
+    - a second connection with a client id takes the session over (DISCONNECT 0x8E to the first
+      under MQTT 5);
+    - an MQTT 3.1.1 persistent session ends ``session_expiry`` seconds after its client left
+      (Capture's two hours by default).
+
+    ``limits="capture"`` (the default) gives the broker Capture's limits: 32 messages in flight
+    and 1,000 queued per client. Where a client's queue is full, Mosquitto drops the newest
+    message and Capture (EMQX) the oldest. ``limits="unbounded"`` lifts them, for benchmarks.
 
     >>> import capture_mqtt as cm
     >>> from capture_mqtt.testing import CaptureEmulator
@@ -346,7 +354,11 @@ class CaptureEmulator:
         persistence: bool = False,
         limits: BrokerLimits | Literal["capture", "unbounded"] = "capture",
         session_expiry: float = 7200.0,
+        deny: Literal["disconnect", "reason_code"] = "disconnect",
     ) -> None:
+        if deny not in ("disconnect", "reason_code"):
+            raise ValueError(f'deny must be "disconnect" or "reason_code", not {deny!r}')
+        self._deny = deny
         if isinstance(limits, str):
             if limits not in ("capture", "unbounded"):
                 raise ValueError(f'limits must be "capture", "unbounded" or a BrokerLimits, not {limits!r}')
@@ -395,6 +407,7 @@ class CaptureEmulator:
                 self.broker.mqtt_port,
                 max_packet=self.broker.limits.max_packet_size,
                 session_expiry=self._session_expiry,
+                deny=self._deny,
             )
             tls = self.broker.tls
             assert tls is not None  # the emulator's broker always has TLS
@@ -623,6 +636,7 @@ class CaptureEmulator:
         (the broker drops them when it reloads its accounts)."""
         with self._lock:
             self._accounts.pop(account.username, None)
+            self._jwt_broker_passwords.pop(account.username, None)
             if self._gateway is not None:
                 self._gateway.remove_account(account.username)
             self.broker.accounts = [a for a in self.broker.accounts if a.username != account.username]
