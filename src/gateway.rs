@@ -467,6 +467,8 @@ enum Refusal {
     Close(u8),
     /// A login refused as bad credentials: a CONNACK saying so, then the close.
     Login,
+    /// A CONNECT of a protocol version the gateway does not serve: CONNACK 1, then the close.
+    Version,
     /// The connection is gone, or dropped by a fault.
     Gone,
 }
@@ -567,15 +569,27 @@ where
     if let Some(done) = taken_over {
         let _ = done.send(());
     }
-    if matches!(outcome, Refusal::Close(_) | Refusal::Login) {
-        // A lingering close: what the client still sends (the rest of an oversize packet, say) is
-        // read and dropped until it hangs up, for a while. Closed with unread bytes, the socket
-        // would answer with a reset, and the client's system could discard the goodbye unread.
-        let _ = tokio::time::timeout(GOODBYE, async {
-            let mut sink = vec![0u8; 16 * 1024];
-            while matches!(client_read.read(&mut sink).await, Ok(n) if n > 0) {}
-        })
-        .await;
+    if matches!(
+        outcome,
+        Refusal::Close(_) | Refusal::Login | Refusal::Version
+    ) {
+        linger(&mut client_read, &shared, generation).await;
+    }
+}
+
+/// A lingering close: what the client still sends (the rest of an oversize packet, say) is read
+/// and dropped until it hangs up, for a while. Closed with unread bytes, the socket would answer
+/// with a reset, and the client's system could discard the goodbye unread. Dropping the
+/// connections (or stopping the gateway) ends it at once.
+async fn linger(client: &mut (impl AsyncRead + Unpin), shared: &Shared, generation: u64) {
+    let mut faults = shared.faults.subscribe();
+    let drain = tokio::time::timeout(GOODBYE, async {
+        let mut sink = vec![0u8; 16 * 1024];
+        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+    });
+    tokio::select! {
+        _ = drain => {}
+        _ = faults.wait_for(|f| f.generation != generation || f.partitioned) => {}
     }
 }
 
@@ -600,6 +614,7 @@ fn goodbye(outcome: &Refusal, v5: bool, after_connack: bool) -> Option<Vec<u8>> 
         }
         // Nothing went to the broker, so nothing of its can be half written.
         Refusal::Login => Some(login::bad_credentials(v5).to_vec()),
+        Refusal::Version => Some(vec![0x20, 0x02, 0x00, 0x01]),
         Refusal::Close(_) | Refusal::Gone => None,
     }
 }
@@ -674,7 +689,11 @@ impl Inspector {
         }
         let kind = frame[0] >> 4;
         match (self.version, kind) {
-            (None, 1) => self.version = Some(connect_version(frame).ok_or(Refusal::Gone)?),
+            (None, 1) => {
+                // Another level (MQTT 3.1's "MQIsdp" among them): "unacceptable protocol
+                // version", as 3.1.1 says, then the close.
+                self.version = Some(connect_version(frame).ok_or(Refusal::Version)?);
+            }
             // Not MQTT (the first packet must be CONNECT), or a second CONNECT: a protocol error.
             (None, _) | (Some(_), 1) => return Err(Refusal::Gone),
             _ => {}
@@ -731,7 +750,7 @@ impl Inspector {
                     return Err(Refusal::Close(NOT_AUTHORIZED));
                 }
                 let Some(split) = deny::split_subscribe(frame, v5, denied) else {
-                    return Ok(None); // unreadable: the broker answers it
+                    return Err(Refusal::Gone); // unreadable: never let through unchecked
                 };
                 if let Some(allowed) = split.allowed {
                     self.edits
@@ -828,7 +847,7 @@ impl Inspector {
                 .copied();
             if left.is_some_and(|at| at.elapsed() >= shared.config.session_expiry) {
                 let clean = login::with_clean_session(frame).ok_or(Refusal::Gone)?;
-                if login_upstream(&clean, v5, shared).await {
+                if login_upstream(&clean, v5, shared).await == Some(true) {
                     shared
                         .sessions
                         .lock()
@@ -863,11 +882,11 @@ impl Inspector {
             .contains_key(client_id);
         if held {
             let probe_id = format!("capture-gateway-probe-{}", self.connection);
-            let accepted = match login::as_probe(frame, &probe_id) {
+            let verdict = match login::as_probe(frame, &probe_id) {
                 Some(probe) => login_upstream(&probe, v5, shared).await,
-                None => false,
+                None => None,
             };
-            if !accepted {
+            if verdict == Some(false) {
                 return; // the broker refuses this login: the holder keeps its connection
             }
         }
@@ -919,9 +938,9 @@ impl Inspector {
 }
 
 /// Logs in to the broker with the CONNECT `frame` and leaves at once (under MQTT 5 with a session
-/// expiry of zero); true when the broker took the login. The gateway's own logins: to try
-/// credentials before a takeover, and to end a session that expired.
-async fn login_upstream(frame: &[u8], v5: bool, shared: &Shared) -> bool {
+/// expiry of zero): whether the broker took the login, None when it did not answer. The gateway's
+/// own logins: to try credentials before a takeover, and to end a session that expired.
+async fn login_upstream(frame: &[u8], v5: bool, shared: &Shared) -> Option<bool> {
     let outcome = tokio::time::timeout(GOODBYE, async {
         let mut upstream = TcpStream::connect(shared.config.upstream).await.ok()?;
         upstream.write_all(frame).await.ok()?;
@@ -935,7 +954,7 @@ async fn login_upstream(frame: &[u8], v5: bool, shared: &Shared) -> bool {
         Some(accepted)
     })
     .await;
-    matches!(outcome, Ok(Some(true)))
+    outcome.ok().flatten()
 }
 
 /// The protocol version of a CONNECT frame: 3.1.1 or 5 (MQTT 3.1, `MQIsdp`, is not served).
@@ -1045,6 +1064,9 @@ async fn inspect_and_forward(
 /// Reads the broker's first bytes, its CONNACK, to learn whether it took the login.
 struct Acceptance {
     head: Vec<u8>,
+    /// What the CONNACK said, once all of its first four bytes were seen.
+    verdict: Option<bool>,
+    /// Set once the CONNACK that took the login has been written to the client.
     accepted: Arc<AtomicBool>,
 }
 
@@ -1052,6 +1074,7 @@ impl Acceptance {
     fn new(accepted: &Arc<AtomicBool>) -> Acceptance {
         Acceptance {
             head: Vec::with_capacity(4),
+            verdict: None,
             accepted: Arc::clone(accepted),
         }
     }
@@ -1075,14 +1098,15 @@ impl Acceptance {
         }
         self.head.extend_from_slice(&bytes[..wanted]);
         if self.head.len() == 4 {
-            let accepted = self.head[0] == 0x20 && self.head[3] == 0;
-            self.accepted.store(accepted, Ordering::SeqCst);
+            self.verdict = Some(self.head[0] == 0x20 && self.head[3] == 0);
         }
     }
 
-    /// The broker's CONNACK has gone to the client.
-    fn answered(&self) -> bool {
-        self.head.len() >= 4
+    /// The bytes watched last have reached the client: a CONNACK among them now counts.
+    fn written(&self) {
+        if self.verdict == Some(true) {
+            self.accepted.store(true, Ordering::SeqCst);
+        }
     }
 }
 
@@ -1136,8 +1160,10 @@ async fn forward_framed(
         while let Ok(answer) = answers.try_recv() {
             held.extend_from_slice(&answer);
         }
-        if acceptance.answered() {
-            out.append(&mut held);
+        match acceptance.verdict {
+            Some(true) => out.append(&mut held),
+            Some(false) => held.clear(), // nothing follows a refusing CONNACK
+            None => {}
         }
         if out.is_empty() {
             continue;
@@ -1149,6 +1175,7 @@ async fn forward_framed(
             return;
         }
         mid_write.store(false, Ordering::SeqCst);
+        acceptance.written();
         out.clear();
     }
 }
@@ -1175,6 +1202,7 @@ async fn forward(
             return;
         }
         mid_write.store(false, Ordering::SeqCst);
+        acceptance.written();
     }
 }
 

@@ -79,7 +79,7 @@ pub fn split_subscribe(
 ) -> Option<SplitSubscribe> {
     let (pid, entries, header_end) = subscribe_entries(frame, v5)?;
     let start = body_start(frame)?;
-    let mut body = frame[start..header_end].to_vec();
+    let mut body = frame.get(start..header_end)?.to_vec();
     let mut template = Vec::with_capacity(entries.len());
     let mut kept = 0;
     for (filter, range) in entries {
@@ -126,12 +126,17 @@ pub fn merge_suback(frame: &[u8], v5: bool, template: &[Option<u8>]) -> Option<V
         let (len, size) = varint(frame.get(at..)?)?;
         at += size + len;
     }
-    let mut codes = frame.get(at..)?.iter();
+    let broker = frame.get(at..)?;
     let mut body = frame.get(start..at)?.to_vec();
+    // A broker that answers for another number of filters than it was asked about: its codes
+    // cannot be placed, so the client's allowed filters are reported failed (0x80) too.
+    let placed = broker.len() == template.iter().filter(|slot| slot.is_none()).count();
+    let mut codes = broker.iter();
     for slot in template {
-        body.push(match slot {
-            Some(code) => *code,
-            None => *codes.next()?,
+        body.push(match (slot, placed) {
+            (Some(code), _) => *code,
+            (None, true) => *codes.next()?,
+            (None, false) => 0x80,
         });
     }
     Some(packet_of(0x90, &body))
@@ -265,5 +270,9 @@ mod tests {
         // Unreadable input is left alone.
         assert!(split_subscribe(&[0x82, 0x03, 0x00, 0x01, 0x00], false, |_| true).is_none());
         assert!(merge_suback(&[0x90, 0x01, 0x00], false, &[None]).is_none());
+        assert!(split_subscribe(&[0x82, 0x04, 0x00, 0x01, 0x09, 0x00], true, |_| true).is_none());
+        // A SUBACK with the wrong number of codes: the client's filters are all reported failed.
+        let merged = merge_suback(&suback(7, &[1, 1, 1], false), false, &[None, Some(0x80)]);
+        assert_eq!(merged, Some(suback(7, &[0x80, 0x80], false)));
     }
 }

@@ -608,7 +608,7 @@ fn in_reason_code_mode_refusals_are_answers_and_the_connection_stays() {
 }
 
 #[test]
-fn a_second_connect_or_an_mqtt_31_connect_closes_the_connection() {
+fn a_second_connect_or_an_mqtt_31_connect_is_refused() {
     let broker = Broker::start();
     runtime().block_on(async {
         let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
@@ -626,16 +626,60 @@ fn a_second_connect_or_an_mqtt_31_connect_closes_the_connection() {
             }))
             .await;
         assert_eq!(alice.next().await, None);
-        // MQTT 3.1 ("MQIsdp") is not served: closed without an answer.
+        // MQTT 3.1 ("MQIsdp") is not served: CONNACK 1, "unacceptable protocol version", then
+        // the close.
         let mut old = TcpStream::connect(gateway.addr()).await.unwrap();
         let mut frame = vec![0x10, 15, 0, 6];
         frame.extend_from_slice(b"MQIsdp");
         frame.extend_from_slice(&[3, 0x02, 0, 60, 0, 1, b'c']);
         old.write_all(&frame).await.unwrap();
-        let mut byte = [0u8; 1];
-        let read = tokio::time::timeout(WAIT, old.read(&mut byte))
+        let mut answer = Vec::new();
+        tokio::time::timeout(WAIT, old.read_to_end(&mut answer))
             .await
+            .unwrap()
             .unwrap();
-        assert_eq!(read.unwrap_or(0), 0);
+        assert_eq!(answer, [0x20, 0x02, 0x00, 0x01]);
+    });
+}
+
+#[test]
+fn nothing_comes_before_the_connack_even_under_latency() {
+    let broker = Broker::start();
+    runtime().block_on(async {
+        let gateway = gateway(&broker, CAPTURE_MAX_PACKET).await;
+        gateway.set_latency(Duration::from_millis(300));
+        // A denied SUBSCRIBE refused while the broker's CONNACK is held by the latency (the
+        // CONNECT reaches the broker at 300 ms, its CONNACK the client at 600 ms; the SUBSCRIBE is
+        // sent at 450 ms): the client hears a CONNACK first, or only the close.
+        let stream = TcpStream::connect(gateway.addr()).await.unwrap();
+        let mut raw = Raw {
+            stream,
+            codec: Codec {
+                version: Version::V5,
+                max_incoming: usize::MAX,
+            },
+            buf: BytesMut::new(),
+        };
+        raw.send(&Packet::Connect(Connect {
+            client_id: "hasty".to_owned(),
+            keepalive: 30,
+            clean: true,
+            login: Some(("alice".to_owned(), "secret".to_owned())),
+            session_expiry: None,
+            receive_maximum: None,
+            max_packet_size: None,
+        }))
+        .await;
+        tokio::time::sleep(Duration::from_millis(450)).await; // the scenario's timing
+        raw.send(&Packet::Subscribe {
+            pkid: 1,
+            filters: vec![("v1/raw/Other/#".to_owned(), 0)],
+            sub_id: None,
+        })
+        .await;
+        match raw.next().await {
+            None | Some(Packet::ConnAck(_)) => {}
+            other => panic!("expected a CONNACK or the close first, got {other:?}"),
+        }
     });
 }
