@@ -7,7 +7,7 @@ STAMPS := .stamps
 RUST_SRC := $(shell find src -name '*.rs') Cargo.toml Cargo.lock
 PY_SRC := $(shell find python -name '*.py' -o -name '*.pyi')
 
-.PHONY: test demo soak fuzz lint rust-test py-test stubtest docs build deps mosquitto bench clean
+.PHONY: test demo soak interop fuzz lint rust-test py-test stubtest docs build deps mosquitto bench clean
 
 test: lint rust-test stubtest docs py-test
 
@@ -69,6 +69,11 @@ bench: $(STAMPS)/build mosquitto
 # SOAK_LOAD_SECONDS, SOAK_SLOW_SECONDS.
 soak: $(STAMPS)/build mosquitto
 	$(PY) -m soak.run
+
+# The interoperability table: every scenario with this SDK and with paho-mqtt on every broker the suite
+# can start here (INTEROP_MESSAGES a stream, default 10,000); written into docs/interoperability.md.
+interop: $(STAMPS)/build mosquitto
+	$(PY) -m interop.run
 
 # Coverage-guided fuzzing of the parsers, FUZZ_SECONDS per target (default 300).
 fuzz:
