@@ -4,6 +4,7 @@ pytest plugin used from a project outside this repository."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,19 @@ import capture_mqtt as cm
 from capture_mqtt.testing import CaptureEmulator, Company, Source, User, wait_for, wait_for_many, wait_until
 from capture_mqtt.testing.mosquitto import MosquittoNotFoundError, connack_code, find_mosquitto
 from capture_mqtt.testing.plant import SimulatedPlant
+
+
+@contextlib.contextmanager
+def _running(client: Any, emu: CaptureEmulator, port: int | None = None) -> Iterator[Any]:
+    """A paho-mqtt client connected to the emulator (plain MQTT unless `port` says otherwise), its
+    network loop running; stopped and disconnected afterwards."""
+    client.connect(emu.host, port or emu.mqtt_port)
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.loop_stop()
+        client.disconnect()
 
 
 @pytest.mark.parametrize("transport", ["mqtts", "wss", "mqtt"])
@@ -190,27 +205,17 @@ def test_a_jwt_connection_is_closed_when_its_token_expires(
     plain = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5 if protocol == 5 else paho.MQTTv311)
     plain.username_pw_set(erin.username, erin.token(valid_for=2))
     plain.on_disconnect = lambda _c, _u, _f, reason, _p: reasons.append(reason)
-    plain.connect(emu.host, emu.mqtt_port)
-    plain.loop_start()
-    try:
+    with _running(plain, emu):
         wait_until(plain.is_connected, timeout=5)
         wait_until(lambda: reasons, timeout=6)
-    finally:
-        plain.loop_stop()
-        plain.disconnect()
     if protocol == 5:
         assert int(getattr(reasons[0], "value", reasons[0])) == 0x87, reasons
         answers: list[Any] = []
         late = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         late.username_pw_set(erin.username, erin.token(valid_for=-1))
         late.on_connect = lambda _c, _u, _f, reason, _p: answers.append(reason)
-        late.connect(emu.host, emu.mqtt_port)
-        late.loop_start()
-        try:
+        with _running(late, emu):
             wait_until(lambda: answers, timeout=5)
-        finally:
-            late.loop_stop()
-            late.disconnect()
         assert int(getattr(answers[0], "value", answers[0])) == 0x86, answers
     assert emu._gateway is not None
     closed_at_exp = emu._gateway.stats()["expired_logins"]
@@ -517,13 +522,8 @@ def test_the_websocket_listener_takes_only_mqtt_on_its_path(
     plain.ws_set_options(path="/mqtt")
     plain.tls_set(ca_certs=str(emu.ca_file))
     plain.username_pw_set(capture_user.username, capture_user.password)
-    plain.connect(emu.host, emu.wss_port or 0)
-    plain.loop_start()
-    try:
+    with _running(plain, emu, emu.wss_port or 0):
         wait_until(plain.is_connected, timeout=5)
-    finally:
-        plain.loop_stop()
-        plain.disconnect()
     with (
         emu.client(capture_user, transport="wss", scope=False) as client,
         pytest.raises(cm.AuthorizationError, match="SomeoneElse"),
@@ -569,40 +569,27 @@ def test_the_broker_advertises_capture_limits_and_keeps_1000_messages_per_client
     properties: list[Any] = []
     probe = _paho_login(emu, user, protocol=5)
     probe.on_connect = lambda _c, _u, _f, _r, props: properties.append(props.json())
-    probe.connect(emu.host, emu.mqtt_port)
-    probe.loop_start()
-    try:
+    with _running(probe, emu):
         wait_until(lambda: properties, timeout=5)
-    finally:
-        probe.loop_stop()
-        probe.disconnect()
     assert properties[0]["ReceiveMaximum"] == 32 and properties[0]["MaximumPacketSize"] == 1 << 20
 
     # A persistent session away while 1,500 messages come keeps 1,000. Mosquitto keeps the oldest
     # (0-999), where Capture's broker keeps the newest: the documented difference.
     got: list[bytes] = []
-    plain = _paho_login(emu, user, client_id="queue-paho", clean_session=False)
-    plain.connect(emu.host, emu.mqtt_port)
-    plain.loop_start()
-    wait_until(plain.is_connected, timeout=5)
     subscribed: list[Any] = []
+    plain = _paho_login(emu, user, client_id="queue-paho", clean_session=False)
     plain.on_subscribe = lambda *args: subscribed.append(args)
-    plain.subscribe(raw, qos=1)
-    wait_until(lambda: subscribed, timeout=5)
-    plain.loop_stop()
-    plain.disconnect()
+    with _running(plain, emu):
+        wait_until(plain.is_connected, timeout=5)
+        plain.subscribe(raw, qos=1)
+        wait_until(lambda: subscribed, timeout=5)
     publish_while_away(1500)
     plain = _paho_login(emu, user, client_id="queue-paho", clean_session=False)
     plain.on_message = lambda _c, _u, message: got.append(message.payload)
-    plain.connect(emu.host, emu.mqtt_port)
-    plain.loop_start()
-    try:
+    with _running(plain, emu):
         wait_until(plain.is_connected, timeout=5)
         emu._pipeline.publish(topic, b"end", qos=1)
         wait_until(lambda: b"end" in got, timeout=10)
-    finally:
-        plain.loop_stop()
-        plain.disconnect()
     assert got == [str(i).encode() for i in range(1000)] + [b"end"]
 
     # The SDK sees the same.
@@ -626,16 +613,11 @@ def test_a_second_connection_with_a_client_id_takes_the_session_over(
     reasons: list[Any] = []
     plain = _paho_login(emu, capture_user, protocol=5, client_id="twin-paho")
     plain.on_disconnect = lambda _c, _u, _f, reason, _p: reasons.append(reason)
-    plain.connect(emu.host, emu.mqtt_port)
-    plain.loop_start()
-    try:
+    with _running(plain, emu):
         wait_until(plain.is_connected, timeout=5)
         with emu.client(capture_user, transport="mqtt", protocol=5, client_id="twin-paho") as newcomer:
             wait_until(lambda: reasons, timeout=5)
             assert newcomer.is_connected
-    finally:
-        plain.loop_stop()
-        plain.disconnect()
     assert int(getattr(reasons[0], "value", reasons[0])) == 0x8E, reasons
     # A login the broker refuses takes nothing over.
     refused = _paho_login(emu, capture_user, protocol=5, client_id="twin-paho")
@@ -643,13 +625,8 @@ def test_a_second_connection_with_a_client_id_takes_the_session_over(
     answers: list[Any] = []
     refused.on_connect = lambda _c, _u, _f, reason, _p: answers.append(reason)
     with emu.client(capture_user, transport="mqtt", protocol=5, client_id="twin-paho") as holder:
-        refused.connect(emu.host, emu.mqtt_port)
-        refused.loop_start()
-        try:
+        with _running(refused, emu):
             wait_until(lambda: answers, timeout=5)
-        finally:
-            refused.loop_stop()
-            refused.disconnect()
         # Refused as EMQX does: "bad username or password" (0x86; 4 under 3.1.1), not Mosquitto's
         # "not authorized".
         assert int(getattr(answers[0], "value", answers[0])) == 0x86 and holder.is_connected
@@ -692,13 +669,8 @@ def test_a_persistent_311_session_expires_when_its_client_stays_away() -> None:
             time.sleep(pause)  # as above: the absence itself is the condition
             plain = _paho_login(emu, user, client_id="expiring-paho", clean_session=False)
             plain.on_connect = lambda _c, _u, connect_flags, _r, _p: flags.append(connect_flags.session_present)
-            plain.connect(emu.host, emu.mqtt_port)
-            plain.loop_start()
-            try:
+            with _running(plain, emu):
                 wait_until(lambda: len(flags) == visits, timeout=5)  # noqa: B023 - awaited here
-            finally:
-                plain.loop_stop()
-                plain.disconnect()
         assert flags == [False, True, False]
         assert emu._gateway is not None and emu._gateway.stats()["expired_sessions"] >= 2
 
@@ -714,18 +686,13 @@ def test_in_reason_code_mode_a_refusal_is_a_failure_code(protocol: int) -> None:
         plain = _paho_login(emu, user, protocol=protocol)
         plain.on_subscribe = lambda _c, _u, _m, codes, _p: granted.append([int(getattr(c, "value", c)) for c in codes])
         plain.on_publish = lambda _c, _u, _m, reason, _p: acked.append(reason)
-        plain.connect(emu.host, emu.mqtt_port)
-        plain.loop_start()
-        try:
+        with _running(plain, emu):
             wait_until(plain.is_connected, timeout=5)
             plain.subscribe([("v1/raw/Elsewhere/#", 1), (cm.raw_filter("CodeAcme"), 1)])
             wait_until(lambda: granted, timeout=5)
             plain.publish("v1/raw/CodeAcme/s/C/M/K", b"55", qos=1)
             wait_until(lambda: acked, timeout=5)
             assert plain.is_connected()
-        finally:
-            plain.loop_stop()
-            plain.disconnect()
         assert granted == [[0x87 if protocol == 5 else 0x80, 1]]
         if protocol == 5:
             assert int(getattr(acked[0], "value", acked[0])) == 0x87
