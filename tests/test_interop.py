@@ -49,7 +49,4 @@ KNOWN = {
     # amqtt keeps no session for anonymous clients.
     ("amqtt", "persistent session, subscription declared first"),
     ("amqtt", "persistent session, subscribe after connecting"),
-    # A 3.1.1 broker closes the connection on an oversize publish; both clients send it again after
-    # reconnecting (QoS 1), and so forever. The SDK then reports it as a refused SUBSCRIBE.
-    ("Mosquitto", "a publish over the broker's packet limit"),
 }

@@ -25,7 +25,7 @@ use crate::payload;
 use crate::timestamp;
 use crate::topic;
 use bytes::{Buf, BytesMut};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -120,6 +120,9 @@ pub(super) struct Task {
     first: Option<oneshot::Sender<Result<(), SessionError>>>,
     attempt: u32,
     refusals: Refusals,
+    /// Filters the broker has granted in this session: sent again after a reconnect, they are no
+    /// suspects when the broker hangs up (an oversize publish sent after them is).
+    granted_before: HashSet<String>,
     /// The filters subscribed at the broker (under MQTT 3.1.1 never two that overlap).
     filters: HashMap<String, BrokerFilter>,
     /// Messages of a resumed session that no subscription wanted yet.
@@ -303,6 +306,7 @@ impl Task {
             first,
             attempt: 0,
             refusals: Refusals::default(),
+            granted_before: HashSet::new(),
             filters: HashMap::new(),
             held: VecDeque::new(),
             handed: std::collections::HashSet::new(),
@@ -518,6 +522,7 @@ impl Task {
                 _ => None,
             })
             .flatten()
+            .filter(|filter| !self.granted_before.contains(filter))
             .collect();
         // Unanswered subscriptions are sent again on the next connection.
         for tag in &subscribes {
@@ -613,7 +618,9 @@ impl Task {
                         &self.shared,
                         Action::Publish,
                         &topic,
-                        "the broker closed the connection right after the PUBLISH, three times, as Capture does",
+                        "the broker closed the connection right after the PUBLISH, three times, as Capture \
+                         does for a topic outside the account's scope (a broker also does it for a \
+                         message over its packet size limit)",
                     );
                     if let Some(mut tag) = self.proto.forget(pkid) {
                         report_failure(tag.tx.take(), error);
@@ -817,6 +824,7 @@ impl Task {
                             if let Some(b) = self.filters.get_mut(filter) {
                                 b.granted = true;
                             }
+                            self.granted_before.insert(filter.clone());
                         }
                         Err(how) => {
                             let error =
