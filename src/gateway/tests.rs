@@ -88,13 +88,17 @@ impl Raw {
     }
 
     async fn subscribe(&mut self, filter: &str) -> Option<Packet> {
+        self.send_subscribe(1, &[(filter, 0)]).await;
+        self.next().await
+    }
+
+    async fn send_subscribe(&mut self, pkid: u16, filters: &[(&str, u8)]) {
         self.send(&Packet::Subscribe {
-            pkid: 1,
-            filters: vec![(filter.to_owned(), 0)],
+            pkid,
+            filters: filters.iter().map(|(f, q)| ((*f).to_owned(), *q)).collect(),
             sub_id: None,
         })
         .await;
-        self.next().await
     }
 
     async fn publish(&mut self, topic: &str, payload: &[u8]) {
@@ -183,22 +187,10 @@ fn traffic_in_scope_passes_and_a_subscribe_outside_it_disconnects() {
                 other => panic!("expected the message, got {other:?}"),
             }
             // Another company's raw tree, and `+` in the company segment: disconnected.
-            alice
-                .send(&Packet::Subscribe {
-                    pkid: 2,
-                    filters: vec![("v1/raw/+/#".to_owned(), 0)],
-                    sub_id: None,
-                })
-                .await;
+            alice.send_subscribe(2, &[("v1/raw/+/#", 0)]).await;
             assert_refused(&mut alice, NOT_AUTHORIZED).await;
             let mut alice = Raw::connect(&gateway, version, "alice").await;
-            alice
-                .send(&Packet::Subscribe {
-                    pkid: 3,
-                    filters: vec![("v1/raw/Other/#".to_owned(), 0)],
-                    sub_id: None,
-                })
-                .await;
+            alice.send_subscribe(3, &[("v1/raw/Other/#", 0)]).await;
             assert_refused(&mut alice, NOT_AUTHORIZED).await;
         }
         assert_eq!(gateway.stats().refused_scope.load(Ordering::Relaxed), 4);
@@ -462,11 +454,7 @@ fn a_persistent_311_session_expires_when_left_too_long() {
             )
             .await;
             keeper
-                .send(&Packet::Subscribe {
-                    pkid: 1,
-                    filters: vec![(format!("v1/raw/Acme/{kept}"), 1)],
-                    sub_id: None,
-                })
+                .send_subscribe(1, &[(&format!("v1/raw/Acme/{kept}"), 1)])
                 .await;
             assert!(granted(keeper.next().await));
             drop(keeper);
@@ -546,13 +534,7 @@ fn in_reason_code_mode_refusals_are_answers_and_the_connection_stays() {
             let mut alice = Raw::connect(&gateway, version, "alice").await;
             // Every filter denied: the gateway answers; one of several: the broker's SUBACK gets
             // the denied code in its place.
-            alice
-                .send(&Packet::Subscribe {
-                    pkid: 4,
-                    filters: vec![("v1/raw/Other/#".to_owned(), 1)],
-                    sub_id: None,
-                })
-                .await;
+            alice.send_subscribe(4, &[("v1/raw/Other/#", 1)]).await;
             match alice.next().await {
                 Some(Packet::SubAck { pkid: 4, codes }) => {
                     assert!(matches!(&codes[..], [Err(_)]), "{codes:?}");
@@ -560,15 +542,14 @@ fn in_reason_code_mode_refusals_are_answers_and_the_connection_stays() {
                 other => panic!("expected SUBACK 4, got {other:?}"),
             }
             alice
-                .send(&Packet::Subscribe {
-                    pkid: 5,
-                    filters: vec![
-                        ("v1/raw/Other/#".to_owned(), 1),
-                        ("v1/raw/Acme/#".to_owned(), 1),
-                        ("v1/raw/+/#".to_owned(), 0),
+                .send_subscribe(
+                    5,
+                    &[
+                        ("v1/raw/Other/#", 1),
+                        ("v1/raw/Acme/#", 1),
+                        ("v1/raw/+/#", 0),
                     ],
-                    sub_id: None,
-                })
+                )
                 .await;
             match alice.next().await {
                 Some(Packet::SubAck { pkid: 5, codes }) => {
@@ -671,12 +652,7 @@ fn nothing_comes_before_the_connack_even_under_latency() {
         }))
         .await;
         tokio::time::sleep(Duration::from_millis(450)).await; // the scenario's timing
-        raw.send(&Packet::Subscribe {
-            pkid: 1,
-            filters: vec![("v1/raw/Other/#".to_owned(), 0)],
-            sub_id: None,
-        })
-        .await;
+        raw.send_subscribe(1, &[("v1/raw/Other/#", 0)]).await;
         match raw.next().await {
             None | Some(Packet::ConnAck(_)) => {}
             other => panic!("expected a CONNACK or the close first, got {other:?}"),
