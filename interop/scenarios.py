@@ -56,7 +56,7 @@ def _unique(prefix: str) -> str:
 
 
 #: A wait for messages ends when none has come for this long (what is lost does not come later).
-STALL = 5.0
+STALL = 3.0
 
 
 def _await(progress: Callable[[], int], count: int, budget: float) -> None:

@@ -18,6 +18,8 @@ from interop import brokers, scenarios
 from interop.run import PROTOCOL_ERRORS
 
 KINDS = [brokers.MosquittoBroker, brokers.AmqttBroker]
+#: paho's cells, by broker and scenario.
+PAHO: dict[tuple[str, str], scenarios.Cell] = {}
 
 
 @pytest.fixture(scope="module", params=KINDS, ids=[k.name for k in KINDS])
@@ -36,7 +38,11 @@ def broker(request: pytest.FixtureRequest) -> Iterator[brokers.Broker]:
 @pytest.mark.parametrize(("name", "scenario"), scenarios.SCENARIOS, ids=[n for n, _ in scenarios.SCENARIOS])
 def test_the_sdk_is_at_least_as_good_as_paho(broker: brokers.Broker, name: str, scenario: scenarios.Scenario) -> None:
     sdk = scenarios.run_cell(scenario, broker, "sdk")
-    paho = scenarios.run_cell(scenario, broker, "paho")
+    # paho has one way to consume: the stream rows differ for the SDK only, so paho runs once.
+    control = (broker.name, name.split(",", maxsplit=1)[0] if name.startswith("stream QoS 1") else name)
+    if control not in PAHO:
+        PAHO[control] = scenarios.run_cell(scenario, broker, "paho")
+    paho = PAHO[control]
     assert not (sdk.status == "fail" and paho.status == "pass"), f"{name}: SDK {sdk}, paho {paho}"
     if (broker.name, name) in KNOWN:
         assert (sdk.status, paho.status) == ("fail", "fail"), f"{name}: the known limitation changed: {sdk} / {paho}"
