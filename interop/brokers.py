@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 
@@ -29,8 +30,8 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeo
     raise RuntimeError(f"{what} did not listen on 127.0.0.1:{port} within {timeout} s")
 
 
-class Broker:
-    """What every broker of the suite offers."""
+class Broker(ABC):
+    """What every broker of the suite offers; each starts and stops its own way."""
 
     name: ClassVar[str]
     #: MQTT 5, shared subscriptions ($share/...), sessions kept across a restart, the largest packet
@@ -47,11 +48,13 @@ class Broker:
         """Why this broker cannot run here, or None."""
         return None
 
+    @abstractmethod
     def start(self) -> None:
-        raise NotImplementedError
+        """Starts the broker and returns once it listens."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stops the broker (its process, by PID)."""
 
     def restart(self) -> None:
         self.stop()
