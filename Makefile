@@ -72,7 +72,9 @@ soak: $(STAMPS)/build mosquitto
 
 # The interoperability table: every scenario with this SDK and with paho-mqtt on every broker the suite
 # can start here (INTEROP_MESSAGES a stream, default 10,000); written into docs/interoperability.md.
+# Installs what is missing first (scripts/install-interop-brokers.sh): RabbitMQ, ActiveMQ, rumqttd.
 interop: $(STAMPS)/build mosquitto
+	@scripts/install-interop-brokers.sh
 	$(PY) -m interop.run
 
 # Coverage-guided fuzzing of the parsers, FUZZ_SECONDS per target (default 300).

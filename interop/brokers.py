@@ -43,6 +43,11 @@ class Broker(ABC):
     host = "127.0.0.1"
     port = 0
 
+    @property
+    def v5_port(self) -> int:
+        """The port for MQTT 5 (the same as ``port`` unless the broker has a listener per version)."""
+        return self.port
+
     @classmethod
     def unavailable(cls) -> str | None:
         """Why this broker cannot run here, or None."""
@@ -110,7 +115,63 @@ class MosquittoBroker(Broker):
         self._broker.close()
 
 
-class AmqttBroker(Broker):
+class _ProcessBroker(Broker):
+    """A broker run as a child process of ours, in a working directory of its own: started in a new
+    process group and stopped by that group's id (the broker's PID), so that helpers it starts
+    (Erlang's port mapper, say) stop with it."""
+
+    #: Seconds it may take to listen (a JVM or an Erlang node starts slowly).
+    start_timeout = 30.0
+
+    def __init__(self) -> None:
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"capture-mqtt-{self.name.lower()}-"))
+        self.port = free_port()
+        self.log_file = self.workdir / f"{self.name.lower()}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @abstractmethod
+    def command(self) -> list[str]:
+        """The command line that runs the broker in the foreground."""
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def start(self) -> None:
+        with self.log_file.open("ab") as log:
+            self._process = subprocess.Popen(  # noqa: S603 - a broker of the suite, with our own config files
+                self.command(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.workdir,
+                env=self.environment(),
+                start_new_session=True,
+            )
+        _wait_for_port(self.port, self._process, self.name, self.start_timeout)
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        # What the broker started and left behind in its group goes too.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class AmqttBroker(_ProcessBroker):
     """amqtt, a pure-Python broker from PyPI (MQTT 3.1.1; sessions live in memory only)."""
 
     name = "amqtt"
@@ -123,11 +184,9 @@ class AmqttBroker(Broker):
     def _binary() -> Path:
         return Path(sys.executable).parent / "amqtt"
 
-    def __init__(self) -> None:
-        self.workdir = Path(tempfile.mkdtemp(prefix="capture-mqtt-amqtt-"))
-        self.port = free_port()
-        self.log_file = self.workdir / "amqtt.log"
-        (self.workdir / "amqtt.yaml").write_text(
+    def command(self) -> list[str]:
+        config = self.workdir / "amqtt.yaml"
+        config.write_text(
             "listeners:\n"
             "  default:\n"
             "    type: tcp\n"
@@ -136,37 +195,240 @@ class AmqttBroker(Broker):
             "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
             "    allow_anonymous: true\n"
         )
-        self._process: subprocess.Popen[bytes] | None = None
+        return [str(self._binary()), "-c", str(config)]
+
+
+#: Where `make interop` builds rumqttd (interop/rumqttd, a package with its own Cargo.lock).
+RUMQTTD = Path(__file__).resolve().parent.parent / "target" / "interop" / "release" / "rumqttd"
+
+
+class RumqttdBroker(_ProcessBroker):
+    """rumqttd 0.19, the rumqtt project's broker (Rust), built with cargo by `make interop`: MQTT
+    3.1.1 and 5 on two listeners, Capture's in-flight and packet limits, sessions in memory only."""
+
+    name = "rumqttd"
+    mqtt5 = True
+    shared_subscriptions = True
+    max_packet_size = CAPTURE_LIMITS.max_packet_size
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if RUMQTTD.exists():
+            return None
+        return f"rumqttd is not built: {RUMQTTD} (make interop builds it with cargo from interop/rumqttd)"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._v5_port = free_port()
+
+    @property
+    def v5_port(self) -> int:
+        return self._v5_port
+
+    def command(self) -> list[str]:
+        listeners = ""
+        for version, port in (("v4", self.port), ("v5", self.v5_port)):
+            listeners += (
+                f"[{version}.1]\n"
+                f'name = "{version}"\n'
+                f'listen = "127.0.0.1:{port}"\n'
+                "next_connection_delay_ms = 1\n"
+                f"[{version}.1.connections]\n"
+                "connection_timeout_ms = 60000\n"
+                f"max_payload_size = {self.max_packet_size}\n"
+                f"max_inflight_count = {CAPTURE_LIMITS.inflight}\n"
+                "dynamic_filters = true\n"
+            )
+        config = self.workdir / "rumqttd.toml"
+        config.write_text(
+            "id = 0\n"
+            "[router]\n"
+            "max_connections = 1000\n"
+            "max_outgoing_packet_count = 200\n"
+            "max_segment_size = 104857600\n"
+            "max_segment_count = 10\n" + listeners
+        )
+        return [str(RUMQTTD), str(config)]
+
+
+#: Debian's rabbitmq-server: the script that runs the node in the foreground as the calling user
+#: (/usr/sbin/rabbitmq-server switches to the rabbitmq user and its directories).
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+EPMD = Path("/usr/bin/epmd")
+#: Erlang's distribution listens on every interface unless told otherwise.
+LOOPBACK_DISTRIBUTION = "-kernel inet_dist_use_interface {127,0,0,1}"
+
+
+class RabbitMqBroker(_ProcessBroker):
+    """RabbitMQ 3.10 (Debian) with its MQTT plugin (3.1.1): AMQP off, every port on 127.0.0.1,
+    Erlang's port mapper (epmd) our own, on loopback and a free port, stopped with the broker.
+    Sessions are durable queues: they survive a restart."""
+
+    name = "RabbitMQ"
+    durable_sessions = True
+    start_timeout = 90.0  # an Erlang node with a fresh database: about 10 s here
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if not RABBITMQ_SERVER.exists() or not EPMD.exists():
+            return f"not installed: {RABBITMQ_SERVER} (apt-get install rabbitmq-server)"
+        return None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.epmd_port = free_port()
+        self.distribution_port = free_port()
+        self.node = f"capture-mqtt-{self.port}@localhost"
+        self._epmd: subprocess.Popen[bytes] | None = None
+        for directory in ("home", "mnesia", "log", "conf.d"):
+            (self.workdir / directory).mkdir()
+        (self.workdir / "rabbitmq-env.conf").write_text("")
+        (self.workdir / "advanced.config").write_text("[].\n")
+        (self.workdir / "rabbitmq.conf").write_text(
+            "listeners.tcp = none\n"
+            f"mqtt.listeners.tcp.default = 127.0.0.1:{self.port}\n"
+            "mqtt.allow_anonymous = true\n"
+            "mqtt.default_user = guest\n"
+            "mqtt.default_pass = guest\n"
+            "mqtt.vhost = /\n"
+            "mqtt.exchange = amq.topic\n"
+            f"mqtt.prefetch = {CAPTURE_LIMITS.inflight}\n"
+            "loopback_users.guest = true\n"
+            "log.console = true\n"
+            "log.console.level = info\n"
+            "log.file = false\n"
+            "disk_free_limit.absolute = 1MB\n"
+        )
+
+    def environment(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RABBITMQ_", "ERL_"))}
+        work = self.workdir
+        env.update(
+            HOME=str(work / "home"),  # the Erlang cookie
+            RABBITMQ_CONF_ENV_FILE=str(work / "rabbitmq-env.conf"),  # not /etc/rabbitmq's
+            RABBITMQ_CONFIG_FILE=str(work / "rabbitmq.conf"),
+            RABBITMQ_CONFIG_FILES=str(work / "conf.d"),
+            RABBITMQ_ADVANCED_CONFIG_FILE=str(work / "advanced.config"),
+            RABBITMQ_MNESIA_BASE=str(work / "mnesia"),
+            RABBITMQ_LOG_BASE=str(work / "log"),
+            RABBITMQ_PID_FILE=str(work / "rabbit.pid"),
+            RABBITMQ_ENABLED_PLUGINS_FILE=str(work / "enabled_plugins"),
+            RABBITMQ_ENABLED_PLUGINS="rabbitmq_mqtt",
+            RABBITMQ_NODENAME=self.node,
+            RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+            RABBITMQ_DIST_PORT=str(self.distribution_port),
+            RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=LOOPBACK_DISTRIBUTION,
+            ERL_EPMD_ADDRESS="127.0.0.1",
+            ERL_EPMD_PORT=str(self.epmd_port),
+        )
+        return env
+
+    def command(self) -> list[str]:
+        return [str(RABBITMQ_SERVER)]
 
     def start(self) -> None:
-        with self.log_file.open("ab") as log:
-            self._process = subprocess.Popen(  # noqa: S603 - our venv's amqtt, our own config file
-                [str(self._binary()), "-c", str(self.workdir / "amqtt.yaml")],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
+        if self._epmd is None:
+            # Our own port mapper in the foreground: otherwise the node starts one as a daemon,
+            # outside our process group, that outlives it.
+            self._epmd = subprocess.Popen(  # noqa: S603 - Debian's epmd, loopback only
+                [str(EPMD), "-address", "127.0.0.1", "-port", str(self.epmd_port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=self.environment(),
                 start_new_session=True,
             )
-        _wait_for_port(self.port, self._process, "amqtt")
-
-    def stop(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        os.kill(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=10)
-
-    def log_text(self) -> str:
-        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+            _wait_for_port(self.epmd_port, self._epmd, "epmd")
+        super().start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+        epmd, self._epmd = self._epmd, None
+        if epmd is not None:
+            epmd.terminate()
+            epmd.wait(timeout=10)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+#: Debian's ActiveMQ (`activemq`) and the jars its MQTT connector needs (`libmqtt-client-java`,
+#: `libhawtdispatch-java`); `lib/optional` holds Spring and log4j, for the XML configuration.
+ACTIVEMQ_CLASS_PATH = [
+    "/usr/share/activemq/lib/*",
+    "/usr/share/activemq/lib/optional/*",
+    "/usr/share/java/mqtt-client.jar",
+    "/usr/share/java/hawtdispatch.jar",
+    "/usr/share/java/hawtdispatch-transport.jar",
+]
+
+
+class ActiveMqBroker(_ProcessBroker):
+    """ActiveMQ 5.17 (Debian) with only its MQTT connector (3.1.1), KahaDB persistence, no JMX, a
+    1 MB frame limit."""
+
+    name = "ActiveMQ"
+    durable_sessions = True
+    max_packet_size = CAPTURE_LIMITS.max_packet_size
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if shutil.which("java") is None:
+            return "java is not installed (apt-get install default-jre-headless)"
+        missing = [entry for entry in ACTIVEMQ_CLASS_PATH if not list(Path("/").glob(entry.lstrip("/")))]
+        if missing:
+            packages = "activemq libmqtt-client-java libhawtdispatch-java"
+            return f"not installed: {', '.join(missing)} (apt-get install {packages})"
+        return None
+
+    def command(self) -> list[str]:
+        data = self.workdir / "data"
+        (self.workdir / "activemq.xml").write_text(
+            '<beans xmlns="http://www.springframework.org/schema/beans"\n'
+            '       xmlns:xsi="http://www.w3.org/2001/XMLSchema-instance"\n'
+            '       xsi:schemaLocation="http://www.springframework.org/schema/beans'
+            " http://www.springframework.org/schema/beans/spring-beans.xsd"
+            " http://activemq.apache.org/schema/core"
+            ' http://activemq.apache.org/schema/core/activemq-core.xsd">\n'
+            '  <broker xmlns="http://activemq.apache.org/schema/core" brokerName="interop" useJmx="false"\n'
+            f'          persistent="true" dataDirectory="{data}" schedulerSupport="false" advisorySupport="false">\n'
+            '    <managementContext><managementContext createConnector="false"/></managementContext>\n'
+            "    <systemUsage><systemUsage>\n"
+            '      <memoryUsage><memoryUsage limit="64 mb"/></memoryUsage>\n'
+            '      <storeUsage><storeUsage limit="1 gb"/></storeUsage>\n'
+            '      <tempUsage><tempUsage limit="256 mb"/></tempUsage>\n'
+            "    </systemUsage></systemUsage>\n"
+            f'    <persistenceAdapter><kahaDB directory="{data}/kahadb"/></persistenceAdapter>\n'
+            "    <transportConnectors>\n"
+            '      <transportConnector name="mqtt"'
+            f' uri="mqtt://127.0.0.1:{self.port}?wireFormat.maxFrameSize={self.max_packet_size}"/>\n'
+            "    </transportConnectors>\n"
+            "  </broker>\n"
+            "</beans>\n"
+        )
+        (self.workdir / "log4j.properties").write_text(
+            "log4j.rootLogger=INFO, out\n"
+            "log4j.logger.org.springframework=WARN\n"
+            "log4j.logger.org.apache.xbean=WARN\n"
+            "log4j.appender.out=org.apache.log4j.ConsoleAppender\n"
+            "log4j.appender.out.layout=org.apache.log4j.PatternLayout\n"
+            "log4j.appender.out.layout.ConversionPattern=%d{HH:mm:ss,SSS} %-5p [%t] %c{1} - %m%n\n"
+        )
+        return [
+            "java",
+            "-Xms64m",
+            "-Xmx256m",
+            "-XX:+UseSerialGC",
+            "-Djava.net.preferIPv4Stack=true",
+            f"-Dlog4j.configuration=file:{self.workdir / 'log4j.properties'}",
+            "-Dactivemq.home=/usr/share/activemq",
+            f"-Dactivemq.base={self.workdir}",
+            f"-Dactivemq.conf={self.workdir}",
+            f"-Dactivemq.data={data}",
+            "-cp",
+            ":".join(ACTIVEMQ_CLASS_PATH),
+            "org.apache.activemq.console.Main",
+            "start",
+            f"xbean:file:{self.workdir / 'activemq.xml'}",
+        ]
+
+
 #: Every broker of the suite, in the table's order.
-ALL: list[type[Broker]] = [MosquittoBroker, AmqttBroker]
+ALL: list[type[Broker]] = [MosquittoBroker, AmqttBroker, RabbitMqBroker, RumqttdBroker, ActiveMqBroker]

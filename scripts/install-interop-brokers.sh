@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs the brokers of `make interop` that are missing: RabbitMQ (its MQTT plugin) and ActiveMQ
+# with the jars of its MQTT connector from Debian's packages, rumqttd built with cargo from
+# interop/rumqttd (its own Cargo.lock). Mosquitto comes from install-mosquitto.sh and amqtt from the
+# `dev` extra. A broker that cannot be installed is reported here, and as skipped, with the reason,
+# in the table; the others still run. No packaged service is started.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+packages=()
+[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || packages+=(rabbitmq-server)
+[ -e /usr/share/activemq/lib/activemq-mqtt.jar ] || packages+=(activemq)
+[ -e /usr/share/java/mqtt-client.jar ] || packages+=(libmqtt-client-java)
+[ -e /usr/share/java/hawtdispatch-transport.jar ] || packages+=(libhawtdispatch-java)
+if [ "${#packages[@]}" -gt 0 ]; then
+    if [ "$(id -u)" != 0 ]; then
+        echo "interop: not installed: ${packages[*]} (sudo apt-get install ${packages[*]}); skipped" >&2
+    else
+        policy=/usr/sbin/policy-rc.d
+        created_policy=0
+        if [ ! -e "$policy" ]; then
+            # Debian's maintainer scripts would start RabbitMQ's service on every interface.
+            printf '#!/bin/sh\nexit 101\n' >"$policy"
+            chmod +x "$policy"
+            created_policy=1
+        fi
+        trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null \
+            || echo "interop: apt-get could not install ${packages[*]}; those brokers are skipped" >&2
+    fi
+fi
+
+if [ ! -x target/interop/release/rumqttd ] || [ interop/rumqttd/Cargo.lock -nt target/interop/release/rumqttd ]; then
+    cargo build --quiet --release --locked --manifest-path interop/rumqttd/Cargo.toml --target-dir target/interop \
+        || echo "interop: rumqttd could not be built with cargo; it is skipped" >&2
+fi
+exit 0
