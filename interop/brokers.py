@@ -4,6 +4,7 @@ and stopped by PID. A broker that cannot be had on this machine says why (``unav
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -17,6 +18,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from capture_mqtt.testing.mosquitto import CAPTURE_LIMITS, Mosquitto, free_port
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, SIGTERM when the process that started it dies, so that a
+    killed test run leaves no broker behind (prctl PR_SET_PDEATHSIG)."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
@@ -145,6 +153,7 @@ class _ProcessBroker(Broker):
                 cwd=self.workdir,
                 env=self.environment(),
                 start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no threads or locks touched
             )
         _wait_for_port(self.port, self._process, self.name, self.start_timeout)
 
@@ -336,6 +345,7 @@ class RabbitMqBroker(_ProcessBroker):
                 stderr=subprocess.DEVNULL,
                 env=self.environment(),
                 start_new_session=True,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no threads or locks touched
             )
             _wait_for_port(self.epmd_port, self._epmd, "epmd")
         super().start()

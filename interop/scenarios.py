@@ -376,6 +376,37 @@ def overlapping(broker: Broker, client: Client, *, mixed_qos: bool, count: int =
         return failed(f"the subscriptions got {counts} of {count}" + (" and more" if doubles else ""))
 
 
+def resubscribe_higher_qos(broker: Broker, client: Client, *, count: int = 200) -> Cell:
+    """The same filter subscribed at QoS 0, then again at QoS 1: the second subscription replaces
+    the first (MQTT-3.8.4-3), so each message comes once. With the SDK, two subscriptions of one
+    filter at different QoS: it subscribes the filter at the broker again at the higher QoS."""
+    name = _unique("again")
+    topic, end = _topic(name), _topic(name, "end")
+    wide = cm.raw_filter(COMPANY, name)
+    reading = cm.field_payload(3)
+    if client == "paho":
+        with Paho(broker) as reader, Paho(broker) as writer:
+            reader.subscribe((wide, 0))
+            reader.subscribe((wide, 1))
+            for _ in range(count):
+                writer.publish(topic, reading, 1)
+            writer.publish(end, reading, 1).wait_for_publish(10)
+            with contextlib.suppress(AssertionError):
+                wait_until(lambda: any(True for t, _ in reader.messages if t == end), timeout=20)
+            copies = len([t for t, _ in reader.messages if t == topic])
+            detail = f"{copies} copies of {count} readings"
+            return passed(detail) if copies == count else failed(detail)
+    with sdk(broker) as sdk_reader, sdk(broker) as sdk_writer:
+        subs = [sdk_reader.subscribe(wide, qos=0), sdk_reader.subscribe(wide, qos=1)]
+        for _ in range(count):
+            sdk_writer.publish(topic, reading, qos=1, wait=False)
+        counts = [sum(1 for _ in _consume(sub, "get", count, _budget(count))) for sub in subs]
+        extra = [sub.get(timeout=0.5) for sub in subs]
+        if counts == [count, count] and extra == [None, None]:
+            return passed(f"each subscription got all {count}")
+        return failed(f"the subscriptions got {counts} of {count}" + (" and more" if any(extra) else ""))
+
+
 def puback_order(broker: Broker, client: Client, *, count: int = 300) -> Cell:
     """Two QoS 1 subscriptions that do not overlap, read at different speeds: acknowledgements in
     the order the broker expects (in order of arrival), nothing lost, no disconnect."""
@@ -783,6 +814,7 @@ SCENARIOS: list[tuple[str, Scenario]] = [
     ("persistent session, subscribe after connecting", lambda b, c: persistent_backlog(b, c, declared_first=False)),
     ("overlapping subscriptions, repeated readings", lambda b, c: overlapping(b, c, mixed_qos=False)),
     ("overlapping subscriptions, mixed QoS", lambda b, c: overlapping(b, c, mixed_qos=True)),
+    ("the same filter subscribed again at a higher QoS", resubscribe_higher_qos),
     ("two QoS 1 subscriptions read at different speeds", puback_order),
     ("publishing, QoS 0", lambda b, c: publishing(b, c, qos=0)),
     ("publishing, QoS 1", lambda b, c: publishing(b, c, qos=1)),
@@ -810,6 +842,10 @@ KNOWN: dict[tuple[str, str], str] = {
     ),
     ("amqtt", "persistent session, subscribe after connecting"): (
         "as above: amqtt keeps no session for a client without a username (MQTT-3.1.2-4); paho fails too"
+    ),
+    ("RabbitMQ", "the same filter subscribed again at a higher QoS"): (
+        "RabbitMQ 3.10 keeps the QoS 0 subscription beside the QoS 1 one that should replace it, so every "
+        "message comes twice (MQTT 3.1.1 section 3.8.4, MQTT-3.8.4-3); paho fails too"
     ),
     ("RabbitMQ", "overlapping subscriptions, mixed QoS"): (
         "the SDK subscribes the wider filter at QoS 0, then again at QoS 1 when the narrower QoS 1 subscription "
