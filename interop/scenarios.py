@@ -108,7 +108,7 @@ class Paho:
         connect_properties: Properties | None = None,
     ) -> None:
         version = paho.MQTTv5 if v5 else paho.MQTTv311
-        # An id of its own: a broker may refuse an empty one (rumqttd does, as MQTT-3.1.3-8 allows).
+        # An id of its own: a broker may refuse an empty one (rumqttd does; MQTT-3.1.3-6 and -9 allow it).
         kwargs: dict[str, Any] = {"client_id": client_id or _unique("paho"), "protocol": version}
         if not v5:
             kwargs["clean_session"] = clean_session
@@ -597,6 +597,8 @@ def restart(broker: Broker, client: Client, *, count: int = 400) -> Cell:
 
         for value in values[:half]:
             sdk_writer.publish(topic, value, qos=1, wait=False)
+        # As for paho: the restart comes once the reader has a quarter.
+        _await(lambda: int(sdk_reader.stats["received"]), half // 2, _budget(count))
         broker.restart()
         _until_back(
             lambda: sdk_writer.publish(ready, b"{}", qos=1, wait=False), lambda: _drain_until_ready(sub, topic, got)
