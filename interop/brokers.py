@@ -19,12 +19,16 @@ from typing import ClassVar
 
 from capture_mqtt.testing.mosquitto import CAPTURE_LIMITS, Mosquitto, free_port
 
+#: prctl, looked up here: the child of a process with threads only calls it between fork and exec.
+_PRCTL = ctypes.CDLL(None).prctl if sys.platform == "linux" else None
+
 
 def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, SIGTERM when the process that started it dies, so that a
-    killed test run leaves no broker behind (prctl PR_SET_PDEATHSIG)."""
-    if sys.platform == "linux":
-        ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+    """In the child, before exec: SIGTERM when the thread that started it ends (Linux's
+    PR_SET_PDEATHSIG), so that a killed test run leaves no broker behind. RabbitMQ's start script
+    gets it, and stops its Erlang node on SIGTERM."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], what: str, timeout: float = 30.0) -> None:
@@ -77,7 +81,11 @@ class Broker(ABC):
         return ""
 
     def __enter__(self) -> Broker:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.__exit__(None, None, None)  # what did start, and the working directory, go
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -153,7 +161,7 @@ class _ProcessBroker(Broker):
                 cwd=self.workdir,
                 env=self.environment(),
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no threads or locks touched
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, looked up before the fork
             )
         _wait_for_port(self.port, self._process, self.name, self.start_timeout)
 
@@ -167,17 +175,20 @@ class _ProcessBroker(Broker):
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
+        finally:
+            # What the broker started and left behind in its group goes too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
-        # What the broker started and left behind in its group goes too.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
 
     def log_text(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 class AmqttBroker(_ProcessBroker):
@@ -345,18 +356,20 @@ class RabbitMqBroker(_ProcessBroker):
                 stderr=subprocess.DEVNULL,
                 env=self.environment(),
                 start_new_session=True,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only, no threads or locks touched
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - one prctl call, looked up before the fork
             )
             _wait_for_port(self.epmd_port, self._epmd, "epmd")
         super().start()
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
-        epmd, self._epmd = self._epmd, None
-        if epmd is not None:
-            epmd.terminate()
-            epmd.wait(timeout=10)
-        shutil.rmtree(self.workdir, ignore_errors=True)
+        try:
+            self.stop()
+        finally:
+            epmd, self._epmd = self._epmd, None
+            if epmd is not None:
+                epmd.kill()  # nothing of its own to save
+                epmd.wait(timeout=10)
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 #: Debian's ActiveMQ (`activemq`) and the jars its MQTT connector needs (`libmqtt-client-java`,

@@ -16,8 +16,17 @@ from . import brokers, scenarios
 from .scenarios import Cell
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "interoperability.md"
-#: Lines a broker's log may hold that mean a client broke the protocol.
-PROTOCOL_ERRORS = re.compile(r"protocol error|malformed|invalid packet|bad packet", re.IGNORECASE)
+#: Lines a broker's log may hold that mean a client broke the protocol, in each broker's words
+#: (Mosquitto's, amqtt's, rumqttd's "Protocol(...)" and its check of acknowledgement order).
+PROTOCOL_ERRORS = re.compile(
+    r"protocol error|malformed|invalid packet|bad packet|Protocol\(|out of order", re.IGNORECASE
+)
+#: What the scenario "a publish over the broker's packet limit" makes brokers log, on purpose.
+EXPECTED = re.compile(r"PayloadSizeLimitExceeded|maximum message length was exceeded", re.IGNORECASE)
+
+
+def protocol_errors(log: str) -> list[str]:
+    return [line for line in log.splitlines() if PROTOCOL_ERRORS.search(line) and not EXPECTED.search(line)]
 
 
 def run_broker(kind: type[brokers.Broker]) -> tuple[dict[str, tuple[Cell, Cell]], list[str]]:
@@ -33,7 +42,7 @@ def run_broker(kind: type[brokers.Broker]) -> tuple[dict[str, tuple[Cell, Cell]]
                 print(f"  {name:<52} {client:<5} {cell.status:<5} {time.monotonic() - started:5.1f} s  {cell.detail}")
                 row.append(cell)
             cells[name] = (row[0], row[1])
-        errors = [line for line in broker.log_text().splitlines() if PROTOCOL_ERRORS.search(line)]
+        errors = protocol_errors(broker.log_text())
     return cells, errors
 
 
@@ -88,10 +97,14 @@ def main(argv: list[str]) -> int:
             results[kind.name] = reason
             continue
         print(f"{kind.name}:")
-        results[kind.name] = run_broker(kind)
+        try:
+            results[kind.name] = run_broker(kind)
+        except Exception as err:  # a broker that does not start is skipped, with the reason
+            print(f"{kind.name}: skipped: it did not start: {err}")
+            results[kind.name] = f"it did not start here: {err}"
     text = table(results)
     print(text)
-    if DOC.exists():
+    if not wanted and DOC.exists():  # the whole table only
         doc = DOC.read_text()
         start, end = "<!-- interop table -->", "<!-- end of interop table -->"
         if start in doc and end in doc:
@@ -109,7 +122,18 @@ def main(argv: list[str]) -> int:
     ]
     for failure in failures:
         print(f"the SDK failed where paho passed: {failure}")
-    return 1 if failures else 0
+    # A cell explained as a broker's departure that no longer fails: the explanation is out of date.
+    stale = []
+    for broker, scenario in scenarios.KNOWN:
+        found = results.get(broker)
+        if found is not None and not isinstance(found, str) and found[0][scenario][0].status != "fail":
+            stale.append(f"{broker}: {scenario}")
+    for cell in stale:
+        print(f"the SDK no longer fails a cell explained in scenarios.KNOWN: {cell}")
+    errors = [name for name, result in results.items() if not isinstance(result, str) and result[1]]
+    for name in errors:
+        print(f"protocol errors in {name}'s log")
+    return 1 if failures or stale or errors else 0
 
 
 if __name__ == "__main__":

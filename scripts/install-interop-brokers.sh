@@ -26,13 +26,12 @@ if [ "${#packages[@]}" -gt 0 ]; then
         fi
         trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null \
+        DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null \
             || echo "interop: apt-get could not install ${packages[*]}; those brokers are skipped" >&2
     fi
 fi
 
-if [ ! -x target/interop/release/rumqttd ] || [ interop/rumqttd/Cargo.lock -nt target/interop/release/rumqttd ]; then
-    cargo build --quiet --release --locked --manifest-path interop/rumqttd/Cargo.toml --target-dir target/interop \
-        || echo "interop: rumqttd could not be built with cargo; it is skipped" >&2
-fi
+# Incremental: a second run only checks that nothing changed.
+cargo build --quiet --release --locked --manifest-path interop/rumqttd/Cargo.toml --target-dir target/interop \
+    || echo "interop: rumqttd could not be built with cargo; it is skipped" >&2
 exit 0

@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("INTEROP_MESSAGES", "2000")  # the table uses 10,000
 
 from interop import brokers, scenarios
-from interop.run import PROTOCOL_ERRORS
+from interop.run import protocol_errors
 
 KINDS = [brokers.MosquittoBroker, brokers.AmqttBroker]
 #: paho's cells, by broker and scenario.
@@ -30,7 +30,7 @@ def broker(request: pytest.FixtureRequest) -> Iterator[brokers.Broker]:
         pytest.fail(f"{kind.name} should be installed by `make test`: {reason}")
     with kind() as running:
         yield running
-        errors = [line for line in running.log_text().splitlines() if PROTOCOL_ERRORS.search(line)]
+        errors = protocol_errors(running.log_text())
         assert not errors, f"protocol errors in {kind.name}'s log: {errors[:3]}"
 
 
