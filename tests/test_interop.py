@@ -43,6 +43,9 @@ def test_the_sdk_is_at_least_as_good_as_paho(broker: brokers.Broker, name: str, 
     if control not in PAHO:
         PAHO[control] = scenarios.run_cell(scenario, broker, "paho")
     paho = PAHO[control]
+    if name in scenarios.MEASURED:
+        assert (sdk.count or 0) >= (paho.count or 0), f"{name}: SDK {sdk}, paho {paho}"
+        return
     if (broker.name, name) not in scenarios.KNOWN:
         assert not (sdk.status == "fail" and paho.status == "pass"), f"{name}: SDK {sdk}, paho {paho}"
     if (broker.name, name) in scenarios.KNOWN:
