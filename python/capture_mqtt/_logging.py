@@ -6,6 +6,7 @@ takes them in batches and logs them as ``capture_mqtt.<module>`` (e.g. ``capture
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 
@@ -13,11 +14,12 @@ from . import _core
 
 _started = threading.Lock()
 _thread: threading.Thread | None = None
+_stopping = threading.Event()
 
 
 def _forward() -> None:
     root = logging.getLogger("capture_mqtt")
-    while True:
+    while not _stopping.is_set():
         try:
             records = _core._next_logs(0.5)
         except Exception:
@@ -35,3 +37,15 @@ def start() -> None:
         if _thread is None or not _thread.is_alive():
             _thread = threading.Thread(target=_forward, name="capture-mqtt-log", daemon=True)
             _thread.start()
+
+
+@atexit.register  # registered first, so it runs after the clients' own exit handler has closed them
+def _stop() -> None:
+    """Ends the forwarding thread before the interpreter finalizes: a daemon thread still waiting in
+    the core then would be ended by CPython with a forced unwind through Rust frames, which can crash
+    the process at exit."""
+    _stopping.set()
+    _core._close_logs()  # wakes the wait; what is still queued is forwarded first
+    thread = _thread
+    if thread is not None and thread is not threading.current_thread():
+        thread.join(timeout=2.0)

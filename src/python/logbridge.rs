@@ -80,6 +80,13 @@ pub fn _next_logs(py: Python<'_>, timeout: f64) -> Vec<(u8, String, String)> {
         .collect()
 }
 
+/// Closes the queue at interpreter exit: the forwarding thread's wait returns at once, and the
+/// records logged after it are dropped.
+#[pyfunction]
+pub fn _close_logs() {
+    queue().close();
+}
+
 /// How many Rust log records were dropped because Python did not read them fast enough.
 #[pyfunction]
 pub fn _logs_dropped() -> u64 {

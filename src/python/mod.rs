@@ -35,6 +35,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(session::_to_raw, m)?)?;
     m.add_function(wrap_pyfunction!(logbridge::_next_logs, m)?)?;
     m.add_function(wrap_pyfunction!(logbridge::_logs_dropped, m)?)?;
+    m.add_function(wrap_pyfunction!(logbridge::_close_logs, m)?)?;
     m.add_class::<model::PyDataPoint>()?;
     m.add_class::<model::PyCommand>()?;
     m.add_class::<model::PyTopicInfo>()?;
