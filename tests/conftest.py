@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import uuid
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVarTuple, Unpack
 
 import pytest
 
@@ -13,6 +15,26 @@ import capture_mqtt as cm
 from capture_mqtt.testing import Account, Mosquitto
 
 from .fakebroker import FakeCapture
+
+Ts = TypeVarTuple("Ts")
+
+
+class NoReaderLoop(asyncio.SelectorEventLoop):
+    """An event loop that cannot watch a descriptor, as Windows' default (Proactor) loop cannot."""
+
+    def add_reader(self, fd: Any, callback: Callable[[Unpack[Ts]], object], *args: *Ts) -> None:
+        raise NotImplementedError("this loop has no add_reader, like Windows' ProactorEventLoop")
+
+
+class NoReaderPolicy(asyncio.DefaultEventLoopPolicy):
+    def new_event_loop(self) -> asyncio.AbstractEventLoop:
+        return NoReaderLoop()
+
+
+if os.environ.get("CAPTURE_MQTT_TEST_LOOP") == "no-add-reader":
+    # `make test` runs the asyncio tests a second time so: every await takes the path Windows takes.
+    asyncio.set_event_loop_policy(NoReaderPolicy())
+
 
 COMPANY = "AcmeCorp"
 SOURCE_ID = "5b0f2c1e-6d1a-4c55-9d64-2f3f4b6c7a10"

@@ -6,8 +6,9 @@ Against the shared Capture-limits broker (32 in flight, 1,000 queued, 1 MB packe
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVarTuple, Unpack
+import os
+from collections.abc import Iterator
+from typing import Any
 
 import pyarrow as pa
 import pytest
@@ -16,15 +17,17 @@ import capture_mqtt as cm
 from capture_mqtt import _aio, _core
 from capture_mqtt.testing import Mosquitto, wait_for_many
 
-from .conftest import COMPANY, PASSWORDS, SOURCE_ID, async_client, connect
-
-Ts = TypeVarTuple("Ts")
+from .conftest import COMPANY, PASSWORDS, SOURCE_ID, NoReaderLoop, async_client, connect
 
 
 @pytest.fixture
 def no_thread_hops(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
-    """Fails a test whose async calls go through `asyncio.to_thread`."""
+    """Fails a test whose async calls go through `asyncio.to_thread` (but on a loop without
+    add_reader, where that is the way: the test's other checks still run)."""
     hops: list[Any] = []
+    if os.environ.get("CAPTURE_MQTT_TEST_LOOP") == "no-add-reader":
+        yield hops
+        return
 
     async def refuse(func: Any, /, *args: Any, **kwargs: Any) -> Any:
         hops.append(func)
@@ -55,6 +58,7 @@ def test_every_async_operation_completes_without_a_thread_hop(broker: Mosquitto,
     asyncio.run(main())
 
 
+@pytest.mark.doorbell
 def test_a_burst_of_awaited_publishes_settles_in_chunks(broker: Mosquitto) -> None:
     # Under the broker's queue of 1,000 per client: a faster burst would be dropped by the broker on
     # its way to the reader (Capture's limit), whatever the client.
@@ -186,10 +190,6 @@ def test_awaits_leave_nothing_behind_across_loops_and_cancellations(broker: Mosq
 def test_a_loop_that_cannot_watch_descriptors_still_awaits(broker: Mosquitto) -> None:
     """Windows' Proactor loop has no add_reader: awaits fall back to a worker thread there."""
 
-    class NoReaderLoop(asyncio.SelectorEventLoop):
-        def add_reader(self, fd: Any, callback: Callable[[Unpack[Ts]], object], *args: *Ts) -> None:
-            raise NotImplementedError
-
     async def main() -> int:
         async with async_client(broker, "pipeline") as pipeline:
             await asyncio.gather(*(pipeline.publish("bench/proactor", b"x", qos=1) for _ in range(20)))
@@ -201,3 +201,17 @@ def test_a_loop_that_cannot_watch_descriptors_still_awaits(broker: Mosquitto) ->
     finally:
         loop.close()
     assert _aio._WATCHES == {}
+
+
+def test_the_asyncio_tests_run_on_the_loop_make_test_asks_for() -> None:
+    """`make test` runs the asyncio tests twice: on the default loop, and with
+    CAPTURE_MQTT_TEST_LOOP=no-add-reader on one without add_reader, as on Windows."""
+    loop = asyncio.new_event_loop()
+    try:
+        if os.environ.get("CAPTURE_MQTT_TEST_LOOP") == "no-add-reader":
+            assert type(loop) is NoReaderLoop
+        else:
+            assert isinstance(loop, asyncio.SelectorEventLoop)
+            assert type(loop) is not NoReaderLoop
+    finally:
+        loop.close()

@@ -11,6 +11,7 @@ runs in a worker thread instead.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import threading
 from typing import Any
 
@@ -85,14 +86,73 @@ def _settle(future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
 _WATCHES: dict[int, _Watch] = {}
 
 
+#: How long a worker thread waits for an operation at a time, on a loop that cannot watch a descriptor.
+_THREAD_SLICE = 0.1
+_THREADS = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="capture-mqtt-await")
+#: The slice a worker thread is waiting, by operation (its `id()`, with the operation held so that the
+#: number is not reused): an await cancelled during it leaves it running, and the next await of the
+#: operation takes its outcome (an operation gives its value once).
+_SLICES: dict[int, tuple[Any, concurrent.futures.Future[tuple[bool, Any] | None]]] = {}
+_SLICES_LOCK = threading.Lock()
+
+
+def _wait_slice(op: Any) -> tuple[bool, Any] | None:
+    """In a worker thread: the operation's outcome, or None when it has not finished in a slice."""
+    try:
+        return True, op.wait(_THREAD_SLICE)
+    except TimeoutError as err:
+        return (False, err) if op.done() else None  # after done(): the operation's own error
+    except BaseException as err:
+        return False, err
+
+
+def _forget_empty_slice(key: int, done: concurrent.futures.Future[tuple[bool, Any] | None]) -> None:
+    if done.exception() is None and done.result() is None:
+        with _SLICES_LOCK:
+            entry = _SLICES.get(key)
+            if entry is not None and entry[1] is done:
+                del _SLICES[key]
+
+
+def _has_slice(op: Any) -> bool:
+    with _SLICES_LOCK:
+        entry = _SLICES.get(id(op))
+        return entry is not None and entry[0] is op
+
+
+async def _wait_in_thread(op: Any) -> Any:
+    """Waits for `op` in worker threads, a slice at a time: a cancelled await frees its thread within
+    a slice, and what that thread took is kept for the next await of the operation."""
+    key = id(op)
+    while True:
+        with _SLICES_LOCK:
+            entry = _SLICES.get(key)
+            if entry is None or entry[0] is not op:
+                entry = _SLICES[key] = (op, _THREADS.submit(_wait_slice, op))
+                entry[1].add_done_callback(lambda done: _forget_empty_slice(key, done))
+        waiting = entry[1]
+        outcome = await asyncio.shield(asyncio.wrap_future(waiting))
+        if outcome is None:
+            continue
+        with _SLICES_LOCK:
+            if _SLICES.get(key) is entry:
+                del _SLICES[key]
+        ok, value = outcome
+        if ok:
+            return value
+        raise value
+
+
 async def wait_operation(op: Any) -> Any:
     """Awaits a native operation: its value, or its error."""
+    if _has_slice(op):  # a worker thread waits for it, or took its outcome for this await
+        return await _wait_in_thread(op)
     if op.done():
         return op.result()
     completions = op.completions()
     fd = completions.fd()
     if fd is None:
-        return await asyncio.to_thread(op.wait)
+        return await _wait_in_thread(op)
     loop = asyncio.get_running_loop()
     key = completions.key()
     future: asyncio.Future[Any] = loop.create_future()
@@ -109,7 +169,7 @@ async def wait_operation(op: Any) -> Any:
         except NotImplementedError:  # this loop cannot watch a descriptor: wait in a thread
             future.cancel()
             watch.forget(future, loop_closed=True)
-            return await asyncio.to_thread(op.wait)
+            return await _wait_in_thread(op)
     future.add_done_callback(watch.forget)
     op.start()
     return await future

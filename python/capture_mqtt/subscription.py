@@ -245,7 +245,16 @@ class AsyncSubscription(_SubscriptionBase, Generic[ItemT]):
             if not waiting.done():
                 waiting.set_result(None)
 
-        loop.add_reader(self._bell, ring)
+        try:
+            loop.add_reader(self._bell, ring)
+        except NotImplementedError:  # a loop that cannot watch a descriptor (Windows' Proactor)
+            try:
+                await self._native.readable()  # waits in a worker thread on such a loop
+            finally:
+                ring()
+                self._waiting = None
+                self._native.clear_bell()
+            return
         try:
             await waiting
         finally:
