@@ -379,6 +379,15 @@ def persistent_backlog(broker: Broker, client: Client, *, declared_first: bool, 
         return _check_sequence(list(_consume(sub, "get", count, _budget(count))), count)
 
 
+def _each_got_all(subs: list[Any], count: int) -> Cell:
+    """Each SDK subscription got exactly `count` readings, and nothing more."""
+    counts = [sum(1 for _ in _consume(sub, "get", count, _budget(count))) for sub in subs]
+    more = any(sub.get(timeout=0.5) is not None for sub in subs)
+    if counts == [count] * len(subs) and not more:
+        return passed(f"each subscription got all {count}")
+    return failed(f"the subscriptions got {counts} of {count}" + (" and more" if more else ""))
+
+
 def overlapping(broker: Broker, client: Client, *, mixed_qos: bool, count: int = 200, v5: bool = False) -> Cell:
     """Two overlapping subscriptions, the same reading `count` times: each subscription gets every
     one (a broker may send one copy per matching subscription, or one in all). Under MQTT 5 each
@@ -422,12 +431,7 @@ def overlapping(broker: Broker, client: Client, *, mixed_qos: bool, count: int =
         subs = [sdk_reader.subscribe(wide, qos=qos_wide), sdk_reader.subscribe(narrow, qos=qos_narrow)]
         for _ in range(count):
             sdk_writer.publish(topic, reading, qos=1, wait=False)
-        counts = [sum(1 for _ in _consume(sub, "get", count, _budget(count))) for sub in subs]
-        extra = [sub.get(timeout=0.5) for sub in subs]
-        if counts == [count, count] and extra == [None, None]:
-            return passed(f"each subscription got all {count}")
-        doubles = sum(e is not None for e in extra)
-        return failed(f"the subscriptions got {counts} of {count}" + (" and more" if doubles else ""))
+        return _each_got_all(subs, count)
 
 
 def resubscribe_higher_qos(broker: Broker, client: Client, *, count: int = 200) -> Cell:
@@ -455,11 +459,7 @@ def resubscribe_higher_qos(broker: Broker, client: Client, *, count: int = 200) 
         subs = [sdk_reader.subscribe(wide, qos=0), sdk_reader.subscribe(wide, qos=1)]
         for _ in range(count):
             sdk_writer.publish(topic, reading, qos=1, wait=False)
-        counts = [sum(1 for _ in _consume(sub, "get", count, _budget(count))) for sub in subs]
-        extra = [sub.get(timeout=0.5) for sub in subs]
-        if counts == [count, count] and extra == [None, None]:
-            return passed(f"each subscription got all {count}")
-        return failed(f"the subscriptions got {counts} of {count}" + (" and more" if any(extra) else ""))
+        return _each_got_all(subs, count)
 
 
 def puback_order(broker: Broker, client: Client, *, count: int = 300) -> Cell:

@@ -16,17 +16,7 @@ if [ "${#packages[@]}" -gt 0 ]; then
     if [ "$(id -u)" != 0 ]; then
         echo "interop: not installed: ${packages[*]} (sudo apt-get install ${packages[*]}); skipped" >&2
     else
-        policy=/usr/sbin/policy-rc.d
-        created_policy=0
-        if [ ! -e "$policy" ]; then
-            # Debian's maintainer scripts would start RabbitMQ's service on every interface.
-            printf '#!/bin/sh\nexit 101\n' >"$policy"
-            chmod +x "$policy"
-            created_policy=1
-        fi
-        trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null \
+        scripts/apt-install.sh "${packages[@]}" \
             || echo "interop: apt-get could not install ${packages[*]}; those brokers are skipped" >&2
     fi
 fi

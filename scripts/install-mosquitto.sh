@@ -9,15 +9,5 @@ if [ "$(id -u)" != 0 ]; then
     echo "Mosquitto is missing; install it with: sudo apt-get install mosquitto mosquitto-clients" >&2
     exit 1
 fi
-policy=/usr/sbin/policy-rc.d
-created_policy=0
-if [ ! -e "$policy" ]; then
-    # Tell Debian's maintainer scripts not to start the packaged service.
-    printf '#!/bin/sh\nexit 101\n' >"$policy"
-    chmod +x "$policy"
-    created_policy=1
-fi
-trap '[ "$created_policy" = 1 ] && rm -f "$policy"' EXIT
-apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto mosquitto-clients >/dev/null
+"$(dirname "$0")/apt-install.sh" mosquitto mosquitto-clients
 command -v mosquitto >/dev/null
