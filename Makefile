@@ -45,6 +45,8 @@ wheel: $(STAMPS)/wheel
 # users get; `make` installs it again after a change to the sources).
 $(STAMPS)/build: $(STAMPS)/wheel
 	$(PY) -m pip install --quiet --disable-pip-version-check --force-reinstall --no-deps dist/capture_mqtt-*.whl
+	@# The extension beside the sources too, for the API reference, which reads python/ (make docs).
+	cp "$$(cd / && $(CURDIR)/$(PY) -c 'import capture_mqtt._core as m; print(m.__file__)')" python/capture_mqtt/
 	@touch $@
 
 build: $(STAMPS)/build
