@@ -473,7 +473,7 @@ impl FrameRows {
         tag_columns: &[String],
         naive: crate::timestamp::Naive,
     ) -> Result<FrameRows, crate::payload::PayloadError> {
-        use arrow_cast::cast;
+        use crate::frame_columns::{convert, Target};
         let schema = batch.schema();
         let index_columns = pandas_index_columns(&schema);
         let index_time = schema
@@ -517,9 +517,9 @@ impl FrameRows {
                 let normalized = match field.data_type() {
                     // The values of an aware column are UTC instants whatever its zone: keep the zone, so
                     // that the cast changes only the unit.
-                    DataType::Timestamp(_, tz) => cast(column, &DataType::Timestamp(TimeUnit::Nanosecond, tz.clone())),
-                    DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => cast(column, &DataType::Int64),
-                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => cast(column, &DataType::Utf8),
+                    DataType::Timestamp(_, _) => convert(column, Target::Nanoseconds),
+                    DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => convert(column, Target::Int64),
+                    DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => convert(column, Target::Text),
                     other => {
                         return Err(column_error(
                             name,
@@ -534,7 +534,7 @@ impl FrameRows {
             if tag_columns.iter().any(|t| t == name) {
                 tags.push((
                     name.clone(),
-                    cast(column, &DataType::Utf8).map_err(|e| column_error(name, e))?,
+                    convert(column, Target::TagText).map_err(|e| column_error(name, e))?,
                 ));
                 continue;
             }
@@ -542,12 +542,11 @@ impl FrameRows {
                 continue;
             }
             let target = match field.data_type() {
-                DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => DataType::Int64,
-                DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => DataType::UInt64,
-                DataType::Float16 | DataType::Float32 | DataType::Float64 => DataType::Float64,
-                DataType::Boolean => DataType::Boolean,
-                DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => DataType::Utf8,
-                DataType::Dictionary(_, value) if matches!(**value, DataType::Utf8 | DataType::LargeUtf8) => DataType::Utf8,
+                DataType::Int8 | DataType::Int16 | DataType::Int32 | DataType::Int64 => Target::Int64,
+                DataType::UInt8 | DataType::UInt16 | DataType::UInt32 | DataType::UInt64 => Target::UInt64,
+                DataType::Float16 | DataType::Float32 | DataType::Float64 => Target::Float64,
+                DataType::Boolean => Target::Boolean,
+                text if crate::frame_columns::is_text(text) => Target::Text,
                 DataType::Null => continue,
                 other => {
                     return Err(column_error(
@@ -558,7 +557,7 @@ impl FrameRows {
             };
             fields.push((
                 name.clone(),
-                cast(column, &target).map_err(|e| column_error(name, e))?,
+                convert(column, target).map_err(|e| column_error(name, e))?,
             ));
         }
         if fields.is_empty() {

@@ -2,6 +2,7 @@
 //! layer, built only with the `python` feature (maturin turns it on).
 
 pub mod columnar;
+pub mod frame_columns;
 pub mod gateway;
 pub mod outbox;
 pub mod payload;

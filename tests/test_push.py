@@ -15,7 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -570,3 +570,45 @@ def test_every_waiting_function_has_an_async_twin() -> None:
         assert inspect.iscoroutinefunction(getattr(cm, f"{name}_async")), f"cm.{name}_async is missing"
         sync_params = set(inspect.signature(getattr(cm, name)).parameters)
         assert sync_params == set(inspect.signature(getattr(cm, f"{name}_async")).parameters)
+
+
+def test_push_frame_reads_the_column_types_polars_and_pyarrow_give(broker: Mosquitto, pipeline: Pipeline) -> None:
+    """Narrow ints and floats, unsigned ints, text views, dictionaries and numeric tags all arrive as
+    their values: the core converts these columns itself (frame_columns.rs), not with Arrow's cast."""
+    import polars as pl
+    import pyarrow as pa
+
+    frame = pl.DataFrame(
+        {
+            "time": pl.Series([STAMP + timedelta(seconds=i) for i in range(3)]).dt.cast_time_unit("us"),
+            "Temp": pl.Series([1.5, None, 0.1], dtype=pl.Float32),
+            "Parts": pl.Series([1, 2, 255], dtype=pl.UInt8),
+            "Note": ["ok", "a note longer than twelve bytes", None],
+            "Line": pl.Series(["L1", "L2", "L1"], dtype=pl.Categorical),
+            "Shift": pl.Series([1, 2, None], dtype=pl.Int16),
+        }
+    )
+    with source(broker) as src, connect(broker) as user, user.subscribe_raw(qos=1) as raw:
+        assert (
+            src.push_frame(
+                frame, connection="Conn", measurement="Types", timestamp_column="time", tag_columns=["Line", "Shift"]
+            )
+            == 3
+        )
+        by = {(p.key, p.timestamp): p for p in receive(raw, 7)}  # 3 rows x 3 fields, less two nulls
+        assert by[("Temp", STAMP)].value == 1.5
+        assert by[("Temp", STAMP + timedelta(seconds=2))].value == pytest.approx(0.1)
+        assert ("Temp", STAMP + timedelta(seconds=1)) not in by
+        assert by[("Parts", STAMP + timedelta(seconds=2))].value == 255
+        assert by[("Note", STAMP + timedelta(seconds=1))].value == "a note longer than twelve bytes"
+        assert by[("Parts", STAMP)].tags == {"Connection_Tag": "Conn", "Line": "L1", "Shift": "1"}
+        assert by[("Parts", STAMP + timedelta(seconds=2))].tags == {"Connection_Tag": "Conn", "Line": "L1"}
+        large = pa.table({"V": pa.array([1, 2], pa.int8()), "Tag": pa.array(["a", "b"], pa.large_string())})
+        assert src.push_frame(large, connection="Conn", measurement="Large", tag_columns=["Tag"]) == 2
+        assert sorted(p.tags["Tag"] for p in receive(raw, 2)) == ["a", "b"]
+        dated = pa.table({"V": [1], "Day": pa.array([date(2024, 11, 8)], pa.date32())})
+        with pytest.raises(cm.PayloadError, match=r'column "Day": a tag column must hold text, numbers or booleans'):
+            src.push_frame(dated, connection="Conn", measurement="M", tag_columns=["Day"])
+        far = pa.table({"t": pa.array([10**13], pa.timestamp("s", tz="UTC")), "V": [1]})
+        with pytest.raises(cm.PayloadError, match="outside the years 1677 to 2262"):
+            src.push_frame(far, connection="Conn", measurement="M", timestamp_column="t")

@@ -1,15 +1,13 @@
 //! `_Batch`: an Arrow record batch of data points, handed to Python through the Arrow PyCapsule
 //! interface (no copy, no Python loop).
 
+use super::arrow_ffi;
 use super::model::PyDataPoint;
 use crate::columnar::{self, BatchOptions};
-use arrow_array::{ArrayRef, RecordBatch, StructArray};
-use arrow_schema::Field;
+use arrow_array::RecordBatch;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyCapsule;
-use pyo3_arrow::ffi::{to_schema_pycapsule, to_stream_pycapsule, ArrayIterator};
-use std::sync::Arc;
 
 fn arrow_error(err: &arrow_schema::ArrowError) -> PyErr {
     PyValueError::new_err(format!("building the Arrow batch failed: {err}"))
@@ -86,23 +84,18 @@ impl PyBatch {
     }
 
     fn __arrow_c_schema__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyCapsule>> {
-        Ok(to_schema_pycapsule(py, self.batch.schema().as_ref())?)
+        arrow_ffi::schema_capsule(py, self.batch.schema().as_ref())
     }
 
+    /// The batch as an Arrow C stream. The PyCapsule interface lets a producer give its own schema
+    /// when it cannot give the one requested: this one always does (its columns are fixed).
     #[pyo3(signature = (requested_schema = None))]
+    #[allow(unused_variables)]
     fn __arrow_c_stream__<'py>(
         &self,
         py: Python<'py>,
         requested_schema: Option<Bound<'py, PyCapsule>>,
     ) -> PyResult<Bound<'py, PyCapsule>> {
-        let schema = self.batch.schema();
-        let array: ArrayRef = Arc::new(StructArray::from(self.batch.clone()));
-        let field = Field::new_struct("", schema.fields().clone(), false)
-            .with_metadata(schema.metadata().clone());
-        let reader = Box::new(ArrayIterator::new(
-            std::iter::once(Ok(array)),
-            Arc::new(field),
-        ));
-        Ok(to_stream_pycapsule(py, reader, requested_schema)?)
+        arrow_ffi::stream_capsule(py, self.batch.clone())
     }
 }

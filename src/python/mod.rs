@@ -1,6 +1,7 @@
 //! The `PyO3` layer: thin classes and functions over the core modules. Nothing outside `src/python/`
 //! knows of Python.
 
+mod arrow_ffi;
 mod batch;
 mod codec;
 mod convert;

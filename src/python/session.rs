@@ -444,10 +444,7 @@ impl PySession {
             )));
         }
         let capsule = data.call_method1("__arrow_c_stream__", (py.None(),))?;
-        let reader = pyo3_arrow::PyRecordBatchReader::from_arrow_pycapsule(
-            capsule.cast::<pyo3::types::PyCapsule>()?,
-        )?
-        .into_reader()?;
+        let reader = super::arrow_ffi::import_stream(capsule.cast::<pyo3::types::PyCapsule>()?)?;
         // Read the stream here, holding the interpreter lock: a producer written in Python needs it.
         let batches: Vec<arrow_array::RecordBatch> = reader
             .collect::<Result<_, _>>()
