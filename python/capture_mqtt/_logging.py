@@ -49,3 +49,6 @@ def _stop() -> None:
     thread = _thread
     if thread is not None and thread is not threading.current_thread():
         thread.join(timeout=2.0)
+    # The last of the package's exit handlers: from here on a daemon thread coming back from a wait
+    # in the core parks instead of taking the interpreter lock back while the interpreter finalizes.
+    _core._interpreter_exiting()

@@ -61,11 +61,10 @@ impl PyGateway {
             },
         };
         let listen = SocketAddr::from(([127, 0, 0, 1], port));
-        let gateway = py
-            .detach(|| {
-                session::runtime().block_on(async move { Gateway::start(listen, config).await })
-            })
-            .map_err(|e| PyOSError::new_err(format!("the gateway could not listen: {e}")))?;
+        let gateway = super::detach(py, || {
+            session::runtime().block_on(async move { Gateway::start(listen, config).await })
+        })
+        .map_err(|e| PyOSError::new_err(format!("the gateway could not listen: {e}")))?;
         Ok(PyGateway { gateway })
     }
 
@@ -88,7 +87,7 @@ impl PyGateway {
     ) -> PyResult<u16> {
         let listen = SocketAddr::from(([127, 0, 0, 1], port));
         let gateway = &self.gateway;
-        py.detach(|| {
+        super::detach(py, || {
             session::runtime().block_on(async {
                 gateway
                     .listen_tls(listen, cert_pem, key_pem, websocket)
@@ -105,9 +104,11 @@ impl PyGateway {
     fn listen_websocket(&self, py: Python<'_>, port: u16) -> PyResult<u16> {
         let listen = SocketAddr::from(([127, 0, 0, 1], port));
         let gateway = &self.gateway;
-        py.detach(|| session::runtime().block_on(async { gateway.listen_websocket(listen).await }))
-            .map(|addr| addr.port())
-            .map_err(PyOSError::new_err)
+        super::detach(py, || {
+            session::runtime().block_on(async { gateway.listen_websocket(listen).await })
+        })
+        .map(|addr| addr.port())
+        .map_err(PyOSError::new_err)
     }
 
     /// `username` logs in with JWTs signed (HS256) with `key`, checked by the gateway (signature,

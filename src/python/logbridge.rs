@@ -70,7 +70,7 @@ pub fn install() {
 #[pyfunction]
 pub fn _next_logs(py: Python<'_>, timeout: f64) -> Vec<(u8, String, String)> {
     let wait = Duration::from_secs_f64(timeout.max(0.0));
-    let first = py.detach(|| queue().pop_wait(Some(wait)));
+    let first = super::detach(py, || queue().pop_wait(Some(wait)));
     let Pop::Item(first) = first else {
         return Vec::new();
     };

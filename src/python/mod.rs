@@ -15,6 +15,43 @@ mod session;
 mod subscription;
 
 use pyo3::prelude::*;
+use std::sync::OnceLock;
+use std::thread::ThreadId;
+
+/// The thread that ran the package's last exit handler (`_interpreter_exiting`), once it has.
+static EXITING: OnceLock<ThreadId> = OnceLock::new();
+
+/// `py.detach(f)` for the glue: runs `f` with the interpreter lock released, then takes it back.
+///
+/// Except at exit. Once the package's last exit handler has run, the interpreter finalizes, and on
+/// Python 3.11 to 3.13 a thread that takes the lock back then is ended by `pthread_exit`: a forced
+/// unwind through the Rust frames of this wait, which crashes the process (about 1 exit in 30 with
+/// a callback subscription open). So a thread other than the exiting one that comes back from `f`
+/// after that point parks instead, without the lock, until the process ends, as Python 3.14 does
+/// itself. Only daemon threads are left then: the interpreter has joined the others.
+pub fn detach<T: Send, F: Send + FnOnce() -> T>(py: Python<'_>, f: F) -> T {
+    py.detach(|| {
+        let value = f();
+        if EXITING
+            .get()
+            .is_some_and(|exiting| *exiting != std::thread::current().id())
+        {
+            loop {
+                std::thread::park();
+            }
+        }
+        value
+    })
+}
+
+/// Called by the package's last exit handler, on the exiting thread: from now on other threads
+/// coming back from a wait in the core park (see `detach`). The lock is released for a moment so
+/// that a thread already taking it back finishes before the interpreter finalizes.
+#[pyfunction]
+fn _interpreter_exiting(py: Python<'_>) {
+    let _ = EXITING.set(std::thread::current().id());
+    py.detach(|| std::thread::sleep(std::time::Duration::from_millis(20)));
+}
 
 /// The native core of capture-mqtt. Use the `capture_mqtt` package, which re-exports what is public.
 #[pymodule]
@@ -37,6 +74,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(logbridge::_next_logs, m)?)?;
     m.add_function(wrap_pyfunction!(logbridge::_logs_dropped, m)?)?;
     m.add_function(wrap_pyfunction!(logbridge::_close_logs, m)?)?;
+    m.add_function(wrap_pyfunction!(_interpreter_exiting, m)?)?;
     m.add_class::<model::PyDataPoint>()?;
     m.add_class::<model::PyCommand>()?;
     m.add_class::<model::PyTopicInfo>()?;

@@ -29,7 +29,7 @@ pub(super) const SIGNAL_CHECK: Duration = Duration::from_millis(100);
 pub fn block_on<T: Send>(py: Python<'_>, future: impl Future<Output = T> + Send) -> PyResult<T> {
     let mut future = Box::pin(future);
     loop {
-        let step = py.detach(|| {
+        let step = super::detach(py, || {
             session::runtime()
                 .block_on(async { tokio::time::timeout(SIGNAL_CHECK, &mut future).await })
         });
@@ -271,7 +271,7 @@ impl PySession {
     /// Closes the session within about `grace` seconds; blocks, and Ctrl-C does not cut it short.
     fn close(&self, py: Python<'_>, grace: f64) {
         let closing = self.closing(grace);
-        py.detach(|| session::runtime().block_on(closing));
+        super::detach(py, || session::runtime().block_on(closing));
     }
 
     /// Closes the session within about `grace` seconds: an operation (to await).
@@ -350,7 +350,7 @@ impl PySession {
     ) -> PyResult<Option<(&'static str, Bound<'py, PyAny>)>> {
         let jobs = Arc::clone(&self.jobs);
         let wait = super::convert::seconds(timeout);
-        let job = py.detach(|| jobs.pop_wait(Some(wait)));
+        let job = super::detach(py, || jobs.pop_wait(Some(wait)));
         Ok(match job {
             Pop::Timeout => None,
             Pop::Closed => Some(("closed", py.None().into_bound(py))),

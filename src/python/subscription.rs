@@ -99,7 +99,7 @@ impl PySubscription {
                     .saturating_duration_since(std::time::Instant::now())
                     .min(SIGNAL_CHECK),
             };
-            match py.detach(|| queue.pop_wait(Some(wait))) {
+            match super::detach(py, || queue.pop_wait(Some(wait))) {
                 Pop::Item(item) => return item_to_py(py, item).map(Some),
                 Pop::Closed => {
                     return Err(self.ended(py));
