@@ -5,7 +5,6 @@ and writes ``docs/reliability.md``; ``tests/test_reliability.py`` runs them smal
 from __future__ import annotations
 
 import collections
-import os
 import random
 import signal
 import subprocess
@@ -16,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal
 
+import psutil
+
 import capture_mqtt as cm
 from capture_mqtt.testing import BrokerLimits, CaptureEmulator, Mosquitto
 
@@ -24,13 +25,15 @@ Figures = dict[str, Any]
 
 def rss_mb() -> float:
     """This process's resident memory, in MB."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return float(psutil.Process().memory_info().rss) / 2**20
 
 
 def threads_and_fds() -> tuple[int, int]:
-    """Threads and open file descriptors of this process."""
-    return len(os.listdir("/proc/self/task")), len(os.listdir("/proc/self/fd"))
+    """Threads and open file descriptors (handles, on Windows) of this process."""
+    process = psutil.Process()
+    if sys.platform == "win32":
+        return process.num_threads(), process.num_handles()
+    return process.num_threads(), process.num_fds()
 
 
 class EventLog:

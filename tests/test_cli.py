@@ -216,3 +216,24 @@ def test_errors_are_one_clear_line_and_never_echo_the_password(capture_user: Use
     assert "Wr0ng-Secr3t!" not in done.stderr + done.stdout
     done = run("collect", "-o", "out.txt", "--seconds", "1", env=capture_user.env())
     assert done.returncode != 0 and ".parquet or .csv" in done.stderr
+
+
+def test_the_emulator_command_runs_from_a_thread_and_writes_plain_env_files(tmp_path: Path) -> None:
+    """Only the main thread may set a signal handler: called from another thread (a notebook's, a
+    test's), the command runs without its SIGTERM handler instead of failing."""
+    import io
+    import threading
+
+    from capture_mqtt.cli import main
+
+    out = io.StringIO()
+    results: list[int] = []
+    worker = threading.Thread(
+        target=lambda: results.append(main(["emulator", "--seconds", "0.3", "--env-dir", str(tmp_path)], out=out))
+    )
+    worker.start()
+    worker.join(60)
+    assert results == [0], out.getvalue()
+    # LF line ends and UTF-8 on every system: a POSIX shell sources these files.
+    env = (tmp_path / "user.env").read_bytes()
+    assert b"\r" not in env and env.endswith(b"\n") and b"CAPTURE_MQTT_PASSWORD=" in env

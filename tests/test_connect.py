@@ -19,7 +19,7 @@ from typing import Any, Literal
 import pytest
 
 import capture_mqtt as cm
-from capture_mqtt.testing import Account, CaptureEmulator, Mosquitto, User
+from capture_mqtt.testing import Account, CaptureEmulator, Mosquitto, User, free_port
 
 from .conftest import API_TOKEN_ID, COMPANY, PASSWORDS, SOURCE_ID, USER_ACL, async_client, capture_accounts, connect
 from .fakebroker import FakeCapture
@@ -319,8 +319,15 @@ def test_jwt_callable_failure_is_reported_without_secret(broker: Mosquitto) -> N
         cm.Client(broker.host, transport="mqtt", port=broker.mqtt_port, auth=cm.Auth.jwt("bob", broken))
 
 
-def test_fetch_jwt_posts_to_capture_auth_api() -> None:
+def test_fetch_jwt_posts_to_capture_auth_api(monkeypatch: pytest.MonkeyPatch) -> None:
     import http.server
+
+    # A corporate proxy in the environment (on Windows and macOS, in the system settings too): a
+    # portal on this machine is reached directly, not through it. This one would refuse.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, f"http://127.0.0.1:{free_port()}")
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
 
     seen: dict[str, Any] = {}
 

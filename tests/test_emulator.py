@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 import capture_mqtt as cm
@@ -282,6 +283,14 @@ def test_the_simulated_plant_pushes_steadily_and_answers_commands(
         assert plant.machine("Press2").setpoint == 88.0
 
 
+def _process_runs(pid: int) -> bool:
+    """Whether process `pid` still runs (a zombie, ended but not yet reaped, does not)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_stop_ends_the_broker_and_removes_its_files_also_after_an_error() -> None:
     emulator = CaptureEmulator()
     pid, workdir = None, emulator.broker.workdir
@@ -296,7 +305,7 @@ def test_stop_ends_the_broker_and_removes_its_files_also_after_an_error() -> Non
     with pytest.raises(RuntimeError, match="boom"):
         crash()
     assert not workdir.exists()
-    assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+    assert pid is not None and not _process_runs(pid)
 
 
 def test_a_process_that_exits_with_the_emulator_running_leaves_nothing_behind(tmp_path: Path) -> None:
@@ -313,9 +322,9 @@ def test_a_process_that_exits_with_the_emulator_running_leaves_nothing_behind(tm
     pid, workdir = done.stdout.split()
     assert not Path(workdir).exists()
     deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+    while _process_runs(int(pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists(), "the broker outlived the process"
+    assert not _process_runs(int(pid)), "the broker outlived the process"
 
 
 def test_a_missing_mosquitto_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -323,6 +332,49 @@ def test_a_missing_mosquitto_says_how_to_install_it(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr("os.access", lambda path, mode: False)
     with pytest.raises(MosquittoNotFoundError, match="apt-get install mosquitto"):
         find_mosquitto()
+
+
+def test_mosquitto_is_found_where_notebooks_and_other_systems_have_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    binary = find_mosquitto()
+    monkeypatch.setenv("CAPTURE_MQTT_MOSQUITTO", binary)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert find_mosquitto() == binary
+    monkeypatch.setenv("CAPTURE_MQTT_MOSQUITTO", str(tmp_path / "nowhere"))
+    with pytest.raises(MosquittoNotFoundError, match=r"CAPTURE_MQTT_MOSQUITTO is .*nowhere"):
+        find_mosquitto()
+    monkeypatch.delenv("CAPTURE_MQTT_MOSQUITTO")
+    # Homebrew on Apple silicon, whose sbin a notebook's PATH often lacks.
+    monkeypatch.setattr("os.access", lambda path, mode: path == "/opt/homebrew/sbin/mosquitto")
+    assert find_mosquitto() == "/opt/homebrew/sbin/mosquitto"
+    monkeypatch.setattr("sys.platform", "win32")
+    with pytest.raises(MosquittoNotFoundError, match=r"needs Linux or macOS.*WSL"):
+        find_mosquitto()
+
+
+def test_a_missing_dynamic_security_plugin_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from capture_mqtt.testing import mosquitto
+
+    assert mosquitto.find_dynsec_plugin().endswith("mosquitto_dynamic_security.so")
+    monkeypatch.setattr(mosquitto, "DYNSEC_PLUGINS", ())
+    with pytest.raises(MosquittoNotFoundError, match=r"dynamic-security plugin .* \(dynsec=False\)"):
+        mosquitto.Mosquitto(dynsec=True, tls=False, websockets=False)
+
+
+def test_the_package_imports_without_the_posix_only_modules() -> None:
+    """Windows has no pwd, grp, fcntl, resource or termios: importing the SDK, its command and its
+    testing kit (which the pytest plugin and conftest files load) must not need them."""
+    script = (
+        "import sys\n"
+        "for name in ('pwd', 'grp', 'fcntl', 'resource', 'termios'):\n"
+        "    sys.modules[name] = None\n"
+        "import capture_mqtt, capture_mqtt.cli, capture_mqtt.testing, capture_mqtt.testing.emulator\n"
+        "import capture_mqtt.testing.mosquitto, capture_mqtt.testing.plant, capture_mqtt.testing.pytest_plugin\n"
+        "print('imported')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.stdout.strip() == "imported", done.stderr
 
 
 def test_the_pytest_plugin_works_in_a_project_outside_this_repository(tmp_path: Path) -> None:

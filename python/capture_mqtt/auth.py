@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,6 +109,23 @@ def _check_text(name: str, value: object) -> None:
         raise ValueError(f"{name} is empty")
 
 
+def _opener(url: str) -> urllib.request.OpenerDirector:
+    """urllib's opener, without the proxy for a portal on this machine (the emulator's): urllib takes
+    the proxy from the environment, and on Windows and macOS from the system settings, and would
+    send even 127.0.0.1 through a corporate proxy that is not told otherwise."""
+    host = urllib.parse.urlsplit(url).hostname or ""
+    if host == "localhost" or _is_loopback(host):
+        return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    return urllib.request.build_opener()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def fetch_jwt(username: str, password: str, base_url: str = DEFAULT_PORTAL, *, timeout: float = 15.0) -> str:
     """Logs in to Capture's Auth API and returns a JWT (valid for two hours) to use with :meth:`Auth.jwt`.
 
@@ -131,7 +150,7 @@ def fetch_jwt(username: str, password: str, base_url: str = DEFAULT_PORTAL, *, t
         headers={"AuthVersion": "V0.0.1", "Content-Type": "application/json"},
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+        with _opener(url).open(request, timeout=timeout) as response:
             token = str(response.read().decode()).strip()
     except urllib.error.HTTPError as err:
         if err.code in (400, 401, 403):

@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -320,7 +321,8 @@ def cmd_command(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _write_env(path: Path, env: dict[str, str]) -> None:
-    path.write_text("".join(f"{name}={value}\n" for name, value in env.items()))
+    # LF line ends on every system: a POSIX shell sources the file (a CR would end up in the password).
+    path.write_text("".join(f"{name}={value}\n" for name, value in env.items()), encoding="utf-8", newline="\n")
     path.chmod(0o600)
 
 
@@ -336,6 +338,10 @@ def _sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    if threading.current_thread() is not threading.main_thread():
+        # Only the main thread may set a signal handler (main() called from a thread, a notebook's).
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield

@@ -8,10 +8,23 @@ use rustls::crypto::{ring, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
+}
+
+/// The system's trust roots, read once per process: reading them takes a few milliseconds on Linux
+/// and can take a second on macOS (the keychain), and a client reads them at every (re)connect.
+fn system_roots() -> &'static [CertificateDer<'static>] {
+    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let native = rustls_native_certs::load_native_certs();
+        for error in &native.errors {
+            log::warn!("skipping part of the system trust store: {error}");
+        }
+        native.certs
+    })
 }
 
 /// Builds the client TLS configuration, or says in words why it cannot.
@@ -29,12 +42,8 @@ pub fn client_config(options: &TlsOptions) -> Result<ClientConfig, String> {
             .with_no_client_auth());
     }
     let mut roots = RootCertStore::empty();
-    let native = rustls_native_certs::load_native_certs();
-    for error in &native.errors {
-        log::warn!("skipping part of the system trust store: {error}");
-    }
-    let (added, ignored) = roots.add_parsable_certificates(native.certs);
-    log::debug!("system trust store: {added} roots loaded, {ignored} unusable");
+    let (added, ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
+    log::debug!("system trust store: {added} roots, {ignored} unusable");
     for pem in &options.extra_ca_pem {
         let mut count = 0;
         for cert in CertificateDer::pem_slice_iter(pem) {
@@ -109,6 +118,15 @@ impl ServerCertVerifier for NoVerification {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_system_roots_are_read_once() {
+        let first = system_roots();
+        assert!(
+            std::ptr::eq(first, system_roots()),
+            "read again for the second client"
+        );
+    }
 
     #[test]
     fn bad_pem_is_a_clear_error() {

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import glob
 import hashlib
 import json
 import os
-import pwd
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -30,7 +31,14 @@ if TYPE_CHECKING:
 
 __all__ = ["Account", "Mosquitto", "MosquittoNotFoundError", "free_port"]
 
-DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+# Where Mosquitto's dynamic-security plugin is installed: Debian's multiarch folder (any machine),
+# other Linux distributions, a local build. Homebrew's Mosquitto is built without plugins.
+DYNSEC_PLUGINS = (
+    "/usr/lib/*-linux-gnu/mosquitto_dynamic_security.so",
+    "/usr/lib/mosquitto_dynamic_security.so",
+    "/usr/lib64/mosquitto_dynamic_security.so",
+    "/usr/local/lib/mosquitto_dynamic_security.so",
+)
 Access: TypeAlias = Literal["read", "write", "readwrite"]
 
 
@@ -56,13 +64,49 @@ def free_port() -> int:
 
 
 def find_mosquitto() -> str:
-    """The path of the ``mosquitto`` binary, or a clear error saying how to install it."""
-    for candidate in (shutil.which("mosquitto"), "/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"):
+    """The path of the ``mosquitto`` binary, or a clear error saying how to install it.
+
+    ``CAPTURE_MQTT_MOSQUITTO`` names the binary when it is somewhere else. Besides the ``PATH``, the
+    places Debian, Homebrew (Intel and Apple silicon) and MacPorts install it are searched, since a
+    notebook or an IDE often runs without the shell's ``PATH``.
+    """
+    if sys.platform == "win32":
+        # The broker is driven with POSIX signals (reload, pause, a clean stop): not on Windows.
+        raise MosquittoNotFoundError(
+            "the emulator runs Mosquitto, which it controls with POSIX signals: it needs Linux or macOS. "
+            "On Windows, run it in WSL; the SDK itself works on Windows"
+        )
+    override = os.environ.get("CAPTURE_MQTT_MOSQUITTO")
+    if override:
+        if os.access(override, os.X_OK):
+            return override
+        raise MosquittoNotFoundError(f"CAPTURE_MQTT_MOSQUITTO is {override!r}, which is not an executable file")
+    candidates = (
+        shutil.which("mosquitto"),
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/opt/homebrew/sbin/mosquitto",
+        "/opt/local/sbin/mosquitto",
+    )
+    for candidate in candidates:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise MosquittoNotFoundError(
         "Mosquitto is not installed: on Debian or Ubuntu run `sudo apt-get install mosquitto mosquitto-clients` "
-        "(or `make test`, which installs it), on macOS `brew install mosquitto`"
+        "(or `make test`, which installs it), on macOS `brew install mosquitto`; or set CAPTURE_MQTT_MOSQUITTO "
+        "to the path of the mosquitto binary"
+    )
+
+
+def find_dynsec_plugin() -> str:
+    """The path of Mosquitto's dynamic-security plugin, or a clear error."""
+    for pattern in DYNSEC_PLUGINS:
+        for candidate in sorted(glob.glob(pattern)):
+            return candidate
+    raise MosquittoNotFoundError(
+        "Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) is not installed: Debian's "
+        "mosquitto package has it; Homebrew's Mosquitto is built without plugins. Use the password and ACL "
+        "files instead (dynsec=False)"
     )
 
 
@@ -161,6 +205,7 @@ class Mosquitto:
         limits: BrokerLimits | None = None,
     ) -> None:
         self.binary = find_mosquitto()
+        self.dynsec_plugin = find_dynsec_plugin() if dynsec else None
         self.limits = CAPTURE_LIMITS if limits is None else limits
         self.accounts = list(accounts or [])
         self.anonymous = anonymous
@@ -196,8 +241,8 @@ class Mosquitto:
         self.write_accounts()
         lines = [
             # Run as whoever started it: as root, Mosquitto would otherwise switch to the user
-            # "mosquitto", who cannot read this private folder.
-            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            # "mosquitto", who cannot read this private folder. (Others are not switched.)
+            *(["user root"] if os.geteuid() == 0 else []),
             "per_listener_settings false",
             f"allow_anonymous {'true' if self.anonymous else 'false'}",
             f"persistence {'true' if self.persistence else 'false'}",
@@ -215,7 +260,7 @@ class Mosquitto:
             "log_timestamp_format %H:%M:%S",
         ]
         if self.dynsec:
-            lines += [f"plugin {DYNSEC_PLUGIN}", f"plugin_opt_config_file {self.workdir / 'dynsec.json'}"]
+            lines += [f"plugin {self.dynsec_plugin}", f"plugin_opt_config_file {self.workdir / 'dynsec.json'}"]
         elif not self.anonymous:
             lines += [f"password_file {self.workdir / 'passwd'}", f"acl_file {self.workdir / 'acl'}"]
         lines += ["", f"listener {self.mqtt_port} {self.host}"]
@@ -238,7 +283,7 @@ class Mosquitto:
         if self.ws_port:
             lines += ["", f"listener {self.ws_port} {self.host}", "protocol websockets", "socket_domain ipv4"]
         lines += ["", self.extra_config]
-        (self.workdir / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+        (self.workdir / "mosquitto.conf").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def write_accounts(self) -> None:
         """Writes the password and ACL files (or the dynamic-security file) from ``accounts``.
@@ -274,17 +319,20 @@ class Mosquitto:
                 "groups": [],
                 "roles": roles,
             }
-            (self.workdir / "dynsec.json").write_text(json.dumps(config, indent=1))
+            (self.workdir / "dynsec.json").write_text(json.dumps(config, indent=1), encoding="utf-8")
             return
         passwd = self.workdir / "passwd"
-        passwd.write_text("".join(f"{a.username}:{_passwd_hash(a.password)}\n" for a in self.accounts))
+        # UTF-8, as MQTT sends user names and topics (not the locale's encoding).
+        passwd.write_text(
+            "".join(f"{a.username}:{_passwd_hash(a.password)}\n" for a in self.accounts), encoding="utf-8"
+        )
         passwd.chmod(0o600)
         acl = []
         for account in self.accounts:
             acl.append(f"user {account.username}")
             acl += [f"topic {access} {pattern}" for access, pattern in account.acl]
             acl.append("")
-        (self.workdir / "acl").write_text("\n".join(acl) + "\n")
+        (self.workdir / "acl").write_text("\n".join(acl) + "\n", encoding="utf-8")
 
     # Process
 
@@ -311,7 +359,7 @@ class Mosquitto:
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                err = stderr_path.read_text(errors="replace")
+                err = stderr_path.read_text(encoding="utf-8", errors="replace")
                 self._process = None
                 raise RuntimeError(f"Mosquitto exited at start: {err.strip()}\n{self.log_tail()}")
             if all(_accepts(self.host, port) for port in ports):
@@ -374,7 +422,7 @@ class Mosquitto:
     def log_tail(self, lines: int = 30) -> str:
         """The last lines of the broker's log, for error messages."""
         try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+            return "\n".join(self.log_file.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no broker log)"
 
