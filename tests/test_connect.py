@@ -628,6 +628,43 @@ def test_exit_with_open_clients_is_clean(broker: Mosquitto, tmp_path: Any) -> No
         assert time.monotonic() - started < 10
 
 
+def test_exit_handlers_of_the_program_can_still_wait_for_its_threads(broker: Mosquitto, tmp_path: Any) -> None:
+    """An exit handler registered before the import runs after the package's own ones: a thread it
+    waits for must not be parked then (the interpreter does not finalize yet)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "join_at_exit.py"
+    script.write_text(
+        "import atexit, threading, time\n"
+        "stop = threading.Event()\n"
+        "def finish():\n"
+        "    stop.set()\n"
+        "    worker.join()\n"
+        "    print('joined', flush=True)\n"
+        "atexit.register(finish)\n"
+        "import capture_mqtt as cm\n"
+        f"c = cm.Client('127.0.0.1', transport='mqtt', port={broker.mqtt_port}, username='alice',"
+        f" password={PASSWORDS['alice']!r}, company={COMPANY!r})\n"
+        "sub = c.subscribe_raw()\n"
+        "def poll():\n"
+        "    while not stop.is_set():\n"
+        "        try:\n"
+        "            sub.get(timeout=0.05)\n"
+        "        except cm.ClosedError:\n"
+        "            time.sleep(0.01)\n"
+        "worker = threading.Thread(target=poll, daemon=True)\n"
+        "worker.start()\n"
+        "print('open', flush=True)\n"
+    )
+    for _ in range(5):
+        done = subprocess.run(
+            [sys.executable, str(script)], capture_output=True, text=True, timeout=30, env=dict(os.environ), check=False
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["open", "joined"], done.stderr
+
+
 def test_asyncio_client(broker: Mosquitto) -> None:
     import asyncio
 

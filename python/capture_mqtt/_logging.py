@@ -44,11 +44,14 @@ def _stop() -> None:
     """Ends the forwarding thread before the interpreter finalizes: a daemon thread still waiting in
     the core then would be ended by CPython with a forced unwind through Rust frames, which can crash
     the process at exit."""
-    _stopping.set()
-    _core._close_logs()  # wakes the wait; what is still queued is forwarded first
-    thread = _thread
-    if thread is not None and thread is not threading.current_thread():
-        thread.join(timeout=2.0)
-    # The last of the package's exit handlers: from here on a daemon thread coming back from a wait
-    # in the core parks instead of taking the interpreter lock back while the interpreter finalizes.
-    _core._interpreter_exiting()
+    try:
+        _stopping.set()
+        _core._close_logs()  # wakes the wait; what is still queued is forwarded first
+        thread = _thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=2.0)
+    finally:
+        # The last of the package's exit handlers (even after a Ctrl-C during the join): from here on
+        # a daemon thread coming back from a wait in the core parks rather than take the interpreter
+        # lock back while the interpreter finalizes.
+        _core._interpreter_exiting()

@@ -23,18 +23,23 @@ static EXITING: OnceLock<ThreadId> = OnceLock::new();
 
 /// `py.detach(f)` for the glue: runs `f` with the interpreter lock released, then takes it back.
 ///
-/// Except at exit. Once the package's last exit handler has run, the interpreter finalizes, and on
-/// Python 3.11 to 3.13 a thread that takes the lock back then is ended by `pthread_exit`: a forced
-/// unwind through the Rust frames of this wait, which crashes the process (about 1 exit in 30 with
-/// a callback subscription open). So a thread other than the exiting one that comes back from `f`
-/// after that point parks instead, without the lock, until the process ends, as Python 3.14 does
-/// itself. Only daemon threads are left then: the interpreter has joined the others.
+/// Except while the interpreter finalizes. On Python 3.11 to 3.13 a thread that takes the lock back
+/// then is ended by `pthread_exit`: a forced unwind through the Rust frames of this wait, which
+/// crashes the process (1 exit in 5 with callback subscriptions and polling threads open). So a
+/// thread coming back from `f` then parks instead, without the lock, until the process ends, as
+/// Python 3.14 does itself. Only daemon threads are left then: the interpreter has joined the others.
+///
+/// Whether the interpreter finalizes is asked only once the package's last exit handler has run
+/// (so it costs nothing before). Exit handlers registered before the package was imported run after
+/// that one, and may still wait for a thread of the program: until finalization starts, threads
+/// take the lock back as usual. Where the interpreter cannot be asked, they park from that handler on.
 pub fn detach<T: Send, F: Send + FnOnce() -> T>(py: Python<'_>, f: F) -> T {
     py.detach(|| {
         let value = f();
         if EXITING
             .get()
             .is_some_and(|exiting| *exiting != std::thread::current().id())
+            && finalizing().unwrap_or(true)
         {
             loop {
                 std::thread::park();
@@ -44,9 +49,40 @@ pub fn detach<T: Send, F: Send + FnOnce() -> T>(py: Python<'_>, f: F) -> T {
     })
 }
 
+/// Whether the interpreter finalizes, or None if it cannot be asked. `Py_IsFinalizing` (3.13) and
+/// `_Py_IsFinalizing` (3.11, 3.12) are not in the stable ABI this extension is built for, so they
+/// are looked up in the running interpreter; both read an atomic and need no lock.
+#[cfg(unix)]
+fn finalizing() -> Option<bool> {
+    type IsFinalizing = unsafe extern "C" fn() -> std::os::raw::c_int;
+    static FUNCTION: OnceLock<Option<IsFinalizing>> = OnceLock::new();
+    let function = FUNCTION.get_or_init(|| {
+        [c"Py_IsFinalizing", c"_Py_IsFinalizing"]
+            .iter()
+            .find_map(|name| {
+                // SAFETY: dlsym with a NUL-terminated name; RTLD_DEFAULT searches the interpreter
+                // and the libraries it loaded.
+                let symbol = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) };
+                // SAFETY: both functions take nothing and return an int, in every version.
+                (!symbol.is_null()).then(|| unsafe {
+                    std::mem::transmute::<*mut std::ffi::c_void, IsFinalizing>(symbol)
+                })
+            })
+    });
+    // SAFETY: a function of the running interpreter with the signature above.
+    function.map(|is_finalizing| unsafe { is_finalizing() } != 0)
+}
+
+/// On Windows a thread ended while finalizing is not unwound (`_endthreadex`): nothing to avoid.
+#[cfg(not(unix))]
+#[allow(clippy::unnecessary_wraps)] // the shape of the Unix version
+fn finalizing() -> Option<bool> {
+    Some(false)
+}
+
 /// Called by the package's last exit handler, on the exiting thread: from now on other threads
-/// coming back from a wait in the core park (see `detach`). The lock is released for a moment so
-/// that a thread already taking it back finishes before the interpreter finalizes.
+/// coming back from a wait in the core check whether the interpreter finalizes (see `detach`). The
+/// lock is released for a moment so that a thread already taking it back finishes first.
 #[pyfunction]
 fn _interpreter_exiting(py: Python<'_>) {
     let _ = EXITING.set(std::thread::current().id());
