@@ -448,8 +448,9 @@ fn pandas_index_columns(schema: &Schema) -> Vec<String> {
 ///
 /// Fields: integers, floats, booleans and strings (dictionary-encoded too). A null or a NaN leaves the
 /// field out of that row (pandas writes missing values that way); a row with no field left is skipped.
-/// Infinities and other column types are errors naming the column. Tags: any column, as text; a null
-/// leaves the tag out. The timestamp: a timestamp column (any unit; without a time zone, as `naive`
+/// Infinities and other column types are errors naming the column. Tags: text, numbers and booleans
+/// (dictionary-encoded too), as text; a null or a NaN leaves the tag out, and other column types are
+/// errors naming the column. The timestamp: a timestamp column (any unit; without a time zone, as `naive`
 /// says: refused by default), epoch milliseconds as integers, or ISO 8601 strings; a null lets
 /// Capture stamp the row.
 #[derive(Debug)]

@@ -76,6 +76,30 @@ pub fn is_text(data_type: &DataType) -> bool {
     }
 }
 
+/// A dictionary column's rows as text, given its dictionary's values as text.
+fn dictionary_text(column: &dyn Array, values: &StringArray) -> ArrayRef {
+    let dictionary = column.as_any_dictionary();
+    if values.is_empty() {
+        // No values, so every key is null (pandas: a categorical of missing values). Arrow's
+        // normalized_keys() asserts a non-empty dictionary.
+        return Arc::new(StringArray::new_null(column.len()));
+    }
+    let keys = dictionary.keys();
+    text_of(
+        dictionary
+            .normalized_keys()
+            .iter()
+            .enumerate()
+            .map(|(row, &i)| {
+                if keys.is_null(row) || values.is_null(i) {
+                    None
+                } else {
+                    Some(values.value(i))
+                }
+            }),
+    )
+}
+
 /// Text columns as `Utf8`, or None for a column that holds no text.
 fn text(column: &dyn Array) -> Option<ArrayRef> {
     Some(match column.data_type() {
@@ -88,27 +112,8 @@ fn text(column: &dyn Array) -> Option<ArrayRef> {
                 DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View
             ) =>
         {
-            let dictionary = column.as_any_dictionary();
-            let keys = dictionary.keys();
-            let indices = dictionary.normalized_keys();
-            let values = dictionary.values();
-            let value = |i: usize| -> Option<&str> {
-                if values.is_null(i) {
-                    None
-                } else if let Some(v) = values.as_string_opt::<i32>() {
-                    Some(v.value(i))
-                } else if let Some(v) = values.as_string_opt::<i64>() {
-                    Some(v.value(i))
-                } else {
-                    Some(values.as_string_view().value(i))
-                }
-            };
-            text_of(
-                indices
-                    .iter()
-                    .enumerate()
-                    .map(|(row, &i)| if keys.is_null(row) { None } else { value(i) }),
-            )
+            let values = text(column.as_any_dictionary().values().as_ref())?;
+            dictionary_text(column, values.as_string::<i32>())
         }
         _ => return None,
     })
@@ -166,6 +171,13 @@ fn tag_text(column: &dyn Array) -> Option<ArrayRef> {
                 .map(|v| v.map(|b| if b { "true" } else { "false" }))
                 .collect::<StringArray>(),
         ),
+        // A column of missing values only (pandas and Polars give an all-None column this type).
+        DataType::Null => Arc::new(StringArray::new_null(column.len())),
+        // A categorical of numbers, say: its values as text, by key.
+        DataType::Dictionary(_, _) => {
+            let values = tag_text(column.as_any_dictionary().values().as_ref())?;
+            dictionary_text(column, values.as_string::<i32>())
+        }
         _ => return text(column),
     })
 }
@@ -373,6 +385,38 @@ mod tests {
         assert_eq!(
             strings(&convert(&flags, Target::TagText).unwrap()),
             some(&["true", "false"])
+        );
+        let missing: ArrayRef = Arc::new(arrow_array::NullArray::new(2));
+        assert_eq!(
+            strings(&convert(&missing, Target::TagText).unwrap()),
+            [None, None]
+        );
+        // A categorical of numbers, and one whose categories are all unused (an empty dictionary).
+        let lines: ArrayRef = Arc::new(
+            arrow_array::DictionaryArray::<Int8Type>::try_new(
+                arrow_array::Int8Array::from(vec![Some(1), None, Some(0)]),
+                Arc::new(Int64Array::from(vec![7, 9])),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            strings(&convert(&lines, Target::TagText).unwrap()),
+            [Some("9".to_owned()), None, Some("7".to_owned())]
+        );
+        let unused: ArrayRef = Arc::new(
+            arrow_array::DictionaryArray::<Int8Type>::try_new(
+                arrow_array::Int8Array::from(vec![None, None]),
+                Arc::new(StringArray::from(Vec::<&str>::new())),
+            )
+            .unwrap(),
+        );
+        assert_eq!(
+            strings(&convert(&unused, Target::TagText).unwrap()),
+            [None, None]
+        );
+        assert_eq!(
+            strings(&convert(&unused, Target::Text).unwrap()),
+            [None, None]
         );
         let times: ArrayRef = Arc::new(TimestampSecondArray::from(vec![1]));
         assert!(convert(&times, Target::TagText)

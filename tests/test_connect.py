@@ -364,6 +364,33 @@ def test_fetch_jwt_posts_to_capture_auth_api(monkeypatch: pytest.MonkeyPatch) ->
         cm.fetch_jwt("alice", "x", base_url=base, timeout=2)
 
 
+def test_fetch_jwt_to_another_host_goes_through_the_programs_opener() -> None:
+    """A proxy with authentication, a company's HTTPS handler: what a program installed with
+    urllib.request.install_opener is used for the portal (nothing leaves this machine here)."""
+    import io
+    import urllib.request
+    import urllib.response
+    from email.message import Message
+
+    seen: list[str] = []
+
+    class Company(urllib.request.BaseHandler):
+        handler_order = 100  # before urllib's own HTTPS handler
+
+        def https_open(self, request: urllib.request.Request) -> urllib.response.addinfourl:
+            seen.append(request.full_url)
+            response = urllib.response.addinfourl(io.BytesIO(b"eyJ.company.token"), Message(), request.full_url, 200)
+            response.msg = "OK"  # type: ignore[attr-defined]  # what urllib's error check reads
+            return response
+
+    urllib.request.install_opener(urllib.request.build_opener(Company))
+    try:
+        assert cm.fetch_jwt("alice", "right", base_url="https://portal.example.invalid") == "eyJ.company.token"
+    finally:
+        urllib.request.install_opener(None)
+    assert seen == ["https://portal.example.invalid/Auth"]
+
+
 # Authorization: the three shapes
 
 

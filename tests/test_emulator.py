@@ -8,8 +8,10 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
 import time
 from collections.abc import Iterator
@@ -328,6 +330,7 @@ def test_a_process_that_exits_with_the_emulator_running_leaves_nothing_behind(tm
 
 
 def test_a_missing_mosquitto_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CAPTURE_MQTT_MOSQUITTO", raising=False)
     monkeypatch.setattr("shutil.which", lambda name: None)
     monkeypatch.setattr("os.access", lambda path, mode: False)
     with pytest.raises(MosquittoNotFoundError, match="apt-get install mosquitto"):
@@ -339,13 +342,16 @@ def test_mosquitto_is_found_where_notebooks_and_other_systems_have_it(
 ) -> None:
     binary = find_mosquitto()
     monkeypatch.setenv("CAPTURE_MQTT_MOSQUITTO", binary)
-    monkeypatch.setattr("shutil.which", lambda name: None)
     assert find_mosquitto() == binary
-    monkeypatch.setenv("CAPTURE_MQTT_MOSQUITTO", str(tmp_path / "nowhere"))
-    with pytest.raises(MosquittoNotFoundError, match=r"CAPTURE_MQTT_MOSQUITTO is .*nowhere"):
-        find_mosquitto()
+    monkeypatch.setenv("CAPTURE_MQTT_MOSQUITTO", "mosquitto")  # a name: looked up on the PATH
+    assert find_mosquitto() == shutil.which("mosquitto")
+    for wrong in (tmp_path / "nowhere", tmp_path):  # no such file; a folder
+        monkeypatch.setenv("CAPTURE_MQTT_MOSQUITTO", str(wrong))
+        with pytest.raises(MosquittoNotFoundError, match="CAPTURE_MQTT_MOSQUITTO is"):
+            find_mosquitto()
     monkeypatch.delenv("CAPTURE_MQTT_MOSQUITTO")
     # Homebrew on Apple silicon, whose sbin a notebook's PATH often lacks.
+    monkeypatch.setattr("shutil.which", lambda name: None)
     monkeypatch.setattr("os.access", lambda path, mode: path == "/opt/homebrew/sbin/mosquitto")
     assert find_mosquitto() == "/opt/homebrew/sbin/mosquitto"
     monkeypatch.setattr("sys.platform", "win32")
@@ -356,8 +362,10 @@ def test_mosquitto_is_found_where_notebooks_and_other_systems_have_it(
 def test_a_missing_dynamic_security_plugin_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     from capture_mqtt.testing import mosquitto
 
-    assert mosquitto.find_dynsec_plugin().endswith("mosquitto_dynamic_security.so")
+    if sys.platform == "linux":  # Debian's package has it (make test installs it); Homebrew's has none
+        assert mosquitto.find_dynsec_plugin().endswith("mosquitto_dynamic_security.so")
     monkeypatch.setattr(mosquitto, "DYNSEC_PLUGINS", ())
+    monkeypatch.setattr(sysconfig, "get_config_var", lambda name: None)
     with pytest.raises(MosquittoNotFoundError, match=r"dynamic-security plugin .* \(dynsec=False\)"):
         mosquitto.Mosquitto(dynsec=True, tls=False, websockets=False)
 

@@ -606,6 +606,13 @@ def test_push_frame_reads_the_column_types_polars_and_pyarrow_give(broker: Mosqu
         large = pa.table({"V": pa.array([1, 2], pa.int8()), "Tag": pa.array(["a", "b"], pa.large_string())})
         assert src.push_frame(large, connection="Conn", measurement="Large", tag_columns=["Tag"]) == 2
         assert sorted(p.tags["Tag"] for p in receive(raw, 2)) == ["a", "b"]
+        # Tag columns of missing values only: an all-None column (type null), and a categorical with
+        # no categories (an empty dictionary), as pandas and Polars give them.
+        missing = pa.table(
+            {"V": [1, 2], "Gone": pa.nulls(2), "Line": pa.array([None, None], pa.string()).dictionary_encode()}
+        )
+        assert src.push_frame(missing, connection="Conn", measurement="Missing", tag_columns=["Gone", "Line"]) == 2
+        assert [p.tags for p in receive(raw, 2)] == [{"Connection_Tag": "Conn"}] * 2
         dated = pa.table({"V": [1], "Day": pa.array([date(2024, 11, 8)], pa.date32())})
         with pytest.raises(cm.PayloadError, match=r'column "Day": a tag column must hold text, numbers or booleans'):
             src.push_frame(dated, connection="Conn", measurement="M", tag_columns=["Day"])

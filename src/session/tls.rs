@@ -8,23 +8,30 @@ use rustls::crypto::{ring, CryptoProvider};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, PoisonError};
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
 /// The system's trust roots, read once per process: reading them takes a few milliseconds on Linux
-/// and can take a second on macOS (the keychain), and a client reads them at every (re)connect.
-fn system_roots() -> &'static [CertificateDer<'static>] {
-    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
-    ROOTS.get_or_init(|| {
-        let native = rustls_native_certs::load_native_certs();
-        for error in &native.errors {
-            log::warn!("skipping part of the system trust store: {error}");
-        }
-        native.certs
-    })
+/// and can take a second on macOS (the keychain), and a client reads them at every (re)connect. An
+/// empty store is not kept: it is read again next time (a certificate bundle installed meanwhile).
+fn system_roots() -> Arc<Vec<CertificateDer<'static>>> {
+    static ROOTS: Mutex<Option<Arc<Vec<CertificateDer<'static>>>>> = Mutex::new(None);
+    let mut kept = ROOTS.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(roots) = kept.as_ref() {
+        return Arc::clone(roots);
+    }
+    let native = rustls_native_certs::load_native_certs();
+    for error in &native.errors {
+        log::warn!("skipping part of the system trust store: {error}");
+    }
+    let roots = Arc::new(native.certs);
+    if !roots.is_empty() {
+        *kept = Some(Arc::clone(&roots));
+    }
+    roots
 }
 
 /// Builds the client TLS configuration, or says in words why it cannot.
@@ -122,10 +129,12 @@ mod tests {
     #[test]
     fn the_system_roots_are_read_once() {
         let first = system_roots();
-        assert!(
-            std::ptr::eq(first, system_roots()),
-            "read again for the second client"
-        );
+        if !first.is_empty() {
+            assert!(
+                Arc::ptr_eq(&first, &system_roots()),
+                "read again for the second client"
+            );
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -78,8 +79,10 @@ def find_mosquitto() -> str:
         )
     override = os.environ.get("CAPTURE_MQTT_MOSQUITTO")
     if override:
-        if os.access(override, os.X_OK):
-            return override
+        # A path, or a name looked up on the PATH; an executable file either way (not a folder).
+        found = shutil.which(override)
+        if found:
+            return found
         raise MosquittoNotFoundError(f"CAPTURE_MQTT_MOSQUITTO is {override!r}, which is not an executable file")
     candidates = (
         shutil.which("mosquitto"),
@@ -100,8 +103,11 @@ def find_mosquitto() -> str:
 
 def find_dynsec_plugin() -> str:
     """The path of Mosquitto's dynamic-security plugin, or a clear error."""
-    for pattern in DYNSEC_PLUGINS:
-        for candidate in sorted(glob.glob(pattern)):
+    # This machine's own architecture first, where several are installed (Debian multiarch).
+    multiarch = str(sysconfig.get_config_var("MULTIARCH") or "")
+    patterns = (f"/usr/lib/{multiarch}/mosquitto_dynamic_security.so",) if multiarch else ()
+    for pattern in (*patterns, *DYNSEC_PLUGINS):
+        for candidate in sorted(glob.glob(str(pattern))):
             return candidate
     raise MosquittoNotFoundError(
         "Mosquitto's dynamic-security plugin (mosquitto_dynamic_security.so) is not installed: Debian's "
