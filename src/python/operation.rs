@@ -34,6 +34,8 @@ pub enum OpError {
     Ended(String),
     Type(String),
     Value(String),
+    /// A bug: the operation panicked (its message).
+    Internal(String),
 }
 
 impl From<SessionError> for OpError {
@@ -68,7 +70,7 @@ impl PyOperation {
         future: impl Future<Output = OpResult> + Send + 'static,
     ) -> Self {
         PyOperation {
-            op: completions.operation(future),
+            op: completions.operation_or(future, |message| Err(OpError::Internal(message))),
             completions: Arc::clone(completions),
             session: session.clone(),
             what,
@@ -130,6 +132,9 @@ pub fn op_error(py: Python<'_>, session: &Session, err: OpError) -> PyErr {
         }
         OpError::Type(message) => PyTypeError::new_err(message),
         OpError::Value(message) => PyValueError::new_err(message),
+        OpError::Internal(message) => PyRuntimeError::new_err(format!(
+            "capture-mqtt failed on a bug of its own (please report it): {message}"
+        )),
     }
 }
 

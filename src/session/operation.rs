@@ -99,6 +99,35 @@ impl<T: Send + 'static> Drop for Driving<T> {
     }
 }
 
+/// `future`'s value, or `on_panic`'s for the panic it raised (then it is not polled again).
+struct CatchPanic<T> {
+    future: BoxFuture<T>,
+    on_panic: fn(String) -> T,
+}
+
+impl<T> Future for CatchPanic<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        let this = &mut *self;
+        let future = &mut this.future;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(poll) => poll,
+            Err(panic) => {
+                let message = panic
+                    .downcast_ref::<&str>()
+                    .map(|text| (*text).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic without a message".to_owned());
+                log::error!(
+                    "an operation failed on a bug in capture-mqtt (please report it): {message}"
+                );
+                std::task::Poll::Ready((this.on_panic)(message))
+            }
+        }
+    }
+}
+
 fn spawn<T: Send + 'static>(id: u64, inner: Arc<Inner<T>>, future: BoxFuture<T>) {
     super::runtime().spawn(async move {
         let value = future.await;
@@ -213,6 +242,20 @@ impl Completions {
         self.make(Stage::Idle(Box::pin(future)))
     }
 
+    /// Like `operation`, but a panic in `future` (a bug) finishes the operation with
+    /// `on_panic(message)`, logged as an error. A started operation runs in a task of its own, whose
+    /// panic would otherwise end only that task and leave the operation pending for ever.
+    pub fn operation_or<T: Send + 'static>(
+        &self,
+        future: impl Future<Output = T> + Send + 'static,
+        on_panic: fn(String) -> T,
+    ) -> Operation<T> {
+        self.make(Stage::Idle(Box::pin(CatchPanic {
+            future: Box::pin(future),
+            on_panic,
+        })))
+    }
+
     /// An operation that already finished with `value` (nothing to wait for).
     pub fn finished<T: Send + 'static>(&self, value: T) -> Operation<T> {
         self.make(Stage::Done(value))
@@ -296,6 +339,33 @@ mod tests {
             completions.take_ready().is_empty(),
             "a wait announces nothing"
         );
+    }
+
+    #[test]
+    fn a_panic_fails_its_operation_instead_of_leaving_it_pending() {
+        let completions = Completions::new();
+        let failing = |message: String| -> Result<u8, String> { Err(message) };
+        // Waited on by the caller, and started in a task of its own (where a panic would end only
+        // the task): both finish, with the panic's message.
+        let waited = completions.operation_or(async { panic!("waited") }, failing);
+        assert_eq!(run(waited.wait()), Some(Err("waited".to_owned())));
+        let started = completions.operation_or(
+            async {
+                tokio::task::yield_now().await;
+                panic!("started {}", 1)
+            },
+            failing,
+        );
+        started.start(&completions);
+        let value = run(async {
+            tokio::time::timeout(Duration::from_secs(10), started.wait())
+                .await
+                .expect("the started operation finished")
+        });
+        assert_eq!(value, Some(Err("started 1".to_owned())));
+        assert_eq!(completions.take_ready(), vec![started.id()]);
+        let fine = completions.operation_or(async { Ok(3) }, failing);
+        assert_eq!(run(fine.wait()), Some(Ok(3)));
     }
 
     #[test]
