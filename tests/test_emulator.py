@@ -359,6 +359,27 @@ def test_mosquitto_is_found_where_notebooks_and_other_systems_have_it(
         find_mosquitto()
 
 
+def test_a_port_taken_before_the_broker_binds_it_is_replaced() -> None:
+    """free_port() finds a port free, and another process may take it before Mosquitto binds it (an
+    outgoing connection's ephemeral port): the first start then picks new ports."""
+    import socket
+
+    from capture_mqtt.testing import Mosquitto
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))  # bound, not listening: as an outgoing connection's port is
+        broker = Mosquitto(anonymous=True, tls=False, websockets=False)
+        broker.mqtt_port = taken.getsockname()[1]
+        broker._write_files()
+        with broker:
+            assert broker.mqtt_port != taken.getsockname()[1]
+            assert connack_code(broker.host, broker.mqtt_port, "any", "any") == 0
+            # Once started, its ports are the clients' to keep: a restart does not change them.
+            port = broker.mqtt_port
+            broker.restart()
+            assert broker.mqtt_port == port
+
+
 def test_a_missing_dynamic_security_plugin_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     from capture_mqtt.testing import mosquitto
 

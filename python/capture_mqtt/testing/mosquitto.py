@@ -47,6 +47,10 @@ class MosquittoNotFoundError(RuntimeError):
     """Mosquitto is not installed (or not on the PATH)."""
 
 
+class _PortTakenError(RuntimeError):
+    """Mosquitto could not bind a port: another process took it after free_port() found it free."""
+
+
 @dataclass
 class Account:
     """A broker account and the topics it may use: ``acl`` holds (access, filter) pairs where access
@@ -224,6 +228,7 @@ class Mosquitto:
         self.mqtts_port = free_port() if tls else None
         self.wss_port = free_port() if tls and websockets else None
         self.ws_port = free_port() if websockets else None
+        self._started = False  # once started, the ports are fixed (restart() keeps them)
         self.tls: TlsFiles | None = None
         if tls:
             # The certificates need the `cryptography` package (the `testing` extra).
@@ -351,6 +356,25 @@ class Mosquitto:
         """Starts the broker and waits until every listener accepts connections."""
         if self._process is not None and self._process.poll() is None:
             return self
+        for attempt in range(3):
+            try:
+                self._start()
+            except _PortTakenError as taken:
+                if self._started or attempt == 2:
+                    raise RuntimeError(str(taken)) from None
+                # Another process took a port between free_port() and the broker binding it (an
+                # outgoing connection's ephemeral port, say). Nobody was told these ports yet: new ones.
+                self.mqtt_port = free_port()
+                self.mqtts_port = self.mqtts_port and free_port()
+                self.wss_port = self.wss_port and free_port()
+                self.ws_port = self.ws_port and free_port()
+                self._write_files()
+                continue
+            self._started = True
+            return self
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _start(self) -> None:
         # The broker's stderr goes to a file: the broker holds its own handle, ours is closed at once,
         # so nothing is left open for a ResourceWarning (a pipe would be, until someone read it).
         stderr_path = self.workdir / "stderr.log"
@@ -367,9 +391,12 @@ class Mosquitto:
             if self._process.poll() is not None:
                 err = stderr_path.read_text(encoding="utf-8", errors="replace")
                 self._process = None
-                raise RuntimeError(f"Mosquitto exited at start: {err.strip()}\n{self.log_tail()}")
+                message = f"Mosquitto exited at start: {err.strip()}\n{self.log_tail()}"
+                if "Address already in use" in message:  # in its log, or on stderr before the log opens
+                    raise _PortTakenError(message)
+                raise RuntimeError(message)
             if all(_accepts(self.host, port) for port in ports):
-                return self
+                return
             time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"Mosquitto did not open its ports within 15 s\n{self.log_tail()}")
