@@ -14,11 +14,12 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(ring::default_provider())
 }
 
-/// The system's trust roots, read once per process: reading them takes a few milliseconds on Linux
-/// and can take a second on macOS (the keychain), and a client reads them at every (re)connect. An
-/// empty store is not kept: it is read again next time (a certificate bundle installed meanwhile).
-fn system_roots() -> Arc<Vec<CertificateDer<'static>>> {
-    static ROOTS: Mutex<Option<Arc<Vec<CertificateDer<'static>>>>> = Mutex::new(None);
+/// The system's trust roots, read and parsed once per process: reading them takes a few
+/// milliseconds on Linux and can take a second on macOS (the keychain), and a client needs them at
+/// every (re)connect. An empty store is not kept: it is read again next time (a certificate bundle
+/// installed meanwhile).
+fn system_roots() -> Arc<RootCertStore> {
+    static ROOTS: Mutex<Option<Arc<RootCertStore>>> = Mutex::new(None);
     let mut kept = ROOTS.lock().unwrap_or_else(PoisonError::into_inner);
     if let Some(roots) = kept.as_ref() {
         return Arc::clone(roots);
@@ -27,7 +28,10 @@ fn system_roots() -> Arc<Vec<CertificateDer<'static>>> {
     for error in &native.errors {
         log::warn!("skipping part of the system trust store: {error}");
     }
-    let roots = Arc::new(native.certs);
+    let mut roots = RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(native.certs);
+    log::debug!("system trust store: {added} roots, {ignored} unusable");
+    let roots = Arc::new(roots);
     if !roots.is_empty() {
         *kept = Some(Arc::clone(&roots));
     }
@@ -48,9 +52,7 @@ pub fn client_config(options: &TlsOptions) -> Result<ClientConfig, String> {
             .with_custom_certificate_verifier(Arc::new(NoVerification(provider())))
             .with_no_client_auth());
     }
-    let mut roots = RootCertStore::empty();
-    let (added, ignored) = roots.add_parsable_certificates(system_roots().iter().cloned());
-    log::debug!("system trust store: {added} roots, {ignored} unusable");
+    let mut roots = system_roots().as_ref().clone();
     for pem in &options.extra_ca_pem {
         let mut count = 0;
         for cert in CertificateDer::pem_slice_iter(pem) {
